@@ -1,0 +1,48 @@
+# kangaroo-kernels. `make demo` runs the main job, `make test` the test suite; each sets up .venv itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: all venv build test test-fast demo bench bench-gpu lint clean
+
+all: build
+
+$(VENV)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy scipy pytest ninja tqdm ruff
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Native build (C++ CPU ops; CUDA ops when nvcc + CUDA torch are present). Editable install of both packages.
+build: $(VENV)/.deps
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import kangaroo_kernels as k; print('kangaroo_kernels build:', k.build_info())"
+
+test: build
+	$(PY) -m pytest -q -ra --durations=15 tests
+
+test-fast: build
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+demo: build
+	$(PY) -m kangaroo.cli demo
+
+bench: build
+	$(PY) bench/bench_verify.py
+	$(PY) bench/bench_lm_head_exit.py
+	$(PY) bench/bench_append_attention.py
+
+bench-gpu: build
+	bash bench/run_gpu_suite.sh
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check kangaroo_kernels python bench tests setup.py
+
+clean:
+	rm -rf build *.egg-info kangaroo_kernels/_C*.so kangaroo_kernels/_build_info.py

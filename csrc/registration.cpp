@@ -1,0 +1,48 @@
+// Operator schemas of kangaroo_kernels (defined once here) and the _C Python module.
+// CPU implementations live in csrc/cpu/*.cpp, CUDA implementations in csrc/*_cuda.cpp
+// (wrappers) + csrc/*.cu (torch-free launchers of the kernels in csrc/include/kangaroo).
+// The Triton ops (lm_head_exit, append_attention, ...) are defined from Python.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(kangaroo_kernels, m) {
+  // Tree topology. parents[B,N] int32 (-1: child of the root), num_nodes[B] int32 or None.
+  // Writes depth[B,N] i32, mask[B,N,W] i32 (W = ceil(N/32) ancestor-or-self bit words),
+  // first_child[B,N] i32, next_sibling[B,N] i32; root's children are reported via
+  // first_child of a virtual root: see kangaroo_kernels/tree.py.
+  m.def(
+      "build_tree(Tensor parents, Tensor? num_nodes, Tensor(a!) depth, Tensor(b!) mask, "
+      "Tensor(c!) first_child, Tensor(d!) next_sibling, Tensor(e!) root_first_child) -> ()");
+  // Greedy acceptance. draft_tokens[B,N] (-1 = padding), target: logits [B,N+1,V] or
+  // tokens [B,N+1] int32; parents[B,N] or None (chain).
+  m.def(
+      "verify_greedy(Tensor draft_tokens, Tensor target, Tensor? parents, "
+      "Tensor(a!) accept_len, Tensor(b!) path, Tensor(c!) tokens) -> ()");
+  // Lossless speculative sampling. draft_probs[B,N,V] or None (one-hot drafts);
+  // randomness from uniforms[B,N+1] or Philox(seed[B], offset[B]) (offset advanced in place).
+  m.def(
+      "verify_sample(Tensor draft_tokens, Tensor target_logits, Tensor? draft_probs, "
+      "Tensor? parents, Tensor? uniforms, Tensor? seed, Tensor(d!)? offset, float temperature, "
+      "int top_k, float top_p, Tensor(a!) accept_len, Tensor(b!) path, Tensor(c!) tokens) -> ()");
+  // KV compaction after tree verification, all layers in one launch.
+  // k_cache/v_cache [L,B,Hk,S,Dh]; tree node j lives at cache_lens[b] + j.
+  m.def(
+      "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_lens, Tensor path, "
+      "Tensor accept_len) -> ()");
+  // True when the CUDA kernels were compiled into this library.
+  m.def("has_cuda_kernels() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CompositeExplicitAutograd, m) {
+  m.impl("has_cuda_kernels", []() -> bool {
+#ifdef KANGAROO_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
+
+static struct PyModuleDef kangaroo_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kangaroo_c_module); }

@@ -1,0 +1,43 @@
+"""kangaroo_kernels: fused kernels for Kangaroo self-speculative decoding.
+
+Importing this package is cheap: it neither initialises CUDA nor loads/compiles any kernel.
+Ops are resolved on first attribute access.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "Tree": "tree",
+    "build_tree": "tree",
+    "tree_to_flashinfer_mask": "tree",
+    "tree_to_sglang": "tree",
+    "Accepted": "verify_greedy",
+    "verify_greedy": "verify_greedy",
+    "verify_sample": "verify_sample",
+    "compact_kv": "compact_kv",
+    "lm_head_exit": "lm_head_exit",
+    "lm_head_topk": "lm_head_exit",
+    "append_attention": "append_attention",
+    "AdapterWeights": "adapter_forward",
+    "adapter_forward": "adapter_forward",
+    "has_cuda_kernels": "_ext",
+    "build_info": "_ext",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'kangaroo_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kangaroo_kernels.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
