@@ -34,9 +34,7 @@ demo: build
 	$(PY) -m kangaroo.cli demo
 
 bench: build
-	$(PY) bench/bench_verify.py
-	$(PY) bench/bench_lm_head_exit.py
-	$(PY) bench/bench_append_attention.py
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 bench-gpu: build
 	bash bench/run_gpu_suite.sh
