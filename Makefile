@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: all venv build test test-fast demo bench bench-gpu lint clean
+.PHONY: all venv build test test-fast demo bench bench-gpu lint native-check clean
 
 all: build
 
@@ -41,6 +41,10 @@ bench-gpu: build
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check kangaroo_kernels python bench tests setup.py
+
+# Torch-free compile check of the CUDA kernels (CMakeLists.txt), for sm_80 and sm_90.
+native-check:
+	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release && cmake --build build/native -j $(MAX_JOBS)
 
 clean:
 	rm -rf build *.egg-info kangaroo_kernels/_C*.so kangaroo_kernels/_build_info.py
