@@ -1,0 +1,248 @@
+"""adapter_forward: the Kangaroo adapter a(h) = RMSNorm_out(h + O(attn(RoPE(QKV(RMSNorm_in(h)))))) for one decode
+step, with its own static KV cache. CPU tensors run the reference; CUDA tensors run the Triton kernels
+(kangaroo_kernels/triton/adapter_forward.py), whose attention is append_attention's kernel.
+"""
+
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+
+from kangaroo_kernels import _checks
+from kangaroo_kernels.reference.adapter_forward import adapter_forward_ref
+
+__all__ = ["AdapterWeights", "adapter_forward"]
+
+
+class AdapterWeights(NamedTuple):
+    """The adapter's parameters, all in the hidden states' dtype: norm_in[D], wq[Hq*Dh, D], wk/wv[Hk*Dh, D],
+    wo[D, Hq*Dh], norm_out[D], optional q/k/v biases (Qwen2: all three or none). wq/wk/wv may be views of one
+    fused [(Hq + 2 Hk) * Dh, D] matrix (see from_wqkv): the kernel reads them in one launch either way."""
+
+    norm_in: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    norm_out: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    bq: Optional[torch.Tensor] = None
+    bk: Optional[torch.Tensor] = None
+    bv: Optional[torch.Tensor] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.wq.shape[0] // self.num_heads
+
+    @classmethod
+    def from_wqkv(cls, norm_in, wqkv, wo, norm_out, num_heads: int, num_kv_heads: int,
+                  bqkv: Optional[torch.Tensor] = None) -> "AdapterWeights":
+        """Splits a fused wqkv[(Hq + 2 Hk) * Dh, D] (and bqkv) into row views; no copy."""
+        if num_heads < 1 or num_kv_heads < 1 or wqkv.dim() != 2 or wqkv.shape[0] % (num_heads + 2 * num_kv_heads):
+            raise ValueError(f"wqkv must be [(Hq + 2 Hk) * Dh, D] with Hq={num_heads}, Hk={num_kv_heads}, "
+                             f"got shape {tuple(wqkv.shape)}")
+        dh = wqkv.shape[0] // (num_heads + 2 * num_kv_heads)
+        nq, nk = num_heads * dh, num_kv_heads * dh
+
+        def split(t):
+            return t[:nq], t[nq:nq + nk], t[nq + nk:]
+
+        wq, wk, wv = split(wqkv)
+        bq, bk, bv = split(bqkv) if bqkv is not None else (None, None, None)
+        return cls(norm_in, wq, wk, wv, wo, norm_out, num_heads, num_kv_heads, bq, bk, bv)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], num_heads: int,
+                        num_kv_heads: Optional[int] = None, *, prefix: str = "") -> "AdapterWeights":
+        """From HF-style names under `prefix`: input_layernorm.weight, [self_attn.]{q,k,v,o}_proj.weight (or a
+        fused [self_attn.]qkv_proj.weight), optional q/k/v biases, and the out norm as norm.weight /
+        post_layernorm.weight / norm_out.weight (norm_in.weight is accepted for the input norm)."""
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+
+        def get(*names, required=True):
+            for n in names:
+                for key in (n, "self_attn." + n):
+                    if key in sd:
+                        return sd[key]
+            if required:
+                raise ValueError(f"state_dict has none of {list(names)} (prefix {prefix!r}); keys: {sorted(sd)}")
+            return None
+
+        norm_in = get("input_layernorm.weight", "norm_in.weight")
+        norm_out = get("norm.weight", "post_layernorm.weight", "norm_out.weight")
+        wo = get("o_proj.weight")
+        wqkv = get("qkv_proj.weight", required=False)
+        if wqkv is not None:
+            return cls.from_wqkv(norm_in, wqkv, wo, norm_out, num_heads, num_kv_heads,
+                                 get("qkv_proj.bias", required=False))
+        return cls(norm_in, get("q_proj.weight"), get("k_proj.weight"), get("v_proj.weight"), wo, norm_out,
+                   num_heads, num_kv_heads, get("q_proj.bias", required=False), get("k_proj.bias", required=False),
+                   get("v_proj.bias", required=False))
+
+    @classmethod
+    def from_module(cls, module, num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                    *, prefix: str = "") -> "AdapterWeights":
+        """From an nn.Module-like object with state_dict() (names as in from_state_dict); head counts default to
+        module.config.num_attention_heads / num_key_value_heads when the module has a config."""
+        cfg = getattr(module, "config", None)
+        if num_heads is None:
+            num_heads = getattr(cfg, "num_attention_heads", None)
+            if num_heads is None:
+                raise ValueError("num_heads is required: the module has no config.num_attention_heads")
+        if num_kv_heads is None:
+            num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
+        return cls.from_state_dict(module.state_dict(), num_heads, num_kv_heads, prefix=prefix)
+
+
+_lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
+_lib.define(
+    "adapter_forward(Tensor h, Tensor norm_in, Tensor wq, Tensor wk, Tensor wv, Tensor? bq, Tensor? bk, "
+    "Tensor? bv, Tensor wo, Tensor norm_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, "
+    "Tensor positions, Tensor? active, Tensor? rope_cos_sin, float rope_theta, float eps, bool apply_out_norm, "
+    "Tensor(c!) out) -> ()")
+
+
+def _adapter_forward_cpu(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cache, v_cache, cache_lens, positions,
+                         active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
+    Hk, Dh = k_cache.shape[1], k_cache.shape[3]
+    w = AdapterWeights(norm_in, wq, wk, wv, wo, norm_out, wq.shape[0] // Dh, Hk, bq, bk, bv)
+    out.copy_(adapter_forward_ref(h, w, k_cache, v_cache, cache_lens, positions, active=active,
+                                  rope_theta=rope_theta, rope_cos_sin=rope_cos_sin, eps=eps,
+                                  apply_out_norm=apply_out_norm))
+
+
+def _adapter_forward_cuda(h, *args):
+    from kangaroo_kernels.triton.adapter_forward import adapter_forward_triton
+
+    if h.device.index != torch.cuda.current_device():
+        with torch.cuda.device(h.device):
+            adapter_forward_triton(h, *args)
+        return
+    adapter_forward_triton(h, *args)
+
+
+_lib.impl("adapter_forward", _adapter_forward_cpu, "CPU")
+_lib.impl("adapter_forward", _adapter_forward_cuda, "CUDA")
+
+
+@torch.library.register_fake("kangaroo_kernels::adapter_forward", lib=_lib)
+def _adapter_forward_fake(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cache, v_cache, cache_lens,
+                          positions, active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
+    return None
+
+
+def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_theta, rope_cos_sin, eps,
+             apply_out_norm, out, validate):
+    """Checks every argument (data checks only when validating) and returns the op's argument tuple."""
+    _checks.check_tensor("h", h, dtypes=_checks.FLOAT_DTYPES, ndim=2, expected="[B, D]")
+    B, D = h.shape
+    dev, dt = h.device, h.dtype
+    if not isinstance(weights, AdapterWeights):
+        raise ValueError(f"weights must be an AdapterWeights, got {type(weights).__name__}")
+    _checks.check_tensor("k_cache", k_cache, dtypes=(dt,), ndim=4, device=dev,
+                         expected=f"[B={B}, Hk, S, Dh] in h's dtype")
+    Hq, Hk = weights.num_heads, weights.num_kv_heads
+    _, _, S, Dh = k_cache.shape
+    _checks.check_tensor("k_cache", k_cache, shape=(B, Hk, S, Dh),
+                         expected=f"[B={B}, Hk=weights.num_kv_heads={Hk}, S, Dh]")
+    if Dh < 32 or Dh > 256 or Dh & (Dh - 1):  # append_attention's kernel
+        raise ValueError(f"k_cache: head dim Dh must be a power of two in [32, 256] (expected [B, Hk, S, Dh]), "
+                         f"got {Dh}")
+    if Hk < 1 or Hq < 1 or Hq % Hk:
+        raise ValueError(f"weights.num_kv_heads={Hk} must divide weights.num_heads={Hq} (GQA)")
+    _checks.check_tensor("v_cache", v_cache, dtypes=(dt,), shape=(B, Hk, S, Dh), device=dev,
+                         expected=f"[B={B}, Hk={Hk}, S={S}, Dh={Dh}] in h's dtype")
+    NQ, NK = Hq * Dh, Hk * Dh
+    shapes = {"norm_in": (D,), "wq": (NQ, D), "wk": (NK, D), "wv": (NK, D), "wo": (D, NQ), "norm_out": (D,),
+              "bq": (NQ,), "bk": (NK,), "bv": (NK,)}
+    biases = [weights.bq, weights.bk, weights.bv]
+    if any(b is not None for b in biases) and any(b is None for b in biases):
+        raise ValueError("weights.bq/bk/bv: give all three q/k/v biases or none")
+    for name, want in shapes.items():
+        t = getattr(weights, name)
+        if t is None:
+            continue
+        _checks.check_tensor(f"weights.{name}", t, dtypes=(dt,), shape=want, device=dev,
+                             expected=f"{list(want)} in h's dtype (Hq={Hq}, Hk={Hk}, Dh={Dh}, D={D})")
+    _checks.check_tensor("cache_lens", cache_lens, dtypes=_checks.INDEX_DTYPES, shape=(B,), device=dev,
+                         expected=f"[B={B}] int32")
+    _checks.check_tensor("positions", positions, dtypes=_checks.INDEX_DTYPES, shape=(B,), device=dev,
+                         expected=f"[B={B}] int32")
+    if active is not None:
+        _checks.check_tensor("active", active, dtypes=(torch.bool,), shape=(B,), device=dev,
+                             expected=f"[B={B}] bool")
+    if rope_cos_sin is not None:
+        _checks.check_tensor("rope_cos_sin", rope_cos_sin, dtypes=(torch.float32,), shape=(None, Dh), device=dev,
+                             expected=f"[max_pos, Dh={Dh}] float32 = cat(cos, sin) (make_rope_cos_sin)")
+        if rope_cos_sin.shape[0] < 1:
+            raise ValueError("rope_cos_sin must have max_pos >= 1 rows (expected [max_pos, Dh])")
+    elif not rope_theta > 0:
+        raise ValueError(f"rope_theta must be > 0, got {rope_theta!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if out is None:
+        out = torch.empty((B, D), dtype=dt, device=dev)
+    else:
+        _checks.check_out("out", out, (B, D), dt, dev)
+
+    if _checks.validating(validate) and B > 0:
+        lens = cache_lens.long()
+        rows = active if active is not None else torch.ones(B, dtype=torch.bool, device=dev)
+        bad = rows & ((lens < 0) | (lens >= S))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cache overflow: cache_lens[{b}] = {int(lens[b])}: need 0 <= cache_lens[b] < S = {S} "
+                             f"(k_cache [B, Hk, S, Dh]) to append this step's K/V")
+        pos = positions.long()
+        bad = pos < 0
+        rng = ">= 0"
+        if rope_cos_sin is not None:
+            bad |= pos >= rope_cos_sin.shape[0]
+            rng = f"in [0, max_pos={rope_cos_sin.shape[0]}) of rope_cos_sin"
+        bad &= rows
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"positions[{b}] = {int(pos[b])} out of range: need {rng}")
+    return (h, weights.norm_in, weights.wq, weights.wk, weights.wv, weights.bq, weights.bk, weights.bv, weights.wo,
+            weights.norm_out, k_cache, v_cache, cache_lens, positions, active, rope_cos_sin, float(rope_theta),
+            float(eps), bool(apply_out_norm), out)
+
+
+def adapter_forward(h: torch.Tensor, weights: AdapterWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cache_lens: torch.Tensor, positions: torch.Tensor, *, active: Optional[torch.Tensor] = None,
+                    rope_theta: float = 10000.0, rope_cos_sin: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                    apply_out_norm: bool = True, out: Optional[torch.Tensor] = None,
+                    validate: Optional[bool] = None) -> torch.Tensor:
+    """One decode step of the Kangaroo adapter: h[B,D] (hidden state after the shallow layers) -> out[B,D].
+
+    Appends this step's K/V (RoPE'd k) to k_cache/v_cache[B,Hk,S,Dh] at cache_lens[b] (int32/int64); does NOT
+    advance cache_lens (the caller does, once per step, like append_attention). Attends over the prefix
+    [0, cache_lens[b]) plus the new token. positions[B] (int32/int64) are the RoPE positions. weights and caches are
+    in h's dtype (fp32/fp16/bf16); every reduction in fp32 with HF-Llama roundings (see the reference).
+    RoPE: rope_cos_sin (fp32 [max_pos, Dh] = cat(cos, sin), e.g. make_rope_cos_sin, for scaled RoPE) or else the
+    default frequencies of rope_theta, evaluated at each row's position (any position, no table).
+    apply_out_norm=False returns the pre-norm residual h + O(attn) so lm_head_exit(norm_weight=weights.norm_out)
+    applies RMSNorm_out inside its GEMV (one launch fewer, same maths).
+    active[B] bool: inactive rows write nothing to the caches and get zeros in out (also in a given out=).
+    validate (default: on unless capturing a CUDA graph) checks 0 <= cache_lens[b] < S and the positions on the
+    device data (a host sync); the kernels mask every access either way.
+    """
+    args = _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_theta, rope_cos_sin, eps,
+                    apply_out_norm, out, validate)
+    if h.shape[0] > 0:
+        torch.ops.kangaroo_kernels.adapter_forward(*args)
+    return args[-1]
+
+
+def _adapter_forward_triton(h, weights, k_cache, v_cache, cache_lens, positions, *, active=None,
+                            rope_theta=10000.0, rope_cos_sin=None, eps=1e-6, apply_out_norm=True, out=None,
+                            validate=None) -> torch.Tensor:
+    """adapter_forward forced onto the Triton kernels (CPU tensors need TRITON_INTERPRET=1): tests, benchmarks."""
+    from kangaroo_kernels.triton.adapter_forward import adapter_forward_triton
+
+    args = _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_theta, rope_cos_sin, eps,
+                    apply_out_norm, out, validate)
+    if h.shape[0] > 0:
+        adapter_forward_triton(*args)
+    return args[-1]

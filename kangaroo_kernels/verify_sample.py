@@ -1,0 +1,140 @@
+"""verify_sample: lossless speculative sampling (T > 0) of a chain or a tree of drafts in one op.
+
+Native op (C++ CPU twin, CUDA kernel with one CTA per batch row); the exact semantics, shared bit for bit
+with the reference, are in kangaroo_kernels/reference/verify_sample.py.
+"""
+
+import functools
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from kangaroo_kernels import _checks, _ext
+from kangaroo_kernels.verify_greedy import Accepted
+
+__all__ = ["verify_sample"]
+
+
+def _verify_sample_fake(draft_tokens, target_logits, draft_probs, parents, uniforms, seed, offset, temperature,
+                        top_k, top_p, accept_len, path, tokens):
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _op():
+    ops = _ext.ops()
+    torch.library.register_fake("kangaroo_kernels::verify_sample", _verify_sample_fake)
+    return ops.verify_sample
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """The distinct elements of an expanded (stride-0) view, so data checks do not materialise it."""
+    for d in range(t.dim()):
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
+                  draft_probs: Optional[torch.Tensor] = None, parents: Optional[torch.Tensor] = None,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  uniforms: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+                  offset: Optional[torch.Tensor] = None, out=None, validate: Optional[bool] = None) -> Accepted:
+    """Accept a prefix of the drafts by rejection sampling against the (filtered) target; emit one more token.
+
+    draft_tokens [B, N] int32/int64 (-1 = padding, never accepted); target_logits [B, N+1, V] fp32/bf16/fp16
+    (row 0 scores the root, row j+1 node j; batch/node strides may be 0); draft_probs [B, N, V] fp32, the
+    distribution each draft was sampled from (None: deterministic drafts, i.e. one-hot q); parents [B, N]
+    (-1 = child of the root, topological; None = chain). The target is softmax(logits / temperature) with top-k
+    then top-p applied as logit thresholds (ties kept; top_k = 0 and top_p = 1 mean off).
+    Randomness: uniforms [B, N+1] fp32/fp64 in (0, 1) (column c tests child c, column N draws the final token),
+    or Philox4x32-10 from seed [B] int64 and counter offset [B] int64, advanced by N+1 in place (so a replayed
+    CUDA graph draws fresh numbers; offset defaults to zeros). With neither, seeds are drawn from torch's
+    default CPU generator (host work, not capturable).
+    Returns Accepted(accept_len [B] i32, path [B, N+1] i32, tokens [B, N+1] i32): path[b, :accept_len] are the
+    accepted nodes, tokens[b, :accept_len+1] their tokens then the final one; -1 padded. A target row with a
+    NaN or +inf (or no finite value) reached by the walk emits -1 as its token.
+    """
+    _checks.check_tensor("draft_tokens", draft_tokens, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
+    B, N = draft_tokens.shape
+    dev = draft_tokens.device
+    _checks.check_tensor("target_logits", target_logits, dtypes=_checks.FLOAT_DTYPES, shape=(B, N + 1, None),
+                         device=dev, expected=f"[B={B}, N+1={N + 1}, V]")
+    V = target_logits.shape[2]
+    if V < 1:
+        raise ValueError("target_logits must have V >= 1 (expected [B, N+1, V])")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (use verify_greedy for T = 0), got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+    if draft_probs is not None:
+        _checks.check_tensor("draft_probs", draft_probs, dtypes=(torch.float32,), shape=(B, N, V), device=dev,
+                             expected=f"[B={B}, N={N}, V={V}] float32")
+    if parents is not None:
+        _checks.check_tensor("parents", parents, dtypes=_checks.INDEX_DTYPES, shape=(B, N), device=dev,
+                             expected=f"[B={B}, N={N}]")
+    if uniforms is not None:
+        _checks.check_tensor("uniforms", uniforms, dtypes=(torch.float32, torch.float64), shape=(B, N + 1),
+                             device=dev, expected=f"[B={B}, N+1={N + 1}] float32/float64")
+        if seed is not None or offset is not None:
+            raise ValueError("pass either uniforms or seed/offset, not both")
+    for name, t in (("seed", seed), ("offset", offset)):
+        if t is not None:
+            _checks.check_tensor(name, t, dtypes=(torch.int64,), shape=(B,), device=dev, expected=f"[B={B}] int64")
+    if offset is not None:
+        if seed is None:
+            raise ValueError("offset needs seed (expected seed [B] int64)")
+        if not offset.is_contiguous():
+            raise ValueError("offset must be contiguous (it is advanced in place)")
+    if out is None:
+        out = Accepted(torch.empty(B, dtype=torch.int32, device=dev),
+                       torch.empty(B, N + 1, dtype=torch.int32, device=dev),
+                       torch.empty(B, N + 1, dtype=torch.int32, device=dev))
+    else:
+        if not isinstance(out, tuple) or len(out) != 3:
+            raise ValueError("out must be Accepted(accept_len [B], path [B, N+1], tokens [B, N+1])")
+        out = Accepted(*out)
+        _checks.check_out("out.accept_len", out.accept_len, (B,), torch.int32, dev)
+        _checks.check_out("out.path", out.path, (B, N + 1), torch.int32, dev)
+        _checks.check_out("out.tokens", out.tokens, (B, N + 1), torch.int32, dev)
+
+    if _checks.validating(validate):
+        if N and not bool(((draft_tokens >= -1) & (draft_tokens < V)).all()):
+            raise ValueError(f"draft_tokens must hold ids in [-1, V={V}) (expected [B, N], -1 = padding)")
+        if parents is not None and N:
+            j = torch.arange(N, device=dev)
+            if not bool(((parents >= -1) & (parents < j)).all()):
+                raise ValueError("parents must be topological: -1 <= parents[b, j] < j (expected [B, N])")
+        if uniforms is not None and not bool(((uniforms > 0) & (uniforms < 1)).all()):
+            raise ValueError(f"uniforms must lie in the open interval (0, 1) (expected [B={B}, N+1={N + 1}])")
+        if draft_probs is not None and N and V:
+            q = _unexpanded(draft_probs)
+            if not bool(((q >= 0) & torch.isfinite(q)).all()):
+                raise ValueError("draft_probs must be finite and non-negative (expected [B, N, V] float32)")
+
+    if uniforms is None and seed is None:
+        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (B,), dtype=torch.int64).to(dev)
+    if seed is not None and offset is None:
+        offset = torch.zeros(B, dtype=torch.int64, device=dev)
+    draft_tokens = draft_tokens.to(torch.int32).contiguous()
+    if parents is not None:
+        parents = parents.to(torch.int32).contiguous()
+    if uniforms is not None:
+        uniforms = uniforms.contiguous()
+    if seed is not None:
+        seed = seed.contiguous()
+    target_logits = _last_dim_contiguous(target_logits)
+    if draft_probs is not None:
+        draft_probs = _last_dim_contiguous(draft_probs)
+    _op()(draft_tokens, target_logits, draft_probs, parents, uniforms, seed, offset, float(temperature),
+          int(top_k), float(top_p), out.accept_len, out.path, out.tokens)
+    return out
