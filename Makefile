@@ -14,7 +14,7 @@ all: build
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "$(TORCH_SPEC)" numpy scipy pytest ninja tqdm ruff
+	$(PIP) install -q "$(TORCH_SPEC)" numpy scipy pytest ninja tqdm ruff transformers tokenizers safetensors
 	touch $@
 
 venv: $(VENV)/.deps
