@@ -610,6 +610,14 @@ def test_chain_emits_target_distribution(device, probs):
     assert second.numel() >= 10 * V_STAT
     _assert_follows(second, p[1], "position 1 given position 0 accepted")
 
+    # Test of the test: position 0 of a chain is a root with one child; a sampler that resamples from p (not the
+    # residual) after a rejection must fail the same check, while the correct copy passes it.
+    u = torch.rand(B, 2, generator=gen, dtype=torch.float64).clamp_min(2 ** -53)
+    q0 = q[0].double() if probs else None
+    _assert_follows(_sample_root(p[0], q0, draft[:, :1], u), p[0], "correct Python sampler")
+    stat, thr, off = _chi2(_sample_root(p[0], q0, draft[:, :1], u, bug="resample_target"), p[0])
+    assert stat >= thr or off > 0, f"the planted bug passed the chi-squared check ({stat:.1f} < {thr:.1f})"
+
 
 @pytest.mark.parametrize("probs", [False, True], ids=["onehot", "q"])
 def test_tree_emits_target_distribution(device, probs):
