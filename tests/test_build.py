@@ -26,7 +26,7 @@ def test_import_is_cheap_and_does_not_touch_cuda():
 
 
 def test_native_ops_registered():
-    ops = _ext.ops()
+    _ext.ops()
     for name in ("build_tree", "verify_greedy", "verify_sample", "compact_kv"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kangaroo_kernels::{name}", "CPU"), name
 
