@@ -14,7 +14,7 @@ all: build
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "$(TORCH_SPEC)" numpy scipy pytest ninja tqdm ruff transformers tokenizers safetensors
+	$(PIP) install -q "$(TORCH_SPEC)" numpy scipy pytest ninja tqdm ruff transformers tokenizers safetensors matplotlib
 	touch $@
 
 venv: $(VENV)/.deps
