@@ -1,0 +1,606 @@
+"""Adapter training (`kangaroo train`) and the small causal-LM pretraining loop the embedded demo model uses.
+
+Kangaroo's adapter is trained by self-distillation with the base model frozen:
+
+    target_t = softmax(lm_head(final_norm(h_L[t])))          the base model's next-token distribution at position t
+    draft_t  = log_softmax(lm_head(adapter(h_ell)[t]))        layer ell -> adapter (ends in its own RMSNorm) -> the
+                                                              base model's (shared, frozen) LM head
+    loss     = sum_t mask_t * ( - target_t . draft_t ) / sum_t mask_t
+
+at the *same* position t (both predict token t+1), computed on the fly from one forward of the base model
+(`output_hidden_states`: `hidden_states[ell]` is the output of layer ell), no dumps to disk.
+
+The loop: AdamW on the adapter only, linear warmup + cosine decay, gradient accumulation normalised by the number of
+loss tokens of the whole accumulation window (so accum=k over batches of b rows gives the gradient of one batch of
+k*b rows), bf16 autocast or fp32, a tqdm bar with loss and the draft's top-1 agreement, periodic and final
+checkpoints (adapter safetensors + config, and `trainer_state.pt` with optimizer, schedule, step and data position)
+and resuming from the latest one.
+
+`evaluate_adapter` reports, on held-out text, the teacher-forced top-1 agreement and, on greedy continuations of the
+base model, the acceptance per draft position (CTAR-style: the chance that draft i matches given drafts 1..i-1 did)
+and the expected tokens per cycle for thresholds eta and max draft length gamma. On a greedy trajectory of the base
+model the draft's context equals the committed text as long as all earlier drafts matched, so this simulation gives
+exactly the accepted lengths the greedy decoder will see (up to float differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the heap instead of returning it to the OS (glibc mallopt; the same effect as the
+    MALLOC_*_ variables at process start). In these VMs page faults on fresh memory made training steps swing between
+    0.5 s and 13 s; with this they are steady. Returns True when applied (glibc only)."""
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+        ok = libc.mallopt(m_mmap_max, 0) == 1
+        ok &= libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) == 1
+        ok &= libc.mallopt(m_top_pad, ctypes.c_int(268435456)) == 1
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `total`."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if total <= warmup:
+        return lr
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _autocast(dtype: str, device):
+    import torch
+
+    if dtype == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def soft_cross_entropy(draft_logits, target_logits, mask):
+    """Sum over masked positions of -softmax(target) . log_softmax(draft), in fp32, plus the number of positions
+    where the two argmaxes agree. Returns (loss_sum, agree_count, count)."""
+    import torch
+
+    m = mask.reshape(-1)
+    d = draft_logits.reshape(-1, draft_logits.shape[-1])[m].float()
+    t = target_logits.reshape(-1, target_logits.shape[-1])[m].float()
+    loss = -(torch.softmax(t, -1) * torch.log_softmax(d, -1)).sum()
+    agree = (d.argmax(-1) == t.argmax(-1)).sum()
+    return loss, agree, m.sum()
+
+
+def _exit_hidden(base, ids, exit_layer):
+    out = base(input_ids=ids, output_hidden_states=True, use_cache=False)
+    hs = out.hidden_states
+    n_layers = base.config.num_hidden_layers
+    if len(hs) != n_layers + 1:
+        raise RuntimeError(f"expected {n_layers + 1} hidden states from the base model, got {len(hs)}")
+    return hs[exit_layer], out.logits
+
+
+def _positions(ids):
+    import torch
+
+    return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+
+
+def draft_logits(base, adapter, h, position_ids):
+    """layer-ell hidden -> adapter -> the base model's LM head (shared weights)."""
+    return base.get_output_embeddings()(adapter(h, position_ids))
+
+
+def _bar(total, desc, initial=0, disable=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, disable=disable, mininterval=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adapter training
+
+
+@dataclass
+class AdapterTrainConfig:
+    exit_layer: int = 2
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 500
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: str = "bf16"  # "bf16" (autocast) or "fp32"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    etas: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    gamma: int = 6
+
+
+def _new_adapter(base, exit_layer):
+    from kangaroo.adapter import KangarooAdapter
+
+    return KangarooAdapter.for_model(base.config, exit_layer)
+
+
+def base_fingerprint(base) -> str | None:
+    """The decoder's fingerprint of the base weights (stored with the adapter so a mismatch is caught on load)."""
+    try:
+        from kangaroo.model import LlamaModel
+    except ImportError:
+        return None
+    fp = getattr(LlamaModel, "fingerprint_of", None)
+    if fp is not None:
+        return fp(base)
+    try:
+        return LlamaModel.from_pretrained(base, dtype=None, device="cpu").fingerprint()
+    except Exception:  # noqa: BLE001 - the fingerprint is a convenience; training does not depend on it
+        return None
+
+
+class AdapterTrainer:
+    """Trains a `KangarooAdapter` on a frozen HF causal LM (Llama / Mistral / Qwen2 family).
+
+    out_dir/                       final adapter (save_pretrained) + trainer_state.pt + train_report.json
+    out_dir/checkpoints/step-N/    periodic checkpoints (same contents)"""
+
+    def __init__(self, base, dataset, cfg: AdapterTrainConfig, out_dir=None, adapter=None, device="cpu",
+                 progress: bool | None = None):
+        import torch
+
+        self.base = base.to(device).eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dataset = dataset
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        torch.manual_seed(cfg.seed)
+        self.adapter = (adapter if adapter is not None else _new_adapter(base, cfg.exit_layer)).to(self.device)
+        self.adapter.float().train()
+        decay, no_decay = [], []
+        for n, p in self.adapter.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self.progress = progress
+
+    # -- one optimiser step ------------------------------------------------------------------------------------------
+    def _micro_batches(self):
+        cfg = self.cfg
+        it = self.dataset.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step * cfg.grad_accum)
+        while True:
+            yield [next(it) for _ in range(cfg.grad_accum)]
+
+    def train_step(self, micro) -> dict:
+        """One optimiser step over `micro` (a list of (ids, loss_mask) batches); the loss of each micro-batch is
+        divided by the number of loss positions of the whole window, so the accumulated gradient is exactly that of
+        the concatenated batch."""
+        import torch
+
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        total = sum(int(m.sum()) for _, m in micro)
+        if total == 0:
+            self.step += 1
+            return {"loss": float("nan"), "agree": float("nan"), "tokens": 0}
+        loss_sum = agree_sum = 0.0
+        for ids, mask in micro:
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.no_grad(), _autocast(cfg.dtype, self.device):
+                h, target = _exit_hidden(self.base, ids, cfg.exit_layer)
+            with _autocast(cfg.dtype, self.device):
+                logits = draft_logits(self.base, self.adapter, h.float(), _positions(ids))
+            loss, agree, _ = soft_cross_entropy(logits, target, mask)
+            (loss / total).backward()
+            loss_sum += float(loss.detach())
+            agree_sum += float(agree)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_sum / total, "agree": agree_sum / total, "tokens": total}
+
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Runs up to `cfg.steps` (or `steps` more steps), saving periodic and final checkpoints."""
+        cfg = self.cfg
+        end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
+        if self.step >= end:
+            return self.history
+        bar = _bar(end, f"adapter (exit layer {cfg.exit_layer})", initial=self.step,
+                   disable=None if self.progress is None else not self.progress)
+        ema_loss = ema_agree = None
+        batches = self._micro_batches()
+        while self.step < end:
+            rec = self.train_step(next(batches))
+            rec["step"] = self.step
+            self.history.append(rec)
+            if not math.isnan(rec["loss"]):
+                ema_loss = rec["loss"] if ema_loss is None else 0.9 * ema_loss + 0.1 * rec["loss"]
+                ema_agree = rec["agree"] if ema_agree is None else 0.9 * ema_agree + 0.1 * rec["agree"]
+            bar.update(1)
+            if self.step % max(1, cfg.log_every) == 0 or self.step == end:
+                bar.set_postfix(loss=f"{ema_loss:.3f}", top1=f"{ema_agree:.3f}")
+            if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                self.save_checkpoint()
+        bar.close()
+        if self.out_dir is not None:
+            self.save(self.out_dir)
+        return self.history
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        import torch
+
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "config": asdict(self.cfg),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "history": self.history[-1000:],
+        }
+
+    def save(self, path, fingerprint: str | None = None):
+        import torch
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        kw = {"base_fingerprint": fingerprint} if fingerprint is not None else {}
+        self.adapter.save_pretrained(str(path), **kw)
+        torch.save(self._state(), path / "trainer_state.pt")
+        return path
+
+    def save_checkpoint(self):
+        import shutil
+
+        ck = self.out_dir / "checkpoints"
+        self.save(ck / f"step-{self.step:07d}")
+        olds = sorted(ck.glob("step-*"))
+        for old in olds[: max(0, len(olds) - self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def latest_checkpoint(out_dir) -> Path | None:
+        out_dir = Path(out_dir)
+        cands = sorted((out_dir / "checkpoints").glob("step-*")) if (out_dir / "checkpoints").is_dir() else []
+        best, best_step = None, -1
+        for c in cands + ([out_dir] if (out_dir / "trainer_state.pt").exists() else []):
+            try:
+                import torch
+
+                s = torch.load(c / "trainer_state.pt", map_location="cpu", weights_only=False)["step"]
+            except (OSError, KeyError, RuntimeError):
+                continue
+            if s > best_step:
+                best, best_step = c, s
+        return best
+
+    def load_checkpoint(self, path):
+        """Restores adapter weights, optimizer state, step, history and RNG from a checkpoint folder."""
+        import torch
+
+        from kangaroo.adapter import KangarooAdapter
+
+        path = Path(path)
+        loaded = KangarooAdapter.from_pretrained(str(path), map_location="cpu")
+        self.adapter.load_state_dict(loaded.state_dict())
+        st = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.step = int(st["step"])
+        self.history = list(st.get("history", []))
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["python_rng"])
+        return self.step
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _greedy_continuations(base, prompts, new_tokens):
+    """Greedy continuations of `prompts` [N, P] by the base model (HF generate, same length prompts)."""
+    import torch
+
+    with torch.no_grad():
+        out = base.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
+    return out
+
+
+def simulate_cycles(match, conf, eta: float, gamma: int) -> dict:
+    """Greedy Kangaroo cycles over one trajectory.
+
+    match[t], conf[t]: whether the draft's top-1 at position t equals the target's and the draft's confidence there,
+    computed on the target's greedy trajectory (positions from the last prompt token on). A cycle starting at t drafts
+    up to gamma tokens, stopping after the first whose confidence is < eta; it accepts the longest matching prefix and
+    commits accepted + 1 tokens. Returns tokens per cycle and per-position acceptance counts."""
+    n = len(match)
+    t, cycles, committed = 0, 0, 0
+    reached = [0] * gamma
+    accepted = [0] * gamma
+    while t < n:
+        a = 0
+        for i in range(gamma):
+            if t + i >= n:
+                break
+            reached[i] += 1
+            if not match[t + i]:
+                break
+            accepted[i] += 1
+            a += 1
+            if conf[t + i] < eta:
+                break
+        cycles += 1
+        committed += a + 1
+        t += a + 1
+    return {"cycles": cycles, "tokens": committed, "reached": reached, "accepted": accepted}
+
+
+def evaluate_adapter(base, adapter, exit_layer: int, heldout=None, prompts=None, new_tokens: int = 96,
+                     etas=(0.3, 0.4, 0.5, 0.6, 0.7), gamma: int = 6, dtype: str = "fp32", max_rows: int = 16,
+                     device="cpu") -> dict:
+    """Held-out report.
+
+    heldout: a PackedDataset (teacher-forced top-1 agreement on real text; and, binned by the draft's confidence,
+    how often a confident draft is right). prompts: [N, P] token ids; the base model continues them greedily and the
+    cycles of the greedy decoder are simulated on those trajectories (tokens per cycle for each eta, acceptance per
+    draft position with no early exit)."""
+    import torch
+
+    base.eval()
+    adapter.eval()
+    rep: dict = {"exit_layer": exit_layer, "gamma": gamma}
+    with torch.no_grad(), _autocast(dtype, device):
+        if heldout is not None:
+            ids = heldout.ids[:max_rows].to(device)
+            mask = heldout.loss_mask[:max_rows].to(device)
+            h, target = _exit_hidden(base, ids, exit_layer)
+            logits = draft_logits(base, adapter, h.float(), _positions(ids))
+            loss, agree, cnt = soft_cross_entropy(logits, target, mask)
+            rep["heldout_loss"] = float(loss) / max(1, int(cnt))
+            rep["heldout_top1_agreement"] = float(agree) / max(1, int(cnt))
+            tl = target.float().log_softmax(-1)
+            rep["base_heldout_nll"] = float(-(tl[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1))[mask[:, :-1]].mean())
+            conf = logits.float().softmax(-1).amax(-1)[mask]
+            ok = (logits.argmax(-1) == target.argmax(-1))[mask]
+            rep["confident_precision"] = {
+                str(c): (float(ok[conf >= c].float().mean()) if bool((conf >= c).any()) else None,
+                         float((conf >= c).float().mean()))
+                for c in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+            }
+        if prompts is not None:
+            prompts = prompts.to(device)
+            seqs = _greedy_continuations(base, prompts, new_tokens)
+            h, target = _exit_hidden(base, seqs, exit_layer)
+            logits = draft_logits(base, adapter, h.float(), _positions(seqs))
+            p0 = prompts.shape[1] - 1  # the last prompt position predicts the first new token
+            sl = slice(p0, p0 + new_tokens)
+            match = (logits.argmax(-1) == target.argmax(-1))[:, sl].cpu()
+            conf = logits.float().softmax(-1).amax(-1)[:, sl].cpu()
+            rep["trajectory_top1_agreement"] = float(match.float().mean())
+            per_eta = {}
+            for eta in list(etas) + [0.0]:
+                tot = {"cycles": 0, "tokens": 0, "reached": [0] * gamma, "accepted": [0] * gamma}
+                for r in range(match.shape[0]):
+                    s = simulate_cycles(match[r].tolist(), conf[r].tolist(), eta, gamma)
+                    tot["cycles"] += s["cycles"]
+                    tot["tokens"] += s["tokens"]
+                    tot["reached"] = [a + b for a, b in zip(tot["reached"], s["reached"])]
+                    tot["accepted"] = [a + b for a, b in zip(tot["accepted"], s["accepted"])]
+                per_eta[eta] = tot
+            rep["tokens_per_cycle"] = {str(e): v["tokens"] / max(1, v["cycles"]) for e, v in per_eta.items()}
+            z = per_eta[0.0]
+            rep["acceptance_per_position"] = [a / r if r else None for a, r in zip(z["accepted"], z["reached"])]
+    adapter.train()
+    return rep
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"held-out report (exit layer {rep['exit_layer']}, gamma {rep['gamma']}):"]
+    if "heldout_top1_agreement" in rep:
+        lines.append(f"  teacher-forced top-1 agreement with the base model: {rep['heldout_top1_agreement']:.3f}"
+                     f"  (soft CE {rep['heldout_loss']:.3f}; base NLL {rep['base_heldout_nll']:.3f} nats/token)")
+        cp = ", ".join(f">={c}: {v[0]:.2f} of {v[1]:.0%}" for c, v in rep["confident_precision"].items()
+                       if v[0] is not None)
+        lines.append(f"  precision of confident drafts (confidence: right, share of positions): {cp}")
+    if "acceptance_per_position" in rep:
+        acc = " ".join(f"{a:.2f}" if a is not None else "-" for a in rep["acceptance_per_position"])
+        lines.append(f"  on greedy continuations: top-1 agreement {rep['trajectory_top1_agreement']:.3f}; "
+                     f"acceptance per draft position (CTAR-style, no early exit): {acc}")
+        tpc = ", ".join(f"eta={e}: {v:.2f}" for e, v in rep["tokens_per_cycle"].items())
+        lines.append(f"  expected tokens per cycle: {tpc}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Causal-LM pretraining (the demo's base model)
+
+
+@dataclass
+class LMTrainConfig:
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "bf16"
+    seed: int = 0
+    time_budget_s: float | None = None  # when set, `steps` is re-fitted to the budget after a few timed steps
+
+
+def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | None = None) -> list[dict]:
+    """Next-token pretraining of an HF causal LM on a PackedDataset (loss on the masked positions)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    total = cfg.steps
+    bar = _bar(total, "base LM", disable=None if progress is None else not progress)
+    hist, ema = [], None
+    t0 = time.perf_counter()
+    batches = dataset.batches(cfg.batch_size, seed=cfg.seed)
+    step = 0
+    while step < total:
+        ids, mask = next(batches)
+        ids, mask = ids.to(device), mask.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=total, min_ratio=cfg.min_lr_ratio)
+        with _autocast(cfg.dtype, device):
+            logits = model(input_ids=ids, use_cache=False).logits
+        lp = logits.float()[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        m = mask[:, :-1]
+        loss = -(lp * m).sum() / m.sum().clamp(min=1)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        hist.append({"step": step, "loss": lv})
+        bar.update(1)
+        if step % 5 == 0:
+            bar.set_postfix(loss=f"{ema:.3f}")
+        if cfg.time_budget_s and step == 8:
+            rate = (time.perf_counter() - t0) / step
+            fitted = max(step + 1, int(cfg.time_budget_s / rate))
+            total = min(total, fitted) if cfg.steps else fitted
+            bar.total = total
+            bar.refresh()
+    bar.close()
+    model.eval()
+    return hist
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="kangaroo train", description="Train a Kangaroo adapter on a frozen base model.")
+    p.add_argument("--model", required=True, help="local HF checkpoint folder (config.json + safetensors, tokenizer)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="corpus: text files, folders, JSONL/JSON of {'text'} or ShareGPT conversations")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "sharegpt"])
+    p.add_argument("--heldout", nargs="*", default=None, help="held-out corpus for the report (default: 5%% of rows)")
+    p.add_argument("--out", required=True, help="output folder (adapter + checkpoints)")
+    p.add_argument("--exit-layer", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--etas", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--gamma", type=int, default=6)
+    p.add_argument("--eval-prompts", type=int, default=8)
+    p.add_argument("--eval-new-tokens", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    tune_malloc()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kangaroo.data import PackedDataset, load_examples
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    examples = load_examples(args.data, tok, fmt=args.format)
+    ds = PackedDataset(examples, args.seq_len)
+    if args.heldout:
+        held = PackedDataset(load_examples(args.heldout, tok, fmt=args.format), args.seq_len)
+    else:
+        n_h = max(1, len(ds) // 20) if len(ds) > 1 else 0
+        held = None
+        if n_h:
+            held = PackedDataset.__new__(PackedDataset)
+            held.ids, held.loss_mask, held.seq_len = ds.ids[-n_h:], ds.loss_mask[-n_h:], ds.seq_len
+            ds.ids, ds.loss_mask = ds.ids[:-n_h], ds.loss_mask[:-n_h]
+    print(f"corpus: {len(ds)} rows x {args.seq_len} tokens ({int(ds.loss_mask.sum())} loss positions)"
+          + (f"; held out {len(held)} rows" if held is not None else ""), flush=True)
+    cfg = AdapterTrainConfig(
+        exit_layer=args.exit_layer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, dtype=args.dtype,
+        seed=args.seed, save_every=args.save_every, etas=list(args.etas), gamma=args.gamma,
+    )
+    trainer = AdapterTrainer(base, ds, cfg, out_dir=args.out, device=device,
+                             progress=False if args.no_progress else None)
+    if args.resume:
+        ck = AdapterTrainer.latest_checkpoint(args.out)
+        if ck is not None:
+            print(f"resuming from {ck} at step {trainer.load_checkpoint(ck)}", flush=True)
+        else:
+            print("no checkpoint to resume from; starting fresh", flush=True)
+    trainer.train()
+    trainer.save(args.out, fingerprint=base_fingerprint(base))
+    if held is not None:
+        prompts = None
+        if args.eval_prompts:
+            plen = min(64, held.seq_len // 2)
+            prompts = held.ids[: args.eval_prompts, :plen]
+        rep = evaluate_adapter(base, trainer.adapter, args.exit_layer, heldout=held, prompts=prompts,
+                               new_tokens=args.eval_new_tokens, etas=args.etas, gamma=args.gamma, device=device)
+        print(format_report(rep), flush=True)
+        (Path(args.out) / "train_report.json").write_text(json.dumps(rep, indent=1))
+    print(f"adapter saved to {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))
