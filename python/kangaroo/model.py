@@ -1,0 +1,384 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2) over a static KV cache, gpt-fast style.
+
+No HF modeling code runs here: the weights are plain tensors (q/k/v fused into one matrix, gate/up fused), the
+attention is kangaroo_kernels.append_attention (decode, chain and tree blocks) and the maths follows HF's
+roundings (fp32 RMSNorm statistics, rotate-half RoPE with the checkpoint's rope settings, SwiGLU, optional q/k/v
+bias, tied or untied LM head).
+
+Cache convention (used by the decoder): every token at sequence position p has its K/V at cache slot p of its row,
+in every layer; `KVCache.lens[b]` is the number of committed slots of row b. Layers [a, b) can be run on any hidden
+states (`forward_layers`), which is how the decoder runs the shallow part (layers 0..exit_layer-1) and the deep part
+(exit_layer..L-1) separately; the hidden state after `exit_layer` layers is "the layer-l hidden state".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ModelConfig", "KVCache", "LlamaModel", "rms_norm", "rope_inv_freq", "rope_table", "fingerprint_of"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _get(cfg, name, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The few numbers the forward needs, read from an HF config object or a config.json dict."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    sliding_window: Optional[int] = None
+
+    @classmethod
+    def from_hf(cls, cfg) -> "ModelConfig":
+        model_type = _get(cfg, "model_type", "llama") or "llama"
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}: kangaroo supports {SUPPORTED_MODEL_TYPES}")
+        D = int(_get(cfg, "hidden_size"))
+        H = int(_get(cfg, "num_attention_heads"))
+        Hk = int(_get(cfg, "num_key_value_heads", None) or H)
+        Dh = int(_get(cfg, "head_dim", None) or D // H)
+        theta, scaling = rope_settings(cfg)
+        bias = model_type == "qwen2" or bool(_get(cfg, "attention_bias", False))
+        window = None
+        if model_type == "mistral":
+            window = _get(cfg, "sliding_window", None)
+        elif model_type == "qwen2" and _get(cfg, "use_sliding_window", False):
+            window = _get(cfg, "sliding_window", None)
+        act = _get(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {act!r} (the Llama family uses silu)")
+        return cls(model_type=model_type, hidden_size=D, num_hidden_layers=int(_get(cfg, "num_hidden_layers")),
+                   num_attention_heads=H, num_key_value_heads=Hk, head_dim=Dh,
+                   intermediate_size=int(_get(cfg, "intermediate_size")), vocab_size=int(_get(cfg, "vocab_size")),
+                   rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+                   attention_bias=bias, tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+                   max_position_embeddings=int(_get(cfg, "max_position_embeddings", 4096) or 4096),
+                   sliding_window=int(window) if window else None)
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence this forward computes exactly (positions, and Mistral's sliding window)."""
+        n = self.max_position_embeddings
+        if self.rope_scaling and self.rope_scaling.get("rope_type") not in (None, "default", "linear", "llama3"):
+            n = max(n, int(self.rope_scaling.get("original_max_position_embeddings", n)))
+        return min(n, self.sliding_window) if self.sliding_window else n
+
+
+def rope_settings(cfg):
+    """(rope_theta, rope_scaling dict or None) from transformers 4.x (rope_theta, rope_scaling) or 5.x
+    (rope_parameters) configs and config.json dicts."""
+    params = _get(cfg, "rope_parameters", None) or _get(cfg, "rope_scaling", None) or {}
+    params = dict(params)
+    theta = params.get("rope_theta", None) or _get(cfg, "rope_theta", None) or 10000.0
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type == "default":
+        return float(theta), None
+    params["rope_type"] = rope_type
+    params.pop("rope_theta", None)
+    if "original_max_position_embeddings" not in params and rope_type == "llama3":
+        params["original_max_position_embeddings"] = _get(cfg, "max_position_embeddings", 8192)
+    return float(theta), params
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[Dict[str, Any]] = None):
+    """HF's inverse frequencies (fp32 [head_dim/2]) and attention scaling for default, linear and llama3 RoPE."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv, 1.0
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old = float(scaling["original_max_position_embeddings"])
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        out = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return torch.where(medium, smoothed, out), 1.0
+    raise NotImplementedError(f"rope_type {kind!r} is not supported by kangaroo's forward (default, linear, llama3)")
+
+
+def rope_table(max_pos: int, head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
+    """fp32 [max_pos, head_dim] = cat(cos, sin) of position * inv_freq, computed in fp32 as HF does (the
+    rope_cos_sin table of append_attention / adapter_forward)."""
+    inv, scale = rope_inv_freq(head_dim, theta, scaling)
+    ang = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv[None, :]
+    table = torch.cat([ang.cos(), ang.sin()], dim=-1) * scale
+    return table.to(device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: fp32 statistics, normalised value rounded to x.dtype, times weight."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def fingerprint_of(lm_head_weight: torch.Tensor) -> str:
+    """A hash of the LM head that ties an adapter to its base model. Independent of the load dtype (values are
+    rounded to bf16 first) and of the device; it reads an evenly spaced subset of at most 1024 rows."""
+    w = lm_head_weight.detach()
+    V, D = w.shape
+    step = max(1, V // 1024)
+    sub = w[::step].to(device="cpu", dtype=torch.bfloat16).contiguous()
+    h = hashlib.sha256(f"{V}x{D}:".encode())
+    h.update(sub.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Static cache: k, v [layers, B, Hk, S, Dh]; lens [B] int32 (committed slots per row)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class LlamaModel:
+    """The base model's weights as plain tensors plus a forward over a static KV cache."""
+
+    def __init__(self, config: ModelConfig, weights: Dict[str, Any]):
+        self.config = config
+        self.embed_tokens: torch.Tensor = weights["embed"]
+        self.layers: List[Dict[str, torch.Tensor]] = weights["layers"]
+        self.norm: torch.Tensor = weights["norm"]
+        self.lm_head: torch.Tensor = weights["lm_head"]
+        self._rope: Optional[torch.Tensor] = None
+        self._fingerprint: Optional[str] = None
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @classmethod
+    def from_pretrained(cls, path_or_hf_model, dtype: Optional[torch.dtype] = None, device=None) -> "LlamaModel":
+        """From a local HF checkpoint folder (config.json + *.safetensors, sharded or not) or an in-memory
+        transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM). dtype defaults to the
+        weights' own dtype, device to the in-memory model's device (or CPU for a folder)."""
+        if isinstance(path_or_hf_model, LlamaModel):
+            m = path_or_hf_model
+            return m if dtype is None and device is None else m.to(dtype=dtype, device=device)
+        if isinstance(path_or_hf_model, (str, os.PathLike)):
+            path = os.fspath(path_or_hf_model)
+            if not os.path.isdir(path):
+                raise ValueError(f"{path!r} is not a local checkpoint folder (config.json + *.safetensors)")
+            cfg_path = os.path.join(path, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise ValueError(f"{path!r} has no config.json")
+            with open(cfg_path) as f:
+                raw_cfg = json.load(f)
+            config = ModelConfig.from_hf(raw_cfg)
+            sd = _load_safetensors(path)
+            default_device = torch.device("cpu")
+        elif isinstance(path_or_hf_model, torch.nn.Module) and hasattr(path_or_hf_model, "config"):
+            config = ModelConfig.from_hf(path_or_hf_model.config)
+            sd = dict(path_or_hf_model.state_dict())
+            default_device = next(path_or_hf_model.parameters()).device
+        else:
+            raise ValueError(f"expected a checkpoint folder or a transformers model, got "
+                             f"{type(path_or_hf_model).__name__}")
+        device = torch.device(device) if device is not None else default_device
+        weights = _weights_from_state_dict(config, sd, dtype, device)
+        return cls(config, weights)
+
+    def to(self, dtype=None, device=None) -> "LlamaModel":
+        def cv(t):
+            return None if t is None else t.to(dtype=dtype or t.dtype, device=device or t.device)
+
+        tied = self.lm_head is self.embed_tokens
+        w = {"embed": cv(self.embed_tokens), "norm": cv(self.norm),
+             "layers": [{k: cv(v) for k, v in lay.items()} for lay in self.layers]}
+        w["lm_head"] = w["embed"] if tied else cv(self.lm_head)
+        return LlamaModel(self.config, w)
+
+    def fingerprint(self) -> str:
+        """Hash of the LM head weights (ties an adapter to its base model)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_of(self.lm_head)
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ cache and RoPE
+    def new_cache(self, batch_size: int, max_len: int, num_layers: Optional[int] = None) -> KVCache:
+        c = self.config
+        n = c.num_hidden_layers if num_layers is None else num_layers
+        shape = (n, batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(batch_size, dtype=torch.int32, device=self.device))
+
+    def rope_cos_sin(self, max_pos: int) -> torch.Tensor:
+        """The fp32 [>= max_pos, Dh] RoPE table (cached, grown on demand)."""
+        if self._rope is None or self._rope.shape[0] < max_pos:
+            c = self.config
+            n = max(max_pos, 256)
+            self._rope = rope_table(n, c.head_dim, c.rope_theta, c.rope_scaling, device=self.device)
+        return self._rope
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens.long(), self.embed_tokens)
+
+    def layer(self, i: int, x: torch.Tensor, cache: KVCache, cache_lens: torch.Tensor, positions: torch.Tensor,
+              *, tree_mask: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None,
+              rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decoder layer i on x[B,T,D] at positions[B,T]; appends K/V at cache slots cache_lens[b] + t (not
+        advancing cache_lens). Rows with active False write nothing (their output is meaningless)."""
+        c = self.config
+        p = self.layers[i]
+        B, T, D = x.shape
+        Hq, Hk, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        h = rms_norm(x, p["ln1"], c.rms_norm_eps)
+        qkv = F.linear(h, p["wqkv"], p.get("bqkv"))
+        q, k, v = qkv.split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
+        if rope is None:
+            rope = self.rope_cos_sin(cache.max_len)
+        from kangaroo_kernels.append_attention import append_attention
+
+        a = append_attention(q.reshape(B, T, Hq, Dh), k.reshape(B, T, Hk, Dh), v.reshape(B, T, Hk, Dh),
+                             cache.k[i], cache.v[i], cache_lens, tree_mask=tree_mask, active=active,
+                             positions=positions, rope_cos_sin=rope, validate=False)
+        x = x + F.linear(a.reshape(B, T, Hq * Dh), p["wo"])
+        h = rms_norm(x, p["ln2"], c.rms_norm_eps)
+        gate, up = F.linear(h, p["wgu"]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, p["wd"])
+
+    def forward_layers(self, x: torch.Tensor, start: int, end: int, cache: KVCache, cache_lens: torch.Tensor,
+                       positions: torch.Tensor, *, tree_mask=None, active=None) -> torch.Tensor:
+        """Layers [start, end) (0-based) on hidden states x[B,T,D]; returns the hidden state after layer end-1.
+        forward_layers(embed(t), 0, l, ...) is the layer-l hidden state (the shallow sub-network)."""
+        rope = self.rope_cos_sin(cache.max_len)
+        for i in range(start, end):
+            x = self.layer(i, x, cache, cache_lens, positions, tree_mask=tree_mask, active=active, rope=rope)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm and LM head; fp32 logits."""
+        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, cache_lens: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, *, exit_layer: Optional[int] = None,
+                active=None, tree_mask=None):
+        """All layers on tokens[B,T] appended at cache_lens (default cache.lens; not advanced).
+        Returns (logits [B,T,V] fp32, layer-exit_layer hidden states or None)."""
+        cache_lens = cache.lens if cache_lens is None else cache_lens
+        B, T = tokens.shape
+        if positions is None:
+            positions = cache_lens[:, None].long() + torch.arange(T, device=tokens.device)
+        x = self.embed(tokens)
+        L = self.config.num_hidden_layers
+        mid = None
+        if exit_layer is not None:
+            x = self.forward_layers(x, 0, exit_layer, cache, cache_lens, positions, tree_mask=tree_mask,
+                                    active=active)
+            mid = x
+            x = self.forward_layers(x, exit_layer, L, cache, cache_lens, positions, tree_mask=tree_mask,
+                                    active=active)
+        else:
+            x = self.forward_layers(x, 0, L, cache, cache_lens, positions, tree_mask=tree_mask, active=active)
+        return self.logits(x), mid
+
+
+# ---------------------------------------------------------------------- weight loading
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, f) for f in files]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        files = [f for f in files if os.path.basename(f) != "adapter.safetensors"]
+    if not files:
+        raise ValueError(f"{path!r} holds no *.safetensors weights")
+    sd: Dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(f))
+    return sd
+
+
+def _weights_from_state_dict(c: ModelConfig, sd: Dict[str, torch.Tensor], dtype, device) -> Dict[str, Any]:
+    prefix = "model." if "model.embed_tokens.weight" in sd else ""
+    used = set()
+
+    def get(name, required=True):
+        key = name if name == "lm_head.weight" else prefix + name
+        if key not in sd:
+            if required:
+                raise ValueError(f"checkpoint lacks weight {key!r} (model_type {c.model_type})")
+            return None
+        used.add(key)
+        t = sd[key]
+        return t.detach().to(device=device, dtype=dtype or t.dtype)
+
+    embed = get("embed_tokens.weight")
+    Hq, Hk, Dh, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    if tuple(embed.shape) != (c.vocab_size, D):
+        raise ValueError(f"embed_tokens.weight has shape {tuple(embed.shape)}, config says [{c.vocab_size}, {D}]")
+    layers = []
+    for i in range(c.num_hidden_layers):
+        pre = f"layers.{i}."
+        wq, wk, wv = (get(pre + f"self_attn.{n}_proj.weight") for n in "qkv")
+        if wq.shape != (Hq * Dh, D) or wk.shape != (Hk * Dh, D):
+            raise ValueError(f"layer {i}: q/k proj shapes {tuple(wq.shape)}, {tuple(wk.shape)} do not match the "
+                             f"config (Hq={Hq}, Hk={Hk}, Dh={Dh}, D={D})")
+        lay = {"ln1": get(pre + "input_layernorm.weight"), "wqkv": torch.cat([wq, wk, wv], 0).contiguous(),
+               "wo": get(pre + "self_attn.o_proj.weight"), "ln2": get(pre + "post_attention_layernorm.weight"),
+               "wgu": torch.cat([get(pre + "mlp.gate_proj.weight"), get(pre + "mlp.up_proj.weight")], 0).contiguous(),
+               "wd": get(pre + "mlp.down_proj.weight")}
+        bq = get(pre + "self_attn.q_proj.bias", required=False)
+        if bq is not None:
+            lay["bqkv"] = torch.cat([bq, get(pre + "self_attn.k_proj.bias"), get(pre + "self_attn.v_proj.bias")])
+        elif c.attention_bias and c.model_type != "qwen2":
+            raise ValueError(f"config says attention_bias but layer {i} has no q_proj.bias")
+        if prefix + pre + "self_attn.o_proj.bias" in sd:
+            raise ValueError(f"layer {i}: an o_proj bias is not supported (Llama family: none)")
+        layers.append(lay)
+    norm = get("norm.weight")
+    lm = sd.get("lm_head.weight")
+    if c.tie_word_embeddings or lm is None:
+        lm_head = embed
+    else:
+        lm_head = get("lm_head.weight")
+    return {"embed": embed, "layers": layers, "norm": norm, "lm_head": lm_head}
