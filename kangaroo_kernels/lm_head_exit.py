@@ -1,0 +1,258 @@
+"""lm_head_exit / lm_head_topk: the draft side's LM head. (RMSNorm +) LM-head GEMV split over the vocabulary, fused
+with the argmax (or a Gumbel-max sample), the confidence and the early-exit flag, or with the top-k for tree
+drafting; the [B, V] logits are never written. CPU tensors run the reference; CUDA tensors run the Triton kernels
+(kangaroo_kernels/triton/lm_head_exit.py). Semantics: kangaroo_kernels/reference/lm_head_exit.py.
+"""
+
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+
+from kangaroo_kernels import _checks
+from kangaroo_kernels.reference.lm_head_exit import inv_temperature, lm_head_exit_inv_t_ref, lm_head_topk_ref
+
+__all__ = ["LmHeadExit", "LmHeadTopk", "lm_head_exit", "lm_head_topk"]
+
+
+class LmHeadExit(NamedTuple):
+    """Result of lm_head_exit. token [B] int32, conf [B] fp32 (max softmax of the untempered logits), active [B]
+    bool (active_out = active & (conf >= threshold)), token_prob [B] fp32 (the draft probability of token under
+    softmax(logits / T); conf when greedy), probs [B, V] fp32 or None. `token, conf, active = res[:3]`."""
+
+    token: torch.Tensor
+    conf: torch.Tensor
+    active: torch.Tensor
+    token_prob: torch.Tensor
+    probs: Optional[torch.Tensor] = None
+
+
+class LmHeadTopk(NamedTuple):
+    """Result of lm_head_topk: tokens [B, k] int32 and logprobs [B, k] fp32, sorted descending."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+
+_lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
+# inv_temperature: fl32(1 / T), 0.0 for greedy; offset is advanced by 1 in place when sampling
+_lib.define(
+    "lm_head_exit(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, Tensor? active, Tensor? seed, "
+    "Tensor(a!)? offset, float threshold, float eps, float inv_temperature, Tensor(b!) token, Tensor(c!) conf, "
+    "Tensor(d!) active_out, Tensor(e!) token_prob, Tensor(f!)? probs) -> ()")
+_lib.define(
+    "lm_head_topk(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, int k, float eps, Tensor(a!) tokens, "
+    "Tensor(b!) logprobs) -> ()")
+
+
+def _lm_head_exit_cpu(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
+                      conf, active_out, token_prob, probs):
+    res = lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active, inv_t, seed, offset,
+                                 probs is not None)
+    token.copy_(res.token)
+    conf.copy_(res.conf)
+    active_out.copy_(res.active)
+    token_prob.copy_(res.token_prob)
+    if probs is not None:
+        probs.copy_(res.probs)
+
+
+def _lm_head_exit_cuda(hidden, *args):
+    from kangaroo_kernels.triton.lm_head_exit import lm_head_exit_triton
+
+    if hidden.device.index != torch.cuda.current_device():
+        with torch.cuda.device(hidden.device):
+            lm_head_exit_triton(hidden, *args)
+        return
+    lm_head_exit_triton(hidden, *args)
+
+
+def _lm_head_topk_cpu(hidden, lm_head_weight, norm_weight, k, eps, tokens, logprobs):
+    t, lp = lm_head_topk_ref(hidden, lm_head_weight, k, norm_weight=norm_weight, eps=eps)
+    tokens.copy_(t)
+    logprobs.copy_(lp)
+
+
+def _lm_head_topk_cuda(hidden, *args):
+    from kangaroo_kernels.triton.lm_head_exit import lm_head_topk_triton
+
+    if hidden.device.index != torch.cuda.current_device():
+        with torch.cuda.device(hidden.device):
+            lm_head_topk_triton(hidden, *args)
+        return
+    lm_head_topk_triton(hidden, *args)
+
+
+_lib.impl("lm_head_exit", _lm_head_exit_cpu, "CPU")
+_lib.impl("lm_head_exit", _lm_head_exit_cuda, "CUDA")
+_lib.impl("lm_head_topk", _lm_head_topk_cpu, "CPU")
+_lib.impl("lm_head_topk", _lm_head_topk_cuda, "CUDA")
+
+
+@torch.library.register_fake("kangaroo_kernels::lm_head_exit", lib=_lib)
+def _lm_head_exit_fake(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
+                       conf, active_out, token_prob, probs):
+    return None
+
+
+@torch.library.register_fake("kangaroo_kernels::lm_head_topk", lib=_lib)
+def _lm_head_topk_fake(hidden, lm_head_weight, norm_weight, k, eps, tokens, logprobs):
+    return None
+
+
+def _check_common(hidden, lm_head_weight, norm_weight, eps):
+    _checks.check_tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES, ndim=2, expected="[B, D]")
+    B, D = hidden.shape
+    dev = hidden.device
+    if D < 1:
+        raise ValueError(f"hidden must have D >= 1 (expected [B, D]), got shape {tuple(hidden.shape)}")
+    _checks.check_tensor("lm_head_weight", lm_head_weight, dtypes=_checks.FLOAT_DTYPES, shape=(None, D), device=dev,
+                         expected=f"[V, D={D}]")
+    V = lm_head_weight.shape[0]
+    if V < 1 or V >= 2 ** 31 - 1:
+        raise ValueError(f"lm_head_weight must have 1 <= V < 2^31 - 1 rows (expected [V, D]), got V = {V}")
+    if norm_weight is not None:
+        _checks.check_tensor("norm_weight", norm_weight, dtypes=(hidden.dtype,), shape=(D,), device=dev,
+                             expected=f"[D={D}] in hidden's dtype")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return B, D, V, dev
+
+
+def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed, offset,
+                  return_probs, out):
+    """Checks every argument and returns the op's argument tuple (outputs last)."""
+    B, D, V, dev = _check_common(hidden, lm_head_weight, norm_weight, eps)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a number (rows continue iff conf >= threshold), got {threshold!r}")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                                    or not (math.isfinite(temperature) and temperature >= 0)):
+        raise ValueError(f"temperature must be None, 0 (greedy) or a finite number > 0, got {temperature!r}")
+    inv_t = inv_temperature(temperature)
+    if inv_t > 0 and not math.isfinite(inv_t):
+        raise ValueError(f"temperature {temperature!r} is too small: 1 / T overflows float32")
+    if active is not None:
+        _checks.check_tensor("active", active, dtypes=(torch.bool,), shape=(B,), device=dev, expected=f"[B={B}] bool")
+    for name, t in (("seed", seed), ("offset", offset)):
+        if t is not None:
+            _checks.check_tensor(name, t, dtypes=(torch.int64,), shape=(B,), device=dev, expected=f"[B={B}] int64")
+    if inv_t == 0.0 and (seed is not None or offset is not None):
+        raise ValueError("seed/offset are only used when sampling (temperature > 0); greedy takes neither")
+    if offset is not None:
+        if seed is None:
+            raise ValueError("offset needs seed (expected seed [B] int64)")
+        if not offset.is_contiguous():
+            raise ValueError("offset must be contiguous (it is advanced in place)")
+    if inv_t > 0:
+        if seed is None:  # host work: not capturable; pass seed/offset tensors in a CUDA graph
+            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (B,), dtype=torch.int64).to(dev)
+        if offset is None:
+            offset = torch.zeros(B, dtype=torch.int64, device=dev)
+        seed = seed.contiguous()
+    if out is None:
+        out = LmHeadExit(torch.empty(B, dtype=torch.int32, device=dev), torch.empty(B, dtype=torch.float32, device=dev),
+                         torch.empty(B, dtype=torch.bool, device=dev), torch.empty(B, dtype=torch.float32, device=dev),
+                         torch.empty(B, V, dtype=torch.float32, device=dev) if return_probs else None)
+    else:
+        if not isinstance(out, tuple) or len(out) not in (4, 5):
+            raise ValueError("out must be LmHeadExit(token [B] i32, conf [B] f32, active [B] bool, token_prob [B] f32"
+                             "[, probs [B, V] f32])")
+        out = LmHeadExit(*out)
+        _checks.check_out("out.token", out.token, (B,), torch.int32, dev)
+        _checks.check_out("out.conf", out.conf, (B,), torch.float32, dev)
+        _checks.check_out("out.active", out.active, (B,), torch.bool, dev)
+        _checks.check_out("out.token_prob", out.token_prob, (B,), torch.float32, dev)
+        if return_probs:
+            if out.probs is None:
+                raise ValueError(f"out.probs must be a [B={B}, V={V}] float32 buffer when return_probs is True")
+            _checks.check_out("out.probs", out.probs, (B, V), torch.float32, dev)
+        elif out.probs is not None:
+            raise ValueError("out.probs is given but return_probs is False")
+    return (hidden, lm_head_weight, norm_weight, active, seed, offset, float(threshold), float(eps), inv_t,
+            *out[:4], out.probs), out
+
+
+def lm_head_exit(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,
+                 norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                 active: Optional[torch.Tensor] = None, temperature: Optional[float] = None,
+                 seed: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+                 return_probs: bool = False, out: Optional[LmHeadExit] = None,
+                 validate: Optional[bool] = None) -> LmHeadExit:
+    """One draft step's LM head with the Kangaroo exit rule, never writing the [B, V] logits.
+
+    hidden [B, D] and lm_head_weight [V, D] fp32/bf16/fp16 (any strides; maths in fp32); norm_weight [D] in
+    hidden's dtype applies RMSNorm(eps) first (HF rounding), e.g. the adapter's out-norm.
+    Returns LmHeadExit(token [B] i32, conf [B] f32, active [B] bool, token_prob [B] f32, probs [B, V] f32 | None):
+    token = argmax (lowest index on ties) or, with temperature T > 0, a Gumbel-max sample of softmax(logits / T);
+    conf = max softmax(logits) (untempered); active = active_in & (conf >= threshold). Every row gets a token and
+    conf, also rows that exit and inactive rows (active_in False: still computed, active False).
+    token_prob = softmax(logits / T)[token] (conf when greedy); probs = that distribution when return_probs.
+    Sampling randomness: Philox4x32-10 keyed by seed [B] int64 at counter offset [B] int64, which is advanced by 1
+    in place (so CUDA-graph replays draw fresh numbers); without seed one is drawn from torch's default CPU
+    generator (host work, not capturable). A row with a NaN or +inf logit gets conf NaN and exits.
+    out: a preallocated LmHeadExit (out.active may be `active` itself). validate: accepted for uniformity; this op
+    reads no device data on the host and every kernel access is bounded by the shapes.
+    """
+    args, out = _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed,
+                              offset, return_probs, out)
+    if hidden.shape[0] > 0:
+        torch.ops.kangaroo_kernels.lm_head_exit(*args)
+    return out
+
+
+def _lm_head_exit_triton(hidden, lm_head_weight, threshold, *, norm_weight=None, eps=1e-6, active=None,
+                         temperature=None, seed=None, offset=None, return_probs=False, out=None,
+                         validate=None) -> LmHeadExit:
+    """lm_head_exit forced onto the Triton kernels (CPU tensors need TRITON_INTERPRET=1): tests, benchmarks."""
+    from kangaroo_kernels.triton.lm_head_exit import lm_head_exit_triton
+
+    args, out = _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed,
+                              offset, return_probs, out)
+    if hidden.shape[0] > 0:
+        lm_head_exit_triton(*args)
+    return out
+
+
+def _prepare_topk(hidden, lm_head_weight, k, norm_weight, eps, out):
+    B, D, V, dev = _check_common(hidden, lm_head_weight, norm_weight, eps)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not (1 <= k <= min(16, V)):
+        raise ValueError(f"k must be an int in [1, min(16, V={V})], got {k!r}")
+    k = int(k)
+    if out is None:
+        out = LmHeadTopk(torch.empty(B, k, dtype=torch.int32, device=dev),
+                         torch.empty(B, k, dtype=torch.float32, device=dev))
+    else:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ValueError("out must be LmHeadTopk(tokens [B, k] i32, logprobs [B, k] f32)")
+        out = LmHeadTopk(*out)
+        _checks.check_out("out.tokens", out.tokens, (B, k), torch.int32, dev)
+        _checks.check_out("out.logprobs", out.logprobs, (B, k), torch.float32, dev)
+    return (hidden, lm_head_weight, norm_weight, k, float(eps), out.tokens, out.logprobs), out
+
+
+def lm_head_topk(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int, *,
+                 norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, out: Optional[LmHeadTopk] = None,
+                 validate: Optional[bool] = None) -> LmHeadTopk:
+    """The k <= 16 best tokens of (RMSNorm +) LM head for tree drafting, never writing the [B, V] logits.
+
+    hidden [B, D], lm_head_weight [V, D], norm_weight [D] as in lm_head_exit; k <= V.
+    Returns LmHeadTopk(tokens [B, k] int32, logprobs [B, k] fp32 = logit - logsumexp(logits)), sorted descending,
+    lower index first among equal logits. out: a preallocated LmHeadTopk. validate: accepted for uniformity (no
+    data checks exist for this op).
+    """
+    args, out = _prepare_topk(hidden, lm_head_weight, k, norm_weight, eps, out)
+    if hidden.shape[0] > 0:
+        torch.ops.kangaroo_kernels.lm_head_topk(*args)
+    return out
+
+
+def _lm_head_topk_triton(hidden, lm_head_weight, k, *, norm_weight=None, eps=1e-6, out=None,
+                         validate=None) -> LmHeadTopk:
+    """lm_head_topk forced onto the Triton kernels (CPU tensors need TRITON_INTERPRET=1): tests, benchmarks."""
+    from kangaroo_kernels.triton.lm_head_exit import lm_head_topk_triton
+
+    args, out = _prepare_topk(hidden, lm_head_weight, k, norm_weight, eps, out)
+    if hidden.shape[0] > 0:
+        lm_head_topk_triton(*args)
+    return out

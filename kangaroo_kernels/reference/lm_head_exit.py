@@ -1,0 +1,137 @@
+"""Reference for lm_head_exit / lm_head_topk: (RMSNorm +) LM head, then the draft token, its confidence and the
+exit flag, or the top-k tokens with log-probabilities. Plain PyTorch; the Triton kernels compute the same up to the
+summation order of the fp32 GEMV and softmax sums.
+
+Semantics:
+- x = RMSNorm(hidden, norm_weight) with HF-Llama rounding (rms_norm_ref: fp32 statistics, normalised value rounded
+  to hidden.dtype, times norm_weight rounded again), or hidden when norm_weight is None.
+- logits = x @ lm_head_weight.T accumulated in fp32 ([B, V], never rounded to a 16-bit dtype).
+- Greedy (temperature None or 0): token = argmax logits, lowest index on ties (torch.argmax).
+- conf = max softmax(logits) = exp(max - lse) = 1 / sum(exp(logits - max)); active_out = active & (conf >= threshold).
+  Every row gets a token and conf, also rows that exit and inactive rows (whose active_out is False).
+- Sampled (temperature T > 0): z = fl32(logits * fl32(1 / T)); token = argmax(z + g) with Gumbel noise
+  g = -log(-log(u)), u = lm_head_uniforms_ref(seed, offset, V) (Philox4x32-10, see there); token_prob =
+  softmax(z)[token]; conf stays the untempered max softmax (the exit rule). offset += 1 after the draw.
+  Greedy rows report token_prob = conf.
+- probs (return_probs): softmax(z) (sampled) or softmax(logits) (greedy), fp32 [B, V].
+- A row whose logits hold a NaN or +inf (or are all -inf) gets conf NaN (so active_out False); its token is
+  unspecified (in [0, V)) and its token_prob/probs are NaN or meaningless.
+- lm_head_topk: the k largest logits, sorted descending (ties: lower index first), logprobs = logit - lse.
+"""
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
+
+__all__ = ["lm_head_exit_ref", "lm_head_topk_ref", "lm_head_logits_ref", "lm_head_uniforms_ref",
+           "philox4x32_10_torch"]
+
+_M32 = 0xFFFFFFFF
+# counter word 3 of every lm_head_exit draw: keeps its stream apart from verify_sample's (which uses 0)
+STREAM_TAG = 0x4C4D4845  # "LMHE"
+
+
+def lm_head_logits_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                       norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+    """hidden[B,D], lm_head_weight[V,D], norm_weight[D] -> fp32 logits [B,V]."""
+    x = rms_norm_ref(hidden, norm_weight, eps) if norm_weight is not None else hidden
+    return x.float() @ lm_head_weight.float().T
+
+
+def inv_temperature(temperature: Optional[float]) -> float:
+    """fl32(1 / T) as a Python float; 0.0 means greedy (T None or 0)."""
+    if temperature is None or temperature == 0:
+        return 0.0
+    return float(np.float32(1.0) / np.float32(temperature))
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int):
+    """(hi, lo) 32-bit words of a * b for uint32 values a (held in int64) and a constant b < 2^32."""
+    p = (a >> 16) * b  # < 2^48
+    q = (a & 0xFFFF) * b  # < 2^48
+    t = ((p & 0xFFFF) << 16) + q  # < 2^49
+    return (p >> 16) + (t >> 32), t & _M32
+
+
+def philox4x32_10_torch(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Random123) on int64 tensors holding uint32 words (broadcast); returns the 4 output words."""
+    c0, c1, c2, c3, k0, k1 = (torch.as_tensor(w, dtype=torch.int64) & _M32 for w in (c0, c1, c2, c3, k0, k1))
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul_hi_lo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def lm_head_uniforms_ref(seed: torch.Tensor, offset: torch.Tensor, V: int) -> torch.Tensor:
+    """fp32 uniforms [B, V] in (0, 1) of one draw: u[b, v] from Philox4x32-10 with key (lo32, hi32) of seed[b]
+    and counter (lo32, hi32 of offset[b], v, STREAM_TAG); x = output word 0, u = ((x >> 8) + 0.5) * 2^-24
+    (exact in fp32, never 0 or 1)."""
+    s = seed.long()[:, None]
+    o = offset.long()[:, None]
+    v = torch.arange(V, dtype=torch.int64, device=seed.device)[None, :]
+    x0 = philox4x32_10_torch(o & _M32, (o >> 32) & _M32, v, STREAM_TAG, s & _M32, (s >> 32) & _M32)[0]
+    return ((x0 >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
+
+
+def lm_head_exit_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,
+                     norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                     active: Optional[torch.Tensor] = None, temperature: Optional[float] = None,
+                     seed: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+                     return_probs: bool = False):
+    """Reference of kangaroo_kernels.lm_head_exit (seed [B] int64 required when temperature > 0; offset [B] int64
+    defaults to zeros and is advanced by 1 in place when given). Returns LmHeadExit(token [B] i32, conf [B] f32,
+    active [B] bool, token_prob [B] f32, probs [B, V] f32 or None)."""
+    return lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active,
+                                  inv_temperature(temperature), seed, offset, return_probs)
+
+
+def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active, inv_t, seed, offset,
+                           return_probs):
+    """lm_head_exit_ref with the temperature given as inv_t = fl32(1 / T) (0.0: greedy), as the op takes it."""
+    from kangaroo_kernels.lm_head_exit import LmHeadExit
+
+    B = hidden.shape[0]
+    dev = hidden.device
+    logits = lm_head_logits_ref(hidden, lm_head_weight, norm_weight, eps)
+    V = logits.shape[1]
+    m = logits.max(dim=-1, keepdim=True).values
+    conf = 1.0 / torch.exp(logits - m).sum(dim=-1)
+    act = active if active is not None else torch.ones(B, dtype=torch.bool, device=dev)
+    active_out = act & (conf >= threshold)
+    if inv_t == 0.0:
+        token = logits.argmax(dim=-1)
+        token_prob = conf.clone()
+        probs = torch.softmax(logits, dim=-1) if return_probs else None
+    else:
+        if seed is None:
+            raise ValueError("seed [B] int64 is required when temperature > 0")
+        off = offset if offset is not None else torch.zeros(B, dtype=torch.int64, device=dev)
+        u = lm_head_uniforms_ref(seed, off, V)
+        z = logits * inv_t
+        g = -torch.log(-torch.log(u))
+        token = (z + g).argmax(dim=-1)
+        p = torch.softmax(z, dim=-1)
+        token_prob = p.gather(1, token[:, None])[:, 0]
+        probs = p if return_probs else None
+        if offset is not None:
+            offset += 1
+    return LmHeadExit(token.to(torch.int32), conf.float(), active_out, token_prob.float(), probs)
+
+
+def lm_head_topk_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int, *,
+                     norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6):
+    """Reference of kangaroo_kernels.lm_head_topk -> LmHeadTopk(tokens [B, k] i32, logprobs [B, k] f32),
+    descending."""
+    from kangaroo_kernels.lm_head_exit import LmHeadTopk
+
+    logits = lm_head_logits_ref(hidden, lm_head_weight, norm_weight, eps)
+    # stable descending sort: equal logits keep increasing index order
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return LmHeadTopk(order.to(torch.int32), (logits.gather(1, order) - lse).float())
