@@ -503,8 +503,8 @@ def plot_csv(csv_path: str, png_path: Optional[str] = None, max_panels: int = 12
         us, b = _num(r.get("median_us")), _num(r.get("batch") or _batch_of(r.get("shape", "")))
         if us is None or b is None or us <= 0:
             continue
-        key = (r["op"], r.get("case") or _case_of(r.get("shape", "")), r.get("dtype", ""))
-        panels.setdefault(key, {}).setdefault(r["impl"], []).append((b, us))
+        key = (r["op"], r.get("case") or _case_of(r.get("shape", "")))
+        panels.setdefault(key, {}).setdefault((r["impl"], r.get("dtype", "")), []).append((b, us))
     if not panels:
         print("# nothing to plot")
         return None
@@ -514,15 +514,17 @@ def plot_csv(csv_path: str, png_path: Optional[str] = None, max_panels: int = 12
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for impl, pts in sorted(panels[key].items()):
+        dtypes = {k[1] for k in panels[key]}
+        for (impl, dt), pts in sorted(panels[key].items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=impl if len(dtypes) == 1 else f"{impl} ({dt})",
                     linestyle="--" if impl.startswith(BASELINE_PREFIXES) else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch")
         ax.set_ylabel("median µs")
-        ax.set_title(f"{key[0]} {key[1]} {key[2]}"[:70], fontsize=8)
+        ax.set_title(f"{key[0]} {key[1]}"[:70], fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(keys):]:
@@ -535,3 +537,21 @@ def plot_csv(csv_path: str, png_path: Optional[str] = None, max_panels: int = 12
     plt.close(fig)
     print(f"# wrote {os.path.relpath(png_path, ROOT) if png_path.startswith(ROOT) else png_path}")
     return png_path
+
+
+def agree(ok: bool, what: str, device: torch.device) -> str:
+    """A baseline must compute what the op computes. CPU (CI): fail loudly. GPU: warn and return a note, so a
+    single disagreement does not throw away the rest of the one GPU run."""
+    if ok:
+        return ""
+    if device.type != "cuda":
+        raise AssertionError(f"baseline disagrees with the op: {what}")
+    print(f"# WARNING: baseline disagrees with the op: {what}")
+    return f"MISMATCH: {what}"
+
+
+def want_compile(args: argparse.Namespace, rec: "Recorder", device: torch.device, headline: bool,
+                 reserve_s: float = 45.0) -> bool:
+    """torch.compile baselines: GPU only (on CPU it needs a C++ toolchain and tens of seconds), headline shapes
+    only (each shape is a fresh compile), and only while the time budget leaves reserve_s seconds."""
+    return (device.type == "cuda" and headline and not args.no_compile and rec.time_left() > reserve_s)
