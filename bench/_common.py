@@ -125,10 +125,12 @@ class Recorder:
     def add(self, op: str, impl: str, shape: str, dtype: str, median_us, *, gbytes: float = 0.0,
             eager_us: Optional[float] = None, compile_us: Optional[float] = None,
             bytes_moved: Optional[float] = None, batch: Optional[int] = None, case: Optional[str] = None,
-            baselines: Optional[Dict[str, float]] = None, note: str = "") -> Optional[Dict[str, object]]:
+            baselines: Optional[Dict[str, float]] = None, note: str = "",
+            context: bool = False) -> Optional[Dict[str, object]]:
         """One measurement. median_us: µs or a Timing (None: nothing measured, no row). bytes_moved (bytes) or
         gbytes (GB): what the op must move, for GB/s and the floor. Speedups vs torch-eager / torch-compile rows
-        of the same (op, shape) are filled in automatically unless eager_us / compile_us are given."""
+        of the same (op, shape) are filled in automatically unless eager_us / compile_us are given.
+        context=True: a row shown for context (e.g. another library's prologue), never given speedups."""
         if median_us is None:
             return None
         timing = median_us if isinstance(median_us, Timing) else None
@@ -152,6 +154,7 @@ class Recorder:
             "iters": timing.iters if timing else "", "n_inputs": timing.n_inputs if timing else "",
             "mode": self.mode, "note": note,
             "_baselines": dict(baselines or {}), "_explicit": (eager_us is not None, compile_us is not None),
+            "_context": context,
         }
         self.rows.append(row)
         self._fill_speedups()
@@ -165,7 +168,7 @@ class Recorder:
                 base.setdefault((r["op"], r["shape"]), {})[str(r["impl"])] = float(r["median_us"])
         for r in self.rows:
             us = float(r["median_us"])
-            if us <= 0:
+            if us <= 0 or r.get("_context"):
                 continue
             b = dict(base.get((r["op"], r["shape"]), {}))
             b.update(r.get("_baselines") or {})
