@@ -148,24 +148,17 @@ class AdapterTrainConfig:
 
 
 def _new_adapter(base, exit_layer):
+    """A freshly initialised adapter shaped for `base` (records the base model's LM-head fingerprint)."""
     from kangaroo.adapter import KangarooAdapter
 
-    return KangarooAdapter.for_model(base.config, exit_layer)
+    return KangarooAdapter.for_model(base, exit_layer)
 
 
-def base_fingerprint(base) -> str | None:
-    """The decoder's fingerprint of the base weights (stored with the adapter so a mismatch is caught on load)."""
-    try:
-        from kangaroo.model import LlamaModel
-    except ImportError:
-        return None
-    fp = getattr(LlamaModel, "fingerprint_of", None)
-    if fp is not None:
-        return fp(base)
-    try:
-        return LlamaModel.from_pretrained(base, dtype=None, device="cpu").fingerprint()
-    except Exception:  # noqa: BLE001 - the fingerprint is a convenience; training does not depend on it
-        return None
+def base_fingerprint(base) -> str:
+    """The decoder's fingerprint of a base model (a hash of its LM head), stored with the adapter."""
+    from kangaroo.model import fingerprint_of
+
+    return fingerprint_of(base.get_output_embeddings().weight)
 
 
 class AdapterTrainer:
@@ -260,7 +253,7 @@ class AdapterTrainer:
             if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save_checkpoint()
         bar.close()
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.step >= cfg.steps:
             self.save(self.out_dir)
         return self.history
 
@@ -397,6 +390,8 @@ def evaluate_adapter(base, adapter, exit_layer: int, heldout=None, prompts=None,
             rep["heldout_loss"] = float(loss) / max(1, int(cnt))
             rep["heldout_top1_agreement"] = float(agree) / max(1, int(cnt))
             tl = target.float().log_softmax(-1)
+            ent = float(-(tl.exp() * tl).sum(-1)[mask].sum()) / max(1, int(cnt))
+            rep["heldout_kl"] = rep["heldout_loss"] - ent  # KL(base || draft) = soft CE - the base's entropy
             rep["base_heldout_nll"] = float(-(tl[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1))[mask[:, :-1]].mean())
             conf = logits.float().softmax(-1).amax(-1)[mask]
             ok = (logits.argmax(-1) == target.argmax(-1))[mask]
@@ -436,7 +431,7 @@ def format_report(rep: dict) -> str:
     lines = [f"held-out report (exit layer {rep['exit_layer']}, gamma {rep['gamma']}):"]
     if "heldout_top1_agreement" in rep:
         lines.append(f"  teacher-forced top-1 agreement with the base model: {rep['heldout_top1_agreement']:.3f}"
-                     f"  (soft CE {rep['heldout_loss']:.3f}; base NLL {rep['base_heldout_nll']:.3f} nats/token)")
+                     f"  (KL {rep['heldout_kl']:.3f}; base NLL {rep['base_heldout_nll']:.3f} nats/token)")
         cp = ", ".join(f">={c}: {v[0]:.2f} of {v[1]:.0%}" for c, v in rep["confident_precision"].items()
                        if v[0] is not None)
         lines.append(f"  precision of confident drafts (confidence: right, share of positions): {cp}")
@@ -588,7 +583,6 @@ def cli_main(argv: list[str]) -> int:
         else:
             print("no checkpoint to resume from; starting fresh", flush=True)
     trainer.train()
-    trainer.save(args.out, fingerprint=base_fingerprint(base))
     if held is not None:
         prompts = None
         if args.eval_prompts:
