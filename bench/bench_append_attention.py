@@ -1,13 +1,25 @@
-"""Benchmark append_attention: decode (T=1) at model shapes, plus T=6 chain and T=64 tree verification.
+"""Benchmark append_attention (Triton split-KV kernel on GPU; the same kernel in the interpreter on CPU) against
+same-run baselines.
 
-Baselines in the same run: PyTorch eager (cache slice write + SDPA with GQA) and torch.compile of it.
-Floor: KV bytes read (2 * B * Hk * S * Dh * elt) at the measured copy bandwidth.
-On CPU the model shapes are skipped: a tiny shape runs, Triton in the interpreter (not GPU timings).
+Shapes: the attention heads of Vicuna-7B (32/32), Llama-3-8B (GQA 32/8) and Qwen2.5-7B (GQA 28/4), Dh=128, bf16;
+batch 1, 4, 16, 64; decode (T=1) at cache length S=2048 for every model, an S sweep (512, 8192) for Llama-3-8B,
+and verification blocks at S=2048: a chain of T=6 (causal inside the block) and a tree of T=64 (ancestor bit
+mask). Headline (--quick on GPU): decode at S=2048 for all three models at B=1 and B=16, chain 6 / tree 64 for
+Llama-3-8B at B=1; torch.compile runs for the Llama-3-8B headline shapes only (each shape is a fresh compile).
 
-    python bench/bench_append_attention.py [--no-compile] [--quick]
+Impls, all in this run on the same inputs:
+  torch-eager     cache slice write + F.scaled_dot_product_attention (enable_gqa) with a bool mask for T > 1
+  torch-compile   torch.compile of torch-eager
+  kangaroo        the op (eager launches, CUDA events per call)
+  kangaroo+graph  the op replayed from a CUDA graph
+On CPU the kernel runs in the Triton interpreter at a tiny shape: not GPU timings.
+
+Bytes: the KV prefix read (2 * B * Hk * L * Dh), the new K/V written, q read and out written. Inputs rotate over
+enough cache sets to exceed L2 (> 64 MB) where they fit.
+
+  python bench/bench_append_attention.py [--quick] [--no-compile] [--budget-s S]
 """
 
-import argparse
 import os
 import sys
 
@@ -15,12 +27,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Recorder, bench_device, time_fn, time_graph  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():  # Triton reads this when the kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from _common import (  # noqa: E402
+    Recorder,
+    agree,
+    bench_args,
+    bench_device,
+    compile_call,
+    n_input_sets,
+    time_rotating,
+    try_compile,
+    want_compile,
+)
+
 MODELS = {"vicuna-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
+BATCHES = (1, 4, 16, 64)
 
 
 def tree_masks(parents: torch.Tensor):
@@ -46,78 +70,107 @@ def eager_append_attention(q, k_new, v_new, k_cache, v_cache, L: int, mask):
     return out.transpose(1, 2)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--quick", action="store_true", help="decode at S=2048 only")
-    args = ap.parse_args()
+def cases(on_gpu: bool, quick: bool):
+    """(model, B, S, T, headline, compile), headline first."""
+    if not on_gpu:
+        yield "tiny", 1, 128, 1, True, False
+        yield "tiny", 1, 128, 6, False, False
+        if not quick:
+            yield "tiny", 1, 128, 64, False, False
+            yield "tiny", 4, 128, 1, False, False
+        return
+    for B in (1, 16):
+        yield "llama-3-8b", B, 2048, 1, True, True
+    yield "llama-3-8b", 1, 2048, 6, True, True
+    yield "llama-3-8b", 1, 2048, 64, True, True
+    for m in ("vicuna-7b", "qwen2.5-7b"):
+        for B in (1, 16):
+            yield m, B, 2048, 1, True, False
+    if quick:
+        return
+    for m in MODELS:
+        for B in BATCHES:
+            if B not in (1, 16):
+                yield m, B, 2048, 1, False, False
+    for S in (512, 8192):
+        for B in BATCHES:
+            yield "llama-3-8b", B, S, 1, False, False
+    for T in (6, 64):
+        for B in BATCHES:
+            if B != 1:
+                yield "llama-3-8b", B, 2048, T, False, False
+
+
+def main(argv=None):
+    args = bench_args(__doc__, argv)
     dev = bench_device()
     on_gpu = dev.type == "cuda"
     from kangaroo_kernels.append_attention import _append_attention_triton, append_attention
 
     dtype = torch.bfloat16
-    if on_gpu:
-        models = MODELS
-        rows = [(m, B, S, 1) for S in ((2048,) if args.quick else (512, 2048, 8192)) for m in MODELS
-                for B in (1, 8)]
-        rows += [(m, B, 2048, T) for T in (6, 64) for m in ("llama-3-8b",) for B in (1, 8)]
-        compile_S = {2048}
-        attn = append_attention
-        timing = dict()
-    else:
-        # CPU: Triton runs in the interpreter; a tiny shape keeps this to seconds
-        models = {"tiny": (8, 2, 64)}
-        rows = [("tiny", 1, 128, T) for T in (1, 6, 64)]
-        compile_S = set()
-        attn = _append_attention_triton
-        timing = dict(warmup=1, iters=3, max_seconds=1.0)
-    if args.no_compile:
-        compile_S = set()
-    compiled = torch.compile(eager_append_attention, dynamic=True) if compile_S else None
-
-    rec = Recorder("append_attention", dev)
-    torch.manual_seed(0)
+    models = MODELS if on_gpu else {"tiny": (8, 2, 64)}
+    attn = append_attention if on_gpu else _append_attention_triton
+    rec = Recorder("append_attention", dev, quick=args.quick, budget_s=args.budget_s)
     gen = torch.Generator().manual_seed(0)
-    for model, B, S, T in rows:
+    dgen = torch.Generator(device=dev).manual_seed(0)
+    it = dict(iters=args.iters) if args.iters else {}
+    for model, B, S, T, headline, allow_compile in cases(on_gpu, args.quick):
         Hq, Hk, Dh = models[model]
+        op = {1: "decode", 6: "chain6", 64: "tree64"}.get(T, f"T{T}")
+        shape = f"{op} {model} B={B} S={S} T={T} H={Hq}/{Hk} D={Dh}"
+        if rec.out_of_time(shape, reserve=8.0):
+            continue
         L = S - T
-        q = torch.randn(B, T, Hq, Dh, device=dev, dtype=dtype)
-        k_new = torch.randn(B, T, Hk, Dh, device=dev, dtype=dtype)
-        v_new = torch.randn(B, T, Hk, Dh, device=dev, dtype=dtype)
-        k_cache = torch.randn(B, Hk, S, Dh, device=dev, dtype=dtype)
-        v_cache = torch.randn(B, Hk, S, Dh, device=dev, dtype=dtype)
+        kv_bytes = 2 * B * Hk * S * Dh * 2
+        n = n_input_sets(kv_bytes, dev, max_sets=16)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=dgen, device=dev, dtype=dtype)
+
+        sets = []
+        for _ in range(n):
+            sets.append((rnd(B, T, Hq, Dh), rnd(B, T, Hk, Dh), rnd(B, T, Hk, Dh), rnd(B, Hk, S, Dh),
+                         rnd(B, Hk, S, Dh)))
         lens = torch.full((B,), L, dtype=torch.int32, device=dev)
-        out = torch.empty(B, T, Hq, Dh, dtype=dtype, device=dev)
+        outs = [torch.empty(B, T, Hq, Dh, dtype=dtype, device=dev) for _ in range(n)]
         tree_mask = mask = None
-        if T == 64:
-            parents = torch.cat([torch.tensor([-1]), torch.randint(0, 64, (63,), generator=gen)])
-            parents = torch.minimum(parents, torch.arange(64) - 1)  # topological
+        if T > 1 and op == "tree64":
+            parents = torch.cat([torch.tensor([-1]), torch.randint(0, T, (T - 1,), generator=gen)])
+            parents = torch.minimum(parents, torch.arange(T) - 1)  # topological
             anc, words = tree_masks(parents)
             tree_mask = words.expand(B, T, -1).contiguous().to(dev)
             mask = torch.cat([torch.ones(T, L, dtype=torch.bool), anc], dim=1).to(dev)
         elif T > 1:
             mask = torch.cat([torch.ones(T, L, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()],
                              dim=1).to(dev)
-        op = {1: "decode", 6: "chain6", 64: "tree64"}[T]
-        shape = f"{model} B={B} S={S} T={T} H={Hq}/{Hk} D={Dh}"
-        gbytes = 2 * B * Hk * S * Dh * k_cache.element_size() / 1e9
+        gbytes_moved = kv_bytes * L / S + 2 * B * T * Hk * Dh * 2 + 2 * B * T * Hq * Dh * 2
 
-        def eager():
-            return eager_append_attention(q, k_new, v_new, k_cache, v_cache, L, mask)
+        def eager(i):
+            return eager_append_attention(*sets[i], L, mask)
 
-        def kernel():
-            return attn(q, k_new, v_new, k_cache, v_cache, lens, tree_mask=tree_mask, out=out, validate=False)
+        def kernel(i):
+            q, kn, vn, kc, vc = sets[i]
+            return attn(q, kn, vn, kc, vc, lens, tree_mask=tree_mask, out=outs[i], validate=False)
 
-        eager_us = time_fn(eager, dev, **timing)
-        rec.add(op, "torch-eager", shape, "bf16", eager_us, gbytes=gbytes, eager_us=eager_us)
-        if compiled is not None and S in compile_S and T == 1:  # compile time: decode rows only
-            rec.add(op, "torch-compile", shape, "bf16",
-                    time_fn(lambda: compiled(q, k_new, v_new, k_cache, v_cache, L, mask), dev, **timing),
-                    gbytes=gbytes, eager_us=eager_us)
-        rec.add(op, "triton" if on_gpu else "triton-interpreter", shape, "bf16", time_fn(kernel, dev, **timing),
-                gbytes=gbytes, eager_us=eager_us)
+        ref = eager(0).float()
+        got = kernel(0).float()
+        note = agree(torch.allclose(ref, got, atol=3e-2, rtol=3e-2),
+                     f"eager vs op max |diff| {float((ref - got).abs().max()):.3g}, {shape}", dev)
+        rec.add("append_attention", "torch-eager", shape, "bf16", time_rotating(eager, n, dev, **it), bytes_moved=gbytes_moved,
+                batch=B, note=note)
+        if allow_compile and want_compile(args, rec, dev, headline):
+            compiled = try_compile(eager_append_attention, dynamic=False)
+            if compiled is not None:
+                _, secs = compile_call(compiled, *sets[0], L, mask)
+                if secs is not None:
+                    rec.add("append_attention", "torch-compile", shape, "bf16",
+                            time_rotating(lambda i: compiled(*sets[i], L, mask), n, dev, **it),
+                            bytes_moved=gbytes_moved, batch=B, note=f"compile {secs:.1f} s")
+        impl = "kangaroo" if on_gpu else "kangaroo-triton-interpreter"
+        rec.add("append_attention", impl, shape, "bf16", time_rotating(kernel, n, dev, **it), bytes_moved=gbytes_moved, batch=B)
         if on_gpu:
-            rec.add(op, "triton-graph", shape, "bf16", time_graph(kernel, dev), gbytes=gbytes, eager_us=eager_us)
+            rec.add("append_attention", "kangaroo+graph", shape, "bf16", time_rotating(kernel, n, dev, graph=True, **it),
+                    bytes_moved=gbytes_moved, batch=B)
     rec.finish()
 
 
