@@ -156,8 +156,8 @@ def main(argv=None):
         got = kernel(0).float()
         note = agree(torch.allclose(ref, got, atol=3e-2, rtol=3e-2),
                      f"eager vs op max |diff| {float((ref - got).abs().max()):.3g}, {shape}", dev)
-        rec.add("append_attention", "torch-eager", shape, "bf16", time_rotating(eager, n, dev, **it), bytes_moved=gbytes_moved,
-                batch=B, note=note)
+        rec.add("append_attention", "torch-eager", shape, "bf16", time_rotating(eager, n, dev, **it),
+                bytes_moved=gbytes_moved, batch=B, note=note)
         if allow_compile and want_compile(args, rec, dev, headline):
             compiled = try_compile(eager_append_attention, dynamic=False)
             if compiled is not None:
@@ -167,10 +167,11 @@ def main(argv=None):
                             time_rotating(lambda i: compiled(*sets[i], L, mask), n, dev, **it),
                             bytes_moved=gbytes_moved, batch=B, note=f"compile {secs:.1f} s")
         impl = "kangaroo" if on_gpu else "kangaroo-triton-interpreter"
-        rec.add("append_attention", impl, shape, "bf16", time_rotating(kernel, n, dev, **it), bytes_moved=gbytes_moved, batch=B)
+        rec.add("append_attention", impl, shape, "bf16", time_rotating(kernel, n, dev, **it),
+                bytes_moved=gbytes_moved, batch=B)
         if on_gpu:
-            rec.add("append_attention", "kangaroo+graph", shape, "bf16", time_rotating(kernel, n, dev, graph=True, **it),
-                    bytes_moved=gbytes_moved, batch=B)
+            rec.add("append_attention", "kangaroo+graph", shape, "bf16",
+                    time_rotating(kernel, n, dev, graph=True, **it), bytes_moved=gbytes_moved, batch=B)
     rec.finish()
 
 
