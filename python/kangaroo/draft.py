@@ -81,7 +81,8 @@ def draft_topk(r: torch.Tensor, lm_head: torch.Tensor, k: int, norm_weight: torc
     mod = _lm_head_module()
     if mod is None:
         return _lm_head_topk_fallback(r, lm_head, k, norm_weight=norm_weight, eps=eps)
-    return mod.lm_head_topk(r, lm_head, k, norm_weight=norm_weight, eps=eps)
+    res = mod.lm_head_topk(r, lm_head, k, norm_weight=norm_weight, eps=eps, validate=False)
+    return res[0], res[1]
 
 
 def _adapter_step(st, h, pos, active):
