@@ -322,7 +322,10 @@ def bench_args(description: Optional[str] = None, argv: Optional[Sequence[str]] 
     ap.add_argument("--iters", type=int, default=0, help="timed samples per measurement (default: 50 GPU, 3 CPU)")
     if extra is not None:
         extra(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # CPU smoke runs share small machines: one thread gives steadier numbers
+    return args
 
 
 def n_input_sets(bytes_per_set: float, device: torch.device, *, target: int = ROTATE_BYTES,
@@ -554,7 +557,7 @@ def agree(ok: bool, what: str, device: torch.device) -> str:
 
 
 def want_compile(args: argparse.Namespace, rec: "Recorder", device: torch.device, headline: bool,
-                 reserve_s: float = 45.0) -> bool:
+                 reserve_s: float = 20.0) -> bool:
     """torch.compile baselines: GPU only (on CPU it needs a C++ toolchain and tens of seconds), headline shapes
     only (each shape is a fresh compile), and only while the time budget leaves reserve_s seconds."""
     return (device.type == "cuda" and headline and not args.no_compile and rec.time_left() > reserve_s)
