@@ -45,7 +45,8 @@ def inv_temperature(temperature: Optional[float]) -> float:
     """fl32(1 / T) as a Python float; 0.0 means greedy (T None or 0)."""
     if temperature is None or temperature == 0:
         return 0.0
-    return float(np.float32(1.0) / np.float32(temperature))
+    with np.errstate(over="ignore", divide="ignore"):
+        return float(np.float32(1.0) / np.float32(temperature))
 
 
 def _mul_hi_lo(a: torch.Tensor, b: int):
@@ -70,13 +71,13 @@ def philox4x32_10_torch(c0, c1, c2, c3, k0, k1):
 
 def lm_head_uniforms_ref(seed: torch.Tensor, offset: torch.Tensor, V: int) -> torch.Tensor:
     """fp32 uniforms [B, V] in (0, 1) of one draw: u[b, v] from Philox4x32-10 with key (lo32, hi32) of seed[b]
-    and counter (lo32, hi32 of offset[b], v, STREAM_TAG); x = output word 0, u = ((x >> 8) + 0.5) * 2^-24
-    (exact in fp32, never 0 or 1)."""
+    and counter (lo32, hi32 of offset[b], v, STREAM_TAG); x = output word 0, u = ((x >> 9) + 0.5) * 2^-23
+    (exact in fp32, in [2^-24, 1 - 2^-24])."""
     s = seed.long()[:, None]
     o = offset.long()[:, None]
     v = torch.arange(V, dtype=torch.int64, device=seed.device)[None, :]
     x0 = philox4x32_10_torch(o & _M32, (o >> 32) & _M32, v, STREAM_TAG, s & _M32, (s >> 32) & _M32)[0]
-    return ((x0 >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
+    return ((x0 >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
 
 
 def lm_head_exit_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,

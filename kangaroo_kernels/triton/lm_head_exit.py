@@ -32,6 +32,7 @@ from kangaroo_kernels.triton.adapter_forward import _round
 _KEY_MIN = tl.constexpr(-(2 ** 63))  # below every real key: masked vocabulary slots
 _STREAM_TAG = tl.constexpr(STREAM_TAG)
 _GROUP = 1024  # candidates one topk merge program reduces
+_MERGE_CHUNK = 1024  # block partials the exit merge loads at a time
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _philox_uniform(seed, offset, v):
         c3 = ra * _c0
         k0 = k0 + ka
         k1 = k1 + kb
-    return ((c0 >> 8).to(tl.int32).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
+    return ((c0 >> 9).to(tl.int32).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
 
 
 @triton.jit
@@ -162,50 +163,52 @@ def _lm_head_block_kernel(
 @triton.jit
 def _lm_head_exit_merge_kernel(
     PART_F, PART_K, ACTIVE, OFFSET, TOKEN, CONF, ACTIVE_OUT, TOKEN_PROB, ROW_STATS,
-    V, NB, threshold, inv_t,
-    CHUNK: tl.constexpr, HAS_ACTIVE: tl.constexpr, SAMPLE: tl.constexpr, WRITE_STATS: tl.constexpr,
+    B, V, NB, threshold, inv_t,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_ACTIVE: tl.constexpr, SAMPLE: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    base = b * NB
+    b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b_ok = b < B
+    base = b.to(tl.int64)[:, None] * NB
     c0 = tl.arange(0, CHUNK)
-    best = tl.full([CHUNK], _KEY_MIN, tl.int64)
-    sbest = tl.full([CHUNK], _KEY_MIN, tl.int64)
+    best = tl.full([ROWS, CHUNK], _KEY_MIN, tl.int64)
+    sbest = tl.full([ROWS, CHUNK], _KEY_MIN, tl.int64)
     for n0 in range(0, NB, CHUNK):
-        n = n0 + c0
-        ok = n < NB
+        n = n0 + c0[None, :]
+        ok = b_ok[:, None] & (n < NB)
         best = tl.maximum(best, tl.load(PART_K + (base + n) * 2, mask=ok, other=_KEY_MIN))
         if SAMPLE:
             sbest = tl.maximum(sbest, tl.load(PART_K + (base + n) * 2 + 1, mask=ok, other=_KEY_MIN))
-    kmax = tl.max(best, axis=0)
+    kmax = tl.max(best, axis=1)
     M = _key_value(kmax)
-    S = tl.zeros([CHUNK], dtype=tl.float32)
+    S = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
     if SAMPLE:
-        smax = tl.max(sbest, axis=0)
+        smax = tl.max(sbest, axis=1)
         Mz = M * inv_t
-        Sz = tl.zeros([CHUNK], dtype=tl.float32)
-        z_tok = tl.full([CHUNK], float("-inf"), tl.float32)
+        Sz = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
+        z_tok = tl.full([ROWS, CHUNK], float("-inf"), tl.float32)
     for n0 in range(0, NB, CHUNK):
-        n = n0 + c0
-        ok = n < NB
+        n = n0 + c0[None, :]
+        ok = b_ok[:, None] & (n < NB)
         p = PART_F + (base + n) * 4
         m = tl.load(p, mask=ok, other=float("-inf"))
         s = tl.load(p + 1, mask=ok, other=0.0)
-        S += tl.where(ok, s * tl.exp(m - M), 0.0)
+        S += tl.where(ok, s * tl.exp(m - M[:, None]), 0.0)
         if SAMPLE:
-            Sz += tl.where(ok, tl.load(p + 2, mask=ok, other=0.0) * tl.exp(m * inv_t - Mz), 0.0)
+            Sz += tl.where(ok, tl.load(p + 2, mask=ok, other=0.0) * tl.exp(m * inv_t - Mz[:, None]), 0.0)
             sk = tl.load(PART_K + (base + n) * 2 + 1, mask=ok, other=_KEY_MIN)
-            z_tok = tl.maximum(z_tok, tl.where(ok & (sk == smax), tl.load(p + 3, mask=ok, other=0.0),
+            z_tok = tl.maximum(z_tok, tl.where(ok & (sk == smax[:, None]), tl.load(p + 3, mask=ok, other=0.0),
                                                float("-inf")))
-    S_tot = tl.sum(S, axis=0)
+    S_tot = tl.where(b_ok, tl.sum(S, axis=1), 1.0)
     conf = 1.0 / S_tot
     act = conf >= threshold
     if HAS_ACTIVE:
-        act = act & (tl.load(ACTIVE + b) != 0)
+        act = act & (tl.load(ACTIVE + b, mask=b_ok, other=0) != 0)
     if SAMPLE:
-        Sz_tot = tl.sum(Sz, axis=0)
+        Sz_tot = tl.where(b_ok, tl.sum(Sz, axis=1), 1.0)
         tok = _key_index(smax)
-        tok_prob = tl.exp(tl.max(z_tok, axis=0) - Mz) / Sz_tot
-        tl.store(OFFSET + b, tl.load(OFFSET + b) + 1)
+        tok_prob = tl.exp(tl.max(z_tok, axis=1) - Mz) / Sz_tot
+        tl.store(OFFSET + b, tl.load(OFFSET + b, mask=b_ok, other=0) + 1, mask=b_ok)
         stat_m = Mz
         stat_s = Sz_tot
     else:
@@ -214,13 +217,13 @@ def _lm_head_exit_merge_kernel(
         stat_m = M
         stat_s = S_tot
     tok = tl.minimum(tl.maximum(tok, 0), V - 1)
-    tl.store(TOKEN + b, tok)
-    tl.store(CONF + b, conf)
-    tl.store(ACTIVE_OUT + b, act)
-    tl.store(TOKEN_PROB + b, tok_prob)
+    tl.store(TOKEN + b, tok, mask=b_ok)
+    tl.store(CONF + b, conf, mask=b_ok)
+    tl.store(ACTIVE_OUT + b, act, mask=b_ok)
+    tl.store(TOKEN_PROB + b, tok_prob, mask=b_ok)
     if WRITE_STATS:
-        tl.store(ROW_STATS + b * 2, stat_m)
-        tl.store(ROW_STATS + b * 2 + 1, stat_s)
+        tl.store(ROW_STATS + b * 2, stat_m, mask=b_ok)
+        tl.store(ROW_STATS + b * 2 + 1, stat_s, mask=b_ok)
 
 
 @triton.jit
@@ -280,10 +283,12 @@ def _blocks(B: int, V: int, D: int, device: torch.device):
     thread at 4 warps) or 16K at 8 warps; B = 1 takes 64 vocabulary rows x 128 columns (16 KB of bf16 weights a
     program per D step, 128-bit loads; 500 programs at V = 32000). The interpreter takes wide blocks: its cost is
     per op, not per element."""
-    block_b = min(triton.next_power_of_2(max(B, 1)), 8)
     if device.type != "cuda" or _interpreting():
-        block_d = min(triton.next_power_of_2(D), 128)
-        return block_b, 256, block_d, 4
+        block_b = min(triton.next_power_of_2(max(B, 1)), 64)
+        block_v = min(2048, triton.next_power_of_2(V), 2 ** 14 // block_b)
+        block_d = min(triton.next_power_of_2(D), max(16, 2 ** 18 // (block_b * block_v)))
+        return block_b, block_v, block_d, 4
+    block_b = min(triton.next_power_of_2(max(B, 1)), 8)
     if block_b == 1:
         return 1, 64, 128, 4
     if block_b == 2:
@@ -291,6 +296,14 @@ def _blocks(B: int, V: int, D: int, device: torch.device):
     if block_b == 4:
         return 4, 32, 128, 8
     return 8, 32, 64, 8
+
+
+def _merge_rows(B: int, chunk: int, device: torch.device) -> int:
+    """Rows per exit-merge program. GPU: one (B is small, a row's merge is short); the interpreter pays per
+    program, so it takes up to 4096 partials at a time."""
+    if device.type == "cuda" and not _interpreting():
+        return 1
+    return min(triton.next_power_of_2(B), max(1, 4096 // chunk))
 
 
 def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token, conf,
@@ -316,12 +329,14 @@ def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, thres
         WRITE_PROBS=write_probs, TOPK=0, num_warps=warps,
     )
     stats = torch.empty((B, 2), dtype=torch.float32, device=dev) if write_probs else part_f
-    _lm_head_exit_merge_kernel[(B,)](
+    chunk = min(_MERGE_CHUNK, triton.next_power_of_2(NB))
+    rows = _merge_rows(B, chunk, dev)
+    _lm_head_exit_merge_kernel[(triton.cdiv(B, rows),)](
         part_f, part_k, active if active is not None else part_k, offset if sample else part_k,
         token, conf, active_out, token_prob, stats,
-        V, NB, threshold, inv_t,
-        CHUNK=min(1024, triton.next_power_of_2(NB)), HAS_ACTIVE=active is not None, SAMPLE=sample,
-        WRITE_STATS=write_probs, num_warps=4,
+        B, V, NB, threshold, inv_t,
+        ROWS=rows, CHUNK=chunk, HAS_ACTIVE=active is not None, SAMPLE=sample, WRITE_STATS=write_probs,
+        num_warps=4,
     )
     if write_probs:
         block = min(4096 if _interpreting() else 1024, triton.next_power_of_2(V))

@@ -1,0 +1,465 @@
+"""lm_head_exit / lm_head_topk: the Triton kernels (interpreter on CPU, compiled on GPU) and the ops vs the
+reference on odd shapes (V = 7, 1000, 32001, 151936; D not a power of two; B = 1, 3); the GPU block configs and
+multi-chunk / multi-level merges; Gumbel-max sampling bit-for-bit against the reference's Philox numbers, with a
+chi-squared test (and planted-bug controls that must fail); ties, NaN rows, strides, out= buffers, input checks;
+the reference against independent formulations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kangaroo_kernels.triton.lm_head_exit as tl_mod
+from kangaroo_kernels.lm_head_exit import (
+    LmHeadExit,
+    LmHeadTopk,
+    _lm_head_exit_triton,
+    _lm_head_topk_triton,
+    lm_head_exit,
+    lm_head_topk,
+)
+from kangaroo_kernels.reference.lm_head_exit import (
+    lm_head_exit_ref,
+    lm_head_logits_ref,
+    lm_head_topk_ref,
+    lm_head_uniforms_ref,
+    philox4x32_10_torch,
+)
+from kangaroo_kernels.reference.verify_sample import philox4x32_10
+
+# Logit tolerances (abs). Both sides multiply the same dtype-exact values in fp32; they differ in summation order
+# (~sqrt(D) * 2^-24 * |logit terms|, < 1e-5 here) and, with the norm, in rstd (div_rn(1, sqrt) vs rsqrt, 1 fp32 ulp)
+# which can flip the rounding of a normalised element by one ulp of the 16-bit dtype: one term |w * x| <~ 0.5 moves
+# by 2^-11 (fp16) or 2^-8 (bf16) relative. conf and logprobs inherit about twice the logit error (max - lse).
+LOGIT_TOL = {torch.float32: 2e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+def _inputs(B, V, D, dtype, seed=0, scale=4.0, device="cpu"):
+    """hidden [B, D], lm_head_weight [V, D], norm_weight [D] in dtype; logits have std ~scale (a peaked softmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, D, generator=gen)
+    w = torch.randn(V, D, generator=gen) * (scale / math.sqrt(D))
+    nw = 1 + 0.1 * torch.randn(D, generator=gen)
+    return h.to(dtype).to(device), w.to(dtype).to(device), nw.to(dtype).to(device)
+
+
+def _assert_gaps(x, k, tol, what):
+    """The inputs are tie-free where exactness is asserted: the k + 1 largest values of each row are > 2 tol apart."""
+    top = torch.topk(x.double(), min(k + 1, x.shape[1]), dim=-1).values
+    if top.shape[1] > 1:
+        gap = float((top[:, :-1] - top[:, 1:]).min())
+        assert gap > 2 * tol, f"{what}: near tie in the test inputs (gap {gap:.2e}); pick another seed"
+
+
+def _exit_case(B, V, D, dtype, norm, active, seed, return_probs=False, temperature=None, device="cpu"):
+    h, w, nw = _inputs(B, V, D, dtype, seed, device=device)
+    nw = nw if norm else None
+    act = torch.tensor(active, device=device) if active is not None else None
+    tol = LOGIT_TOL[dtype] if norm else LOGIT_TOL[torch.float32]
+    logits = lm_head_logits_ref(h.cpu(), w.cpu(), nw.cpu() if nw is not None else None)
+    _assert_gaps(logits, 1, tol, "logits")
+    conf = (1 / torch.exp(logits - logits.max(-1, keepdim=True).values).sum(-1)).sort().values
+    # B = 1: the row continues; B = 3: the least confident row exits, the others continue
+    thr = float(conf[0] / 2 if B == 1 else (conf[0] + conf[1]) / 2)
+    assert float(((conf - thr).abs() / conf).min()) > 10 * tol, "threshold too close to a conf; pick another seed"
+    return h, w, nw, act, thr, tol
+
+
+def _check_exit(res, ref, tol, exact_tokens=True):
+    assert res.token.dtype == torch.int32 and res.conf.dtype == torch.float32 and res.active.dtype == torch.bool
+    if exact_tokens:
+        assert torch.equal(res.token.cpu(), ref.token)
+    assert torch.equal(res.active.cpu(), ref.active)
+    torch.testing.assert_close(res.conf.cpu(), ref.conf, rtol=2 * tol, atol=1e-6)
+    torch.testing.assert_close(res.token_prob.cpu(), ref.token_prob, rtol=2 * tol, atol=1e-6)
+    if ref.probs is not None:
+        torch.testing.assert_close(res.probs.cpu(), ref.probs, rtol=2 * tol, atol=1e-7)
+    else:
+        assert res.probs is None
+
+
+# (B, V, D, dtype, norm, active, return_probs)
+EXIT_CASES = [
+    (1, 7, 200, torch.float32, True, None, True),
+    (3, 1000, 200, torch.float16, True, [True, False, True], False),
+    (3, 1000, 1000, torch.bfloat16, False, None, True),
+    (1, 32001, 1000, torch.float32, True, [True], False),
+    (3, 32001, 200, torch.float16, False, [False, True, True], False),
+    (1, 151936, 64, torch.bfloat16, True, None, False),
+]
+
+
+@pytest.mark.parametrize("case", EXIT_CASES, ids=lambda c: f"B{c[0]}V{c[1]}D{c[2]}-{str(c[3])[6:]}"
+                         f"{'-norm' if c[4] else ''}{'-act' if c[5] else ''}{'-probs' if c[6] else ''}")
+def test_exit_triton_matches_reference(case, device):
+    B, V, D, dtype, norm, active, probs = case
+    h, w, nw, act, thr, tol = _exit_case(B, V, D, dtype, norm, active, seed=V + D, device=device)
+    res = _lm_head_exit_triton(h, w, thr, norm_weight=nw, active=act, return_probs=probs)
+    ref = lm_head_exit_ref(h.cpu(), w.cpu(), thr, norm_weight=nw.cpu() if nw is not None else None,
+                           active=act.cpu() if act is not None else None, return_probs=probs)
+    _check_exit(res, ref, tol)
+    if active is not None:
+        assert not bool(res.active[~act].any())  # inactive rows never continue; their token is still computed
+    if B > 1:
+        assert 0 < int(ref.active.sum()) < B or active is not None
+
+
+def _gpu_blocks(B, V, D, device):
+    """The GPU configurations of tl_mod._blocks, forced in the interpreter."""
+    bb = min(triton_next_pow2(B), 8)
+    return {1: (1, 64, 128, 4), 2: (2, 64, 64, 4), 4: (4, 32, 128, 8), 8: (8, 32, 64, 8)}[bb]
+
+
+def triton_next_pow2(n):
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 5])
+def test_gpu_block_configs(B, monkeypatch):
+    """The kernels with the GPU block sizes (64/32 vocabulary rows, D tiles of 64/128 with a tail) at V = 1000."""
+    monkeypatch.setattr(tl_mod, "_blocks", _gpu_blocks)
+    monkeypatch.setattr(tl_mod, "_merge_rows", lambda B, chunk, device: 1)
+    V, D = 1000, 200
+    h, w, nw = _inputs(B, V, D, torch.float16, seed=B)
+    logits = lm_head_logits_ref(h, w, nw)
+    _assert_gaps(logits, 8, LOGIT_TOL[torch.float16], "logits")
+    res = _lm_head_exit_triton(h, w, 0.2, norm_weight=nw, return_probs=True)
+    _check_exit(res, lm_head_exit_ref(h, w, 0.2, norm_weight=nw, return_probs=True), LOGIT_TOL[torch.float16])
+    top = _lm_head_topk_triton(h, w, 8, norm_weight=nw)
+    ref = lm_head_topk_ref(h, w, 8, norm_weight=nw)
+    assert torch.equal(top.tokens, ref.tokens)
+    torch.testing.assert_close(top.logprobs, ref.logprobs, rtol=0, atol=2 * LOGIT_TOL[torch.float16])
+
+
+def test_many_blocks_merge(monkeypatch):
+    """Tiny blocks and merge tiles: the exit merge loops over 3 chunks of block partials, the top-k merge runs 5
+    levels (the GPU shapes: 2 chunks at V = 152064 / 64, 2 top-k levels)."""
+    monkeypatch.setattr(tl_mod, "_blocks", lambda B, V, D, device: (2, 16, 16, 4))
+    monkeypatch.setattr(tl_mod, "_MERGE_CHUNK", 16)
+    monkeypatch.setattr(tl_mod, "_GROUP", 32)
+    B, V, D = 2, 700, 24
+    h, w, _ = _inputs(B, V, D, torch.float32, seed=7)
+    logits = lm_head_logits_ref(h, w)
+    _assert_gaps(logits, 16, LOGIT_TOL[torch.float32], "logits")
+    seed, offset = torch.tensor([3, -4]), torch.tensor([0, 9])
+    res = _lm_head_exit_triton(h, w, 0.05, temperature=0.9, seed=seed, offset=offset.clone())
+    ref = lm_head_exit_ref(h, w, 0.05, temperature=0.9, seed=seed, offset=offset.clone())
+    _check_exit(res, ref, LOGIT_TOL[torch.float32])
+    top = _lm_head_topk_triton(h, w, 16)
+    ref = lm_head_topk_ref(h, w, 16)
+    assert torch.equal(top.tokens, ref.tokens)
+    torch.testing.assert_close(top.logprobs, ref.logprobs, rtol=0, atol=2 * LOGIT_TOL[torch.float32])
+
+
+# (B, V, D, dtype, norm, k)
+TOPK_CASES = [
+    (1, 7, 200, torch.float32, True, 7),
+    (3, 1000, 200, torch.bfloat16, True, 16),
+    (1, 32001, 1000, torch.float16, False, 5),
+    (3, 151936, 32, torch.float32, False, 16),  # 2 merge levels in the interpreter (75 blocks x 16 candidates)
+]
+
+
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: f"B{c[0]}V{c[1]}D{c[2]}-{str(c[3])[6:]}"
+                         f"{'-norm' if c[4] else ''}-k{c[5]}")
+def test_topk_triton_matches_reference(case, device):
+    B, V, D, dtype, norm, k = case
+    h, w, nw = _inputs(B, V, D, dtype, seed=V + k, device=device)
+    nw = nw if norm else None
+    tol = LOGIT_TOL[dtype] if norm else LOGIT_TOL[torch.float32]
+    logits = lm_head_logits_ref(h.cpu(), w.cpu(), nw.cpu() if nw is not None else None)
+    _assert_gaps(logits, k, tol, "logits")
+    res = _lm_head_topk_triton(h, w, k, norm_weight=nw)
+    ref = lm_head_topk_ref(h.cpu(), w.cpu(), k, norm_weight=nw.cpu() if nw is not None else None)
+    assert res.tokens.dtype == torch.int32 and res.logprobs.dtype == torch.float32
+    assert torch.equal(res.tokens.cpu(), ref.tokens)
+    torch.testing.assert_close(res.logprobs.cpu(), ref.logprobs, rtol=0, atol=2 * tol)
+    assert bool((res.logprobs[:, :-1] >= res.logprobs[:, 1:]).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def _score_margin(logits, seed, offset, temperature):
+    """Per row: the gap between the two best Gumbel scores of the reference's draw."""
+    z = logits * torch.tensor(1.0 / temperature, dtype=torch.float32)
+    s = z - torch.log(-torch.log(lm_head_uniforms_ref(seed, offset, logits.shape[1])))
+    top = torch.topk(s.double(), 2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+@pytest.mark.parametrize("B, V, D, dtype, T", [(3, 1000, 200, torch.float32, 0.7),
+                                                (1, 32001, 200, torch.float16, 1.5)])
+def test_sampling_matches_reference_bit_for_bit(B, V, D, dtype, T, device):
+    """Same Philox numbers: the sampled tokens equal the reference's (scores clear of ties); the offset advances,
+    so a second call draws other tokens."""
+    h, w, nw = _inputs(B, V, D, dtype, seed=11, scale=2.0, device=device)
+    seed = torch.tensor([5, -7, 2 ** 62][:B], dtype=torch.int64, device=device)
+    offset = torch.tensor([2 ** 32 - 1, 0, 2 ** 40][:B], dtype=torch.int64, device=device)
+    logits = lm_head_logits_ref(h.cpu(), w.cpu(), nw.cpu())
+    tol = LOGIT_TOL[dtype]
+    tokens = []
+    for _ in range(2):
+        start = offset.cpu().clone()
+        assert float(_score_margin(logits, seed.cpu(), start, T).min()) > 4 * tol / T
+        res = _lm_head_exit_triton(h, w, 0.01, norm_weight=nw, temperature=T, seed=seed, offset=offset,
+                                   return_probs=True)
+        ref_off = start.clone()
+        ref = lm_head_exit_ref(h.cpu(), w.cpu(), 0.01, norm_weight=nw.cpu(), temperature=T, seed=seed.cpu(),
+                               offset=ref_off, return_probs=True)
+        _check_exit(res, ref, tol / T)
+        assert torch.equal(offset.cpu(), start + 1) and torch.equal(ref_off, start + 1)
+        torch.testing.assert_close(res.probs.sum(-1).cpu(), torch.ones(B), rtol=1e-5, atol=1e-5)
+        tokens.append(res.token.cpu())
+    assert not torch.equal(tokens[0], tokens[1])
+
+
+def _chi2_stat(samples, probs):
+    """Pearson chi-squared of samples against probs [V] (fp64), bins merged in increasing expectation until each
+    expects >= 5. Returns (statistic, df)."""
+    n = samples.numel()
+    counts = torch.bincount(samples.long(), minlength=probs.numel()).double()
+    exp_ = probs * n
+    order = torch.argsort(exp_)
+    bins_e, bins_c, ge, gc = [], [], 0.0, 0.0
+    for e, c in zip(exp_[order].tolist(), counts[order].tolist()):
+        ge, gc = ge + e, gc + c
+        if ge >= 5:
+            bins_e.append(ge)
+            bins_c.append(gc)
+            ge, gc = 0.0, 0.0
+    bins_e[-1] += ge
+    bins_c[-1] += gc
+    be, bc = torch.tensor(bins_e), torch.tensor(bins_c)
+    return float(((bc - be) ** 2 / be).sum()), len(bins_e) - 1
+
+
+def _chi2_threshold(df, z=4.75):
+    """Wilson-Hilferty upper quantile of chi2(df) at one-sided z (4.75: p ~ 1e-6)."""
+    a = 2.0 / (9 * df)
+    return df * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def test_sampled_tokens_follow_softmax_chi_squared():
+    """4096 rows share one hidden state and draw with seeds 0..4095 in one launch: the tokens follow
+    softmax(logits / T) (chi-squared, p ~ 1e-6 threshold). Controls with the same uniforms: Gumbel noise
+    with the wrong sign (a min-Gumbel) and the temperature ignored must both fail."""
+    n, V, D, T = 4096, 24, 16, 0.6
+    h, w, _ = _inputs(1, V, D, torch.float32, seed=3, scale=1.5)
+    h = h.expand(n, D)
+    seed = torch.arange(n, dtype=torch.int64)
+    offset = torch.full((n,), 17, dtype=torch.int64)
+    res = _lm_head_exit_triton(h, w, 0.0, temperature=T, seed=seed, offset=offset.clone())
+    logits = lm_head_logits_ref(h[:1], w)[0]
+    p = torch.softmax(logits.double() / T, dim=-1)
+    stat, df = _chi2_stat(res.token, p)
+    assert stat < _chi2_threshold(df), f"chi2 {stat:.1f} >= {_chi2_threshold(df):.1f} (df {df})"
+    # token_prob is the sampled token's probability
+    torch.testing.assert_close(res.token_prob.double(), p[res.token.long()], rtol=1e-5, atol=1e-7)
+
+    u = lm_head_uniforms_ref(seed, offset, V)
+    z = logits[None, :] / T
+    planted = {"gumbel sign flipped": (z + torch.log(-torch.log(u))).argmax(-1),
+               "temperature ignored": (logits[None, :] - torch.log(-torch.log(u))).argmax(-1)}
+    assert torch.equal((z - torch.log(-torch.log(u))).argmax(-1), res.token.long())  # the same draw, done right
+    for what, tokens in planted.items():
+        stat, df = _chi2_stat(tokens, p)
+        assert stat >= _chi2_threshold(df), f"planted bug '{what}' passed the chi-squared test ({stat:.1f})"
+
+
+def test_philox_matches_random123():
+    kat = [((0, 0, 0, 0), (0, 0)), ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0))]
+    for ctr, key in kat:
+        got = tuple(int(x) for x in philox4x32_10_torch(*ctr, *key))
+        assert got == philox4x32_10(ctr, key)
+    seed = torch.tensor([0, -1, 2 ** 40 + 7])
+    offset = torch.tensor([0, 2 ** 32 - 1, -3])
+    u = lm_head_uniforms_ref(seed, offset, 5)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
+    for b in range(3):
+        s, o = int(seed[b]) % 2 ** 64, int(offset[b]) % 2 ** 64
+        for v in range(5):
+            x = philox4x32_10((o & 0xFFFFFFFF, o >> 32, v, 0x4C4D4845), (s & 0xFFFFFFFF, s >> 32))[0]
+            assert float(u[b, v]) == ((x >> 9) + 0.5) * 2.0 ** -23
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# edge cases
+
+
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_ties_take_the_lowest_index(fn, monkeypatch):
+    """Duplicated weight rows give bit-identical logits: the lowest index wins, also across blocks; topk keeps
+    increasing index order among equals."""
+    monkeypatch.setattr(tl_mod, "_blocks", lambda B, V, D, device: (1, 16, 16, 4))
+    B, V, D = 2, 100, 40
+    h, w, _ = _inputs(B, V, D, torch.float32, seed=5)
+    w[[3, 57, 90]] = 10 * h[0] / h[0].norm()  # row 0's best logit, 10 |h0|, three times
+    w[[20, 21]] = 10 * h[1] / h[1].norm()
+    res = fn(h, w, 0.5)
+    assert res.token.tolist() == [3, 20]
+    topk = (lm_head_topk if fn is lm_head_exit else _lm_head_topk_triton)(h, w, 4)
+    assert topk.tokens[0, :3].tolist() == [3, 57, 90] and topk.tokens[1, :2].tolist() == [20, 21]
+    assert float(topk.logprobs[0, 0]) == float(topk.logprobs[0, 2])
+
+
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_nan_row_exits(fn):
+    B, V, D = 3, 300, 40
+    h, w, nw = _inputs(B, V, D, torch.float32, seed=2)
+    h[1, 7] = float("nan")
+    res = fn(h, w, 0.0, norm_weight=nw)
+    ref = lm_head_exit_ref(h, w, 0.0, norm_weight=nw)
+    assert math.isnan(float(res.conf[1])) and not bool(res.active[1])
+    assert 0 <= int(res.token[1]) < V
+    assert res.token[[0, 2]].tolist() == ref.token[[0, 2]].tolist() and res.active[[0, 2]].all()
+
+
+def test_strided_inputs_and_out_reuse():
+    """hidden a column slice of a wider buffer, lm_head_weight a transposed [D, V] matrix (unit stride over V);
+    out= buffers (NaN-filled) reused across calls, out.active aliasing active (an in-place exit update)."""
+    B, V, D = 3, 500, 72
+    gen = torch.Generator().manual_seed(9)
+    big = torch.randn(B, 2 * D, generator=gen)
+    h = big[:, 1::2]
+    w_t = (torch.randn(D, V, generator=gen) * 0.5).to(torch.float16)
+    w = w_t.T
+    assert h.stride() == (2 * D, 2) and w.stride() == (1, V)
+    active = torch.tensor([True, True, False])
+    out = LmHeadExit(torch.full((B,), -5, dtype=torch.int32), torch.full((B,), float("nan")), active,
+                     torch.full((B,), float("nan")), torch.full((B, V), float("nan")))
+    logits = lm_head_logits_ref(h, w)
+    for step in range(2):
+        assert float(_score_margin(logits, torch.tensor([1, 2, 3]), torch.full((B,), step), 0.5).min()) > 1e-3
+        want = lm_head_exit_ref(h, w, 0.05, active=active.clone(), temperature=0.5, seed=torch.tensor([1, 2, 3]),
+                                offset=torch.full((B,), step), return_probs=True)
+        offset = torch.full((B,), step)
+        res = _lm_head_exit_triton(h, w, 0.05, active=active, temperature=0.5, seed=torch.tensor([1, 2, 3]),
+                                   offset=offset, return_probs=True, out=out)
+        assert all(a is b for a, b in zip(res, out)) and res.active is active
+        _check_exit(res, want, LOGIT_TOL[torch.float32])
+    top_out = LmHeadTopk(torch.full((B, 3), -5, dtype=torch.int32), torch.full((B, 3), float("nan")))
+    res = _lm_head_topk_triton(h, w, 3, out=top_out)
+    assert res.tokens is top_out.tokens
+    assert torch.equal(res.tokens, lm_head_topk_ref(h, w, 3).tokens)
+
+
+def test_public_ops_on_cpu_run_the_reference():
+    """The ops' CPU impls (through torch.ops) against the reference, with out= and the offset advance."""
+    B, V, D = 3, 200, 48
+    h, w, nw = _inputs(B, V, D, torch.bfloat16, seed=4)
+    act = torch.tensor([True, False, True])
+    res = lm_head_exit(h, w, 0.3, norm_weight=nw, active=act)
+    ref = lm_head_exit_ref(h, w, 0.3, norm_weight=nw, active=act)
+    assert isinstance(res, LmHeadExit) and res.probs is None
+    for a, b in zip(res[:4], ref[:4]):
+        assert torch.equal(a, b)
+    token, conf, act_out = res[:3]
+    assert token.shape == (B,) and act_out.dtype == torch.bool
+    seed, offset = torch.tensor([1, 2, 3]), torch.tensor([0, 5, 9])
+    res = lm_head_exit(h, w, 0.3, temperature=2.0, seed=seed, offset=offset, return_probs=True)
+    ref = lm_head_exit_ref(h, w, 0.3, temperature=2.0, seed=seed, offset=torch.tensor([0, 5, 9]), return_probs=True)
+    assert offset.tolist() == [1, 6, 10]
+    for a, b in zip(res, ref):
+        assert torch.equal(a, b)
+    top = lm_head_topk(h, w, 16, norm_weight=nw)
+    want = lm_head_topk_ref(h, w, 16, norm_weight=nw)
+    assert isinstance(top, LmHeadTopk) and torch.equal(top.tokens, want.tokens)
+    assert torch.equal(top.logprobs, want.logprobs)
+    # seed drawn from torch's default generator when not given: reproducible under manual_seed
+    torch.manual_seed(0)
+    t1 = lm_head_exit(h, w, 0.3, temperature=1.0).token
+    torch.manual_seed(0)
+    assert torch.equal(lm_head_exit(h, w, 0.3, temperature=1.0).token, t1)
+    # empty batch
+    empty = lm_head_exit(h[:0], w, 0.3)
+    assert empty.token.shape == (0,) and lm_head_topk(h[:0], w, 2).tokens.shape == (0, 2)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h, w = torch.empty(2, 64), torch.empty(1000, 64)
+        res = lm_head_exit(h, w, 0.5, temperature=0.7, seed=torch.zeros(2, dtype=torch.int64), return_probs=True)
+        assert res.token.shape == (2,) and res.probs.shape == (2, 1000)
+        assert lm_head_topk(h, w, 4).logprobs.shape == (2, 4)
+
+
+def test_reference_against_independent_formulation():
+    """conf = max softmax, token_prob = softmax(z)[token], topk = torch.topk of log_softmax; HF-style RMSNorm."""
+    B, V, D = 3, 300, 64
+    h, w, nw = _inputs(B, V, D, torch.float16, seed=8)
+    hf = h.float()
+    x = nw * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.float16)
+    logits = x.float() @ w.float().T
+    ref = lm_head_exit_ref(h, w, 0.1, norm_weight=nw)
+    torch.testing.assert_close(ref.conf, torch.softmax(logits, -1).max(-1).values, rtol=1e-5, atol=0)
+    assert torch.equal(ref.token.long(), logits.argmax(-1)) and torch.equal(ref.active, ref.conf >= 0.1)
+    lp = F.log_softmax(logits, -1)
+    top = lm_head_topk_ref(h, w, 5, norm_weight=nw)
+    torch.testing.assert_close(top.logprobs, torch.topk(lp, 5).values, rtol=0, atol=1e-5)
+    assert torch.equal(top.tokens.long(), torch.topk(lp, 5).indices)
+
+
+def _bad_exit_inputs():
+    B, V, D = 2, 50, 16
+    h, w, nw = _inputs(B, V, D, torch.float32)
+    seed = torch.zeros(B, dtype=torch.int64)
+    return [
+        ("hidden", dict(hidden=h[0])),
+        ("hidden", dict(hidden=h.double())),
+        ("hidden", dict(hidden=h[:, :0], lm_head_weight=w[:, :0])),
+        ("lm_head_weight", dict(lm_head_weight=w[:, :8])),
+        ("lm_head_weight", dict(lm_head_weight=w.int())),
+        ("lm_head_weight", dict(lm_head_weight=w[:0])),
+        ("norm_weight", dict(norm_weight=nw.half())),
+        ("norm_weight", dict(norm_weight=nw[:8])),
+        ("eps", dict(eps=-1.0)),
+        ("threshold", dict(threshold=float("nan"))),
+        ("threshold", dict(threshold=torch.tensor(0.5))),
+        ("temperature", dict(temperature=-1.0)),
+        ("temperature", dict(temperature=float("inf"))),
+        ("temperature", dict(temperature=1e-45)),
+        ("active", dict(active=torch.ones(B, dtype=torch.int32))),
+        ("active", dict(active=torch.ones(B + 1, dtype=torch.bool))),
+        ("seed", dict(temperature=1.0, seed=seed.int())),
+        ("seed", dict(seed=seed)),
+        ("offset", dict(temperature=1.0, seed=seed, offset=seed[:1])),
+        ("offset", dict(temperature=1.0, offset=seed)),
+        ("offset", dict(temperature=1.0, seed=seed, offset=torch.zeros(B, 2, dtype=torch.int64)[:, 0])),
+        ("out", dict(out=(torch.empty(B, dtype=torch.int32),))),
+        ("out.token", dict(out=LmHeadExit(torch.empty(B), torch.empty(B), torch.empty(B, dtype=torch.bool),
+                                          torch.empty(B)))),
+        ("out.conf", dict(out=LmHeadExit(torch.empty(B, dtype=torch.int32), torch.empty(B + 1),
+                                         torch.empty(B, dtype=torch.bool), torch.empty(B)))),
+        ("out.probs", dict(return_probs=True, out=LmHeadExit(torch.empty(B, dtype=torch.int32), torch.empty(B),
+                                                             torch.empty(B, dtype=torch.bool), torch.empty(B)))),
+    ], dict(hidden=h, lm_head_weight=w, threshold=0.5)
+
+
+@pytest.mark.parametrize("i", range(len(_bad_exit_inputs()[0])))
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_bad_exit_inputs_raise_value_error(i, fn):
+    (name, override), base = _bad_exit_inputs()[0][i], _bad_exit_inputs()[1]
+    kwargs = {**base, **override}
+    args = [kwargs.pop(n) for n in ("hidden", "lm_head_weight", "threshold")]
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fn", [lm_head_topk, _lm_head_topk_triton], ids=["op", "triton"])
+def test_bad_topk_inputs_raise_value_error(fn):
+    h, w, nw = _inputs(2, 10, 16, torch.float32)
+    for k in (0, 11, 17, 2.0, True):
+        with pytest.raises(ValueError, match=r"^k\b"):
+            fn(h, w, k)
+    with pytest.raises(ValueError, match=r"^lm_head_weight\b"):
+        fn(h, w.T, 2)
+    with pytest.raises(ValueError, match=r"^out.logprobs\b"):
+        fn(h, w, 2, out=LmHeadTopk(torch.empty(2, 2, dtype=torch.int32), torch.empty(2, 3)))
+    with pytest.raises(ValueError, match=r"^norm_weight\b"):
+        fn(h, w, 2, norm_weight=nw.bfloat16())
