@@ -100,7 +100,7 @@ def catch_up(st) -> None:
     state was saved in st.catch_h; its position is L0 - 1."""
     pos = (st.L0 - 1).clamp_min(0)
     _adapter_step(st, st.catch_h, pos, st.need_catch & st.alive)
-    st.need_catch.zero_()
+    st.need_catch.logical_and_(~st.alive)
 
 
 def _shallow(st, tokens, pos, active, tree_mask=None):

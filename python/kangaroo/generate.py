@@ -174,6 +174,7 @@ class KangarooDecoder:
         self.exit_layer = adapter.exit_layer
         self.cuda_graphs = cuda_graphs
         self.max_cache_len = max_cache_len
+        self.last_state: Optional[DecodeState] = None
 
     @classmethod
     def from_pretrained(cls, path_or_hf_model, adapter=None, exit_layer: int = 2, dtype=None, device=None,
@@ -305,6 +306,7 @@ class KangarooDecoder:
             steps = _capture(st, steps)
             stats.cuda_graphs = True
         self._loop(st, steps, outs, max_new, eos_ids, streamer, stats, single)
+        self.last_state = st  # the final caches and lengths (debugging, cache-consistency tests)
         stats.time_s = time.perf_counter() - t_start
         stats.new_tokens = sum(len(o) for o in outs)
         stats.tokens_per_s = stats.new_tokens / max(stats.time_s, 1e-9)

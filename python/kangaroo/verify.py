@@ -85,8 +85,8 @@ def commit(st, a: torch.Tensor, need_catch: torch.Tensor, catch_h: torch.Tensor)
     nxt = toks.gather(1, a.long()[:, None])[:, 0]
     st.tok.copy_(torch.where(alive, nxt, st.tok))
     st.L0.add_(torch.where(alive, a + 1, 0))
-    st.need_catch.copy_(need_catch)
-    st.catch_h.copy_(catch_h)
+    st.need_catch.copy_(torch.where(alive, need_catch, st.need_catch))  # a finished row keeps its state
+    st.catch_h.copy_(torch.where(alive[:, None], catch_h, st.catch_h))
     j = st.arange_block[:toks.shape[1]]
     emitted = j[None, :] <= a[:, None]
     hit = torch.zeros_like(alive)

@@ -1,0 +1,146 @@
+"""Full acceptance, tree-sibling acceptance and the adapter-cache catch-up, checked on the caches themselves.
+
+An "oracle" drafter: the base model's layers l+1..L are made the identity (o_proj and down_proj zeroed) and the
+adapter returns RMSNorm_final(h) (its o_proj zeroed, its out norm = the model's final norm), so the draft logits
+are the target logits and every chain draft is accepted: this exercises the all-accepted path and the catch-up
+every cycle. Swapping the oracle's top-1 and top-2 at one draft depth makes the tree accept a sibling there.
+
+Cache consistency: after generation, every committed position's shallow/deep K/V and adapter K/V must equal a
+fresh prefill of the committed sequence; a control without the catch-up must fail that check.
+"""
+
+import warnings
+
+import pytest
+import torch
+from kangaroo import draft as kdraft
+from kangaroo.generate import KangarooDecoder
+from test_decoder_exact import hf_greedy, make_hf, make_prompts
+
+NEW = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def oracle(kind, exit_layer):
+    hf = make_hf(kind, seed=3)
+    with torch.no_grad():
+        for lay in hf.model.layers[exit_layer:]:
+            lay.self_attn.o_proj.weight.zero_()
+            lay.mlp.down_proj.weight.zero_()
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = KangarooDecoder.from_pretrained(hf, exit_layer=exit_layer)
+    with torch.no_grad():
+        dec.adapter.self_attn.o_proj.weight.zero_()
+        dec.adapter.norm.weight.copy_(dec.model.norm)
+    return hf, dec
+
+
+def random_decoder(kind, exit_layer):
+    hf = make_hf(kind, seed=3)
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf, KangarooDecoder.from_pretrained(hf, exit_layer=exit_layer)
+
+
+def check_caches(dec, prompts, outs, tol=1e-4):
+    """Committed positions 0 .. len(prompt) + len(out) - 2 of every cache equal a fresh prefill (the adapter
+    cache up to a catch-up still pending after the last cycle)."""
+    st = dec.last_state
+    m, ad = dec.model, dec.adapter
+    ell = dec.exit_layer
+    for b, (p, o) in enumerate(zip(prompts, outs)):
+        seq = p + o.tolist()
+        n = len(seq) - 1
+        assert int(st.L0[b]) >= n
+        cache = m.new_cache(1, n + 1)
+        ak = torch.zeros(1, ad.num_kv_heads, n + 1, ad.head_dim)
+        av = torch.zeros_like(ak)
+        zeros = torch.zeros(1, dtype=torch.int32)
+        pos = torch.arange(n)[None]
+        with torch.no_grad():
+            x = m.forward_layers(m.embed(torch.tensor([seq[:-1]])), 0, ell, cache, zeros, pos)
+            ad.prefill(x, ak, av, zeros, pos, m.rope_cos_sin(n + 1))
+            m.forward_layers(x, ell, m.config.num_hidden_layers, cache, zeros, pos)
+        torch.testing.assert_close(st.cache.k[:, b, :, :n], cache.k[:, 0, :, :n], atol=tol, rtol=tol)
+        torch.testing.assert_close(st.cache.v[:, b, :, :n], cache.v[:, 0, :, :n], atol=tol, rtol=tol)
+        # the last cycle's catch-up (adapter K/V of slot L0 - 1) is still pending when generation stops
+        na = min(n, int(st.L0[b]) - 1) if bool(st.need_catch[b]) else n
+        torch.testing.assert_close(st.ak[b, :, :na], ak[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
+        torch.testing.assert_close(st.av[b, :, :na], av[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
+
+
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("kind,exit_layer", [("llama", 2), ("qwen2", 1)])
+def test_forced_full_acceptance(kind, exit_layer, tree):
+    hf, dec = oracle(kind, exit_layer)
+    prompts = make_prompts(hf.config.vocab_size, n=4, seed=5)
+    ref = hf_greedy(hf, prompts)
+    out = dec.generate(prompts, NEW, threshold=0.0, max_draft=4, tree=tree)
+    assert [t.tolist() for t in out.tokens] == ref
+    s = out.stats
+    # every cycle drafts 4 and accepts all 4 (the last cycle of a row may be cut by max_new_tokens)
+    assert s.accept_hist[4] >= sum(s.accept_hist) - 1 and s.accept_hist[4] >= 3 * len(prompts)
+    assert s.mean_drafted == 4.0 and s.accept_per_position[:4] == [1.0] * 4
+    check_caches(dec, prompts, out.tokens)
+    single = dec.generate(prompts[1], NEW, threshold=0.0, max_draft=4, tree=tree)
+    assert single.tokens.tolist() == ref[1] and single.stats.cycles == 4  # 5 tokens per cycle
+
+
+def test_catch_up_control_fails(monkeypatch):
+    """Without the catch-up the adapter cache has holes after all-accepted cycles: the consistency check sees it."""
+    hf, dec = oracle("llama", 2)
+    prompts = make_prompts(hf.config.vocab_size, n=2, seed=5)
+    monkeypatch.setattr(kdraft, "catch_up", lambda st: st.need_catch.zero_())
+    out = dec.generate(prompts, NEW, threshold=0.0, max_draft=4)
+    with pytest.raises(AssertionError, match="adapter cache"):
+        check_caches(dec, prompts, out.tokens)
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_tree_accepts_sibling(monkeypatch, depth):
+    """The oracle's best token is made the rank-2 candidate at draft depth `depth` + 1: the chain draft there is
+    rejected and its sibling accepted, so every cycle accepts depth + 1 nodes ending in a sibling (compact_kv
+    moves it, and the catch-up runs the adapter on it)."""
+    hf, dec = oracle("llama", 2)
+    gamma = 3
+    real = kdraft.draft_topk
+    calls = [0]
+
+    def swapped(r, lm, k, nw, eps):
+        toks, logp = real(r, lm, k, nw, eps)
+        step = calls[0] % gamma
+        calls[0] += 1
+        if step == depth:
+            toks = toks[:, [1, 0] + list(range(2, k))]
+            logp = logp[:, [1, 0] + list(range(2, k))]
+        return toks, logp
+
+    monkeypatch.setattr(kdraft, "draft_topk", swapped)
+    prompts = make_prompts(hf.config.vocab_size, n=4, seed=6)
+    ref = hf_greedy(hf, prompts)
+    out = dec.generate(prompts, NEW, threshold=0.0, max_draft=gamma, tree=True, sibling_threshold=0.0)
+    assert [t.tolist() for t in out.tokens] == ref
+    h = out.stats.accept_hist
+    assert h[depth + 1] >= sum(h) - len(prompts), h  # all but the rows' last (truncated) cycles
+    check_caches(dec, prompts, out.tokens)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_random_adapter_caches_consistent(tree):
+    hf, dec = random_decoder("mistral", 2)
+    prompts = make_prompts(hf.config.vocab_size, n=4, seed=8)
+    ref = hf_greedy(hf, prompts)
+    out = dec.generate(prompts, NEW, threshold=0.3, max_draft=4, tree=tree)
+    assert [t.tolist() for t in out.tokens] == ref
+    assert out.stats.cycles > NEW // 5  # low acceptance: many cycles
+    check_caches(dec, prompts, out.tokens)
