@@ -102,7 +102,8 @@ def eager_sample(draft, logits, parents, q, u, temperature: float, top_k: int, t
     par = parents.long() if parents is not None else (torch.arange(N, device=dev) - 1).expand(B, N)
     valid = (draft >= 0) & (draft < V)
     x = draft.long().clamp(0, V - 1)
-    pn = p.gather(1, (par + 1)[:, :, None].expand(B, N, V)).gather(2, x[:, :, None])[..., 0]  # p_parent(x)
+    ar = torch.arange(B, device=dev)
+    pn = p[ar[:, None], par + 1, x]  # [B, N]: p_parent(c)(x_c)
     if q is None:  # one-hot q: after rejected siblings s < c, n = 1 - sum p(x_s), r(x_c) = p(x_c)
         c = torch.arange(N, device=dev)
         same = (par[:, :, None] == par[:, None, :]) & (c[None, None, :] < c[None, :, None])
@@ -113,7 +114,6 @@ def eager_sample(draft, logits, parents, q, u, temperature: float, top_k: int, t
         qn = q.gather(2, x[:, :, None])[..., 0]
         test = u[:, :N] * qn < pn
     test &= valid
-    ar = torch.arange(B, device=dev)
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)
     alive = torch.ones(B, dtype=torch.bool, device=dev)
     accept_len = torch.zeros(B, dtype=torch.long, device=dev)
