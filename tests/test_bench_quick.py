@@ -1,4 +1,5 @@
-"""Smoke test of every benchmark: `bench/bench_*.py --quick` on CPU (Triton in the interpreter) must exit 0 and
+"""Smoke test of every benchmark: `bench/bench_*.py --quick` and `bench/e2e.py --quick` on CPU (Triton in the
+interpreter) must exit 0 and
 write a well-formed CSV (the columns of bench/_common.py, >= 1 row, numeric median_us > 0, device labelled cpu).
 
 New benches are covered automatically (glob). Each runs in a subprocess with CUDA hidden and its results
@@ -15,7 +16,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = sorted(glob.glob(os.path.join(ROOT, "bench", "bench_*.py")))
+BENCHES = sorted(glob.glob(os.path.join(ROOT, "bench", "bench_*.py"))) + [os.path.join(ROOT, "bench", "e2e.py")]
 
 
 def _columns():
@@ -28,7 +29,7 @@ def _columns():
 def test_benches_found():
     names = {os.path.basename(p) for p in BENCHES}
     for want in ("bench_verify_greedy.py", "bench_verify_sample.py", "bench_compact_kv.py", "bench_build_tree.py",
-                 "bench_append_attention.py", "bench_adapter_forward.py"):
+                 "bench_append_attention.py", "bench_adapter_forward.py", "bench_lm_head_exit.py", "e2e.py"):
         assert want in names
 
 
