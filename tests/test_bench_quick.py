@@ -1,6 +1,6 @@
 """Smoke test of every benchmark: `bench/bench_*.py --quick` and `bench/e2e.py --quick` on CPU (Triton in the
-interpreter) must exit 0 and
-write a well-formed CSV (the columns of bench/_common.py, >= 1 row, numeric median_us > 0, device labelled cpu).
+interpreter) must exit 0 and write a well-formed CSV (the columns of bench/_common.py, >= 1 row, numeric
+median_us > 0, device labelled cpu).
 
 New benches are covered automatically (glob). Each runs in a subprocess with CUDA hidden and its results
 redirected to a temporary folder (KANGAROO_BENCH_RESULTS), so bench/results is left alone.
