@@ -1,0 +1,118 @@
+"""At most one device -> host transfer per Kangaroo cycle, counted.
+
+A TorchDispatchMode counts every op that makes the host read tensor data (_local_scalar_dense: .item(), int(),
+float(), bool(); is_nonzero, equal; data-dependent shapes: nonzero, masked_select, boolean-mask indexing;
+device -> host copies) and Tensor.tolist / Tensor.numpy (which read CPU tensors without dispatching) are patched
+to count too. The whole generate call runs under it (setup included); the count must be <= the number of cycles.
+The ops' own CPU implementations run below the dispatch mode (the mode sees the custom op, not its insides), as
+on CUDA where they are kernels. A planted extra read per draft step is caught.
+"""
+
+import warnings
+
+import pytest
+import torch
+from kangaroo import draft as kdraft
+from kangaroo.generate import KangarooDecoder
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+class CountHostReads(TorchDispatchMode):
+    READS = {aten._local_scalar_dense, aten.nonzero, aten.is_nonzero, aten.equal, aten.masked_select,
+             aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive}
+    MASK_INDEX = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.what = []
+
+    def _hit(self, what):
+        self.count += 1
+        self.what.append(what)
+
+    def __enter__(self):
+        self._saved = (torch.Tensor.tolist, torch.Tensor.numpy)
+        tolist, numpy = self._saved
+        mode = self
+
+        def counted_tolist(t):
+            mode._hit("tolist")
+            return tolist(t)
+
+        def counted_numpy(t, *a, **k):
+            mode._hit("numpy")
+            return numpy(t, *a, **k)
+
+        torch.Tensor.tolist, torch.Tensor.numpy = counted_tolist, counted_numpy
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist, torch.Tensor.numpy = self._saved
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        p = func.overloadpacket
+        if p in self.READS:
+            self._hit(str(func))
+        elif p in self.MASK_INDEX and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                          for i in (args[1] if len(args) > 1 and args[1] is not None else [])):
+            self._hit(str(func))
+        elif p in (aten._to_copy, aten.copy_):
+            src = args[1] if p is aten.copy_ else args[0]
+            dst_cpu = (args[0].device.type == "cpu" if p is aten.copy_
+                       else kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu")
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_cpu:
+                self._hit(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dec():
+    import transformers as tf
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         initializer_range=0.15)
+    hf = tf.Qwen2ForCausalLM(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield KangarooDecoder.from_pretrained(hf, exit_layer=2)
+    torch.set_num_threads(n)
+
+
+PROMPTS = [[5, 6, 7], [1], [9, 8, 7, 6, 5, 4]]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tree=True), dict(temperature=0.9, top_k=20, top_p=0.9, seed=3),
+                                dict(tree=True, temperature=1.0, seed=4), dict(threshold=0.0, max_draft=6)],
+                         ids=["greedy", "tree", "sample", "tree-sample", "gamma6"])
+def test_one_transfer_per_cycle(dec, kw):
+    with CountHostReads() as c:
+        out = dec.generate(PROMPTS, 12, eos=[100], **kw)
+    assert out.stats.cycles >= 3
+    assert c.count <= out.stats.cycles, (c.count, out.stats.cycles, c.what[:10])
+    assert c.count >= 1  # the counter sees the per-cycle read
+    with CountHostReads() as c:
+        out = dec.generate_autoregressive(PROMPTS[0], 8)
+    assert c.count <= out.stats.cycles == 8
+
+
+def test_planted_read_is_counted(dec, monkeypatch):
+    real = kdraft.draft_head
+
+    def leaky(*a, **k):
+        tok, conf, act = real(*a, **k)
+        float(conf.max())  # a host read per draft step
+        return tok, conf, act
+
+    monkeypatch.setattr(kdraft, "draft_head", leaky)
+    with CountHostReads() as c:
+        out = dec.generate(PROMPTS, 12, max_draft=4)
+    assert c.count > out.stats.cycles
