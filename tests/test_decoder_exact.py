@@ -55,7 +55,9 @@ def hf_greedy(model, prompts, new=NEW):
     out = []
     with torch.no_grad():
         for p in prompts:
-            g = model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            ids = torch.tensor([p])  # an explicit mask: token 0 (the pad id) must not be masked out
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False)
             out.append(g[0, len(p):].tolist())
     return out
 

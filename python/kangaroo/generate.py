@@ -136,9 +136,11 @@ def _parse_ids(input_ids, V: int):
     elif isinstance(input_ids, (list, tuple)):
         if len(input_ids) == 0:
             raise ValueError("input_ids is empty: give at least one prompt token")
-        if all(isinstance(x, (int,)) or (isinstance(x, torch.Tensor) and x.dim() == 0) for x in input_ids):
-            prompts, single = [[int(x) for x in input_ids]], True
+        if all(isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.dim() == 0) for x in input_ids):
+            prompts, single = [[x.item() if isinstance(x, torch.Tensor) else x for x in input_ids]], True
         else:
+            if not all(isinstance(p, (list, tuple, torch.Tensor)) for p in input_ids):
+                raise ValueError("input_ids must be a list of token ids (one prompt) or a list of prompts")
             prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in input_ids]
     else:
         raise ValueError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
