@@ -5,6 +5,7 @@ chi-squared test (and planted-bug controls that must fail); ties, NaN rows, stri
 the reference against independent formulations."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -33,6 +34,17 @@ from kangaroo_kernels.reference.verify_sample import philox4x32_10
 # which can flip the rounding of a normalised element by one ulp of the 16-bit dtype: one term |w * x| <~ 0.5 moves
 # by 2^-11 (fp16) or 2^-8 (bf16) relative. conf and logprobs inherit about twice the logit error (max - lse).
 LOGIT_TOL = {torch.float32: 2e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+def _need_triton(device):
+    if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (the cuda variant covers the kernels)")
+
+
+@pytest.fixture
+def tdev():
+    """Where the Triton kernels run: the GPU when there is one, else CPU tensors in the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _inputs(B, V, D, dtype, seed=0, scale=4.0, device="cpu"):
@@ -93,6 +105,7 @@ EXIT_CASES = [
 @pytest.mark.parametrize("case", EXIT_CASES, ids=lambda c: f"B{c[0]}V{c[1]}D{c[2]}-{str(c[3])[6:]}"
                          f"{'-norm' if c[4] else ''}{'-act' if c[5] else ''}{'-probs' if c[6] else ''}")
 def test_exit_triton_matches_reference(case, device):
+    _need_triton(device)
     B, V, D, dtype, norm, active, probs = case
     h, w, nw, act, thr, tol = _exit_case(B, V, D, dtype, norm, active, seed=V + D, device=device)
     res = _lm_head_exit_triton(h, w, thr, norm_weight=nw, active=act, return_probs=probs)
@@ -116,7 +129,7 @@ def triton_next_pow2(n):
 
 
 @pytest.mark.parametrize("B", [1, 2, 3, 5])
-def test_gpu_block_configs(B, monkeypatch):
+def test_gpu_block_configs(B, tdev, monkeypatch):
     """The kernels with the GPU block sizes (64/32 vocabulary rows, D tiles of 64/128 with a tail) at V = 1000."""
     monkeypatch.setattr(tl_mod, "_blocks", _gpu_blocks)
     monkeypatch.setattr(tl_mod, "_merge_rows", lambda B, chunk, device: 1)
@@ -124,15 +137,15 @@ def test_gpu_block_configs(B, monkeypatch):
     h, w, nw = _inputs(B, V, D, torch.float16, seed=B)
     logits = lm_head_logits_ref(h, w, nw)
     _assert_gaps(logits, 8, LOGIT_TOL[torch.float16], "logits")
-    res = _lm_head_exit_triton(h, w, 0.2, norm_weight=nw, return_probs=True)
+    res = _lm_head_exit_triton(h.to(tdev), w.to(tdev), 0.2, norm_weight=nw.to(tdev), return_probs=True)
     _check_exit(res, lm_head_exit_ref(h, w, 0.2, norm_weight=nw, return_probs=True), LOGIT_TOL[torch.float16])
-    top = _lm_head_topk_triton(h, w, 8, norm_weight=nw)
+    top = _lm_head_topk_triton(h.to(tdev), w.to(tdev), 8, norm_weight=nw.to(tdev))
     ref = lm_head_topk_ref(h, w, 8, norm_weight=nw)
-    assert torch.equal(top.tokens, ref.tokens)
-    torch.testing.assert_close(top.logprobs, ref.logprobs, rtol=0, atol=2 * LOGIT_TOL[torch.float16])
+    assert torch.equal(top.tokens.cpu(), ref.tokens)
+    torch.testing.assert_close(top.logprobs.cpu(), ref.logprobs, rtol=0, atol=2 * LOGIT_TOL[torch.float16])
 
 
-def test_many_blocks_merge(monkeypatch):
+def test_many_blocks_merge(tdev, monkeypatch):
     """Tiny blocks and merge tiles: the exit merge loops over 3 chunks of block partials, the top-k merge runs 5
     levels (the GPU shapes: 2 chunks at V = 152064 / 64, 2 top-k levels)."""
     monkeypatch.setattr(tl_mod, "_blocks", lambda B, V, D, device: (2, 16, 16, 4))
@@ -143,13 +156,14 @@ def test_many_blocks_merge(monkeypatch):
     logits = lm_head_logits_ref(h, w)
     _assert_gaps(logits, 16, LOGIT_TOL[torch.float32], "logits")
     seed, offset = torch.tensor([3, -4]), torch.tensor([0, 9])
-    res = _lm_head_exit_triton(h, w, 0.05, temperature=0.9, seed=seed, offset=offset.clone())
+    res = _lm_head_exit_triton(h.to(tdev), w.to(tdev), 0.05, temperature=0.9, seed=seed.to(tdev),
+                               offset=offset.to(tdev, copy=True))
     ref = lm_head_exit_ref(h, w, 0.05, temperature=0.9, seed=seed, offset=offset.clone())
     _check_exit(res, ref, LOGIT_TOL[torch.float32])
-    top = _lm_head_topk_triton(h, w, 16)
+    top = _lm_head_topk_triton(h.to(tdev), w.to(tdev), 16)
     ref = lm_head_topk_ref(h, w, 16)
-    assert torch.equal(top.tokens, ref.tokens)
-    torch.testing.assert_close(top.logprobs, ref.logprobs, rtol=0, atol=2 * LOGIT_TOL[torch.float32])
+    assert torch.equal(top.tokens.cpu(), ref.tokens)
+    torch.testing.assert_close(top.logprobs.cpu(), ref.logprobs, rtol=0, atol=2 * LOGIT_TOL[torch.float32])
 
 
 # (B, V, D, dtype, norm, k)
@@ -164,6 +178,7 @@ TOPK_CASES = [
 @pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: f"B{c[0]}V{c[1]}D{c[2]}-{str(c[3])[6:]}"
                          f"{'-norm' if c[4] else ''}-k{c[5]}")
 def test_topk_triton_matches_reference(case, device):
+    _need_triton(device)
     B, V, D, dtype, norm, k = case
     h, w, nw = _inputs(B, V, D, dtype, seed=V + k, device=device)
     nw = nw if norm else None
@@ -195,6 +210,7 @@ def _score_margin(logits, seed, offset, temperature):
 def test_sampling_matches_reference_bit_for_bit(B, V, D, dtype, T, device):
     """Same Philox numbers: the sampled tokens equal the reference's (scores clear of ties); the offset advances,
     so a second call draws other tokens."""
+    _need_triton(device)
     h, w, nw = _inputs(B, V, D, dtype, seed=11, scale=2.0, device=device)
     seed = torch.tensor([5, -7, 2 ** 62][:B], dtype=torch.int64, device=device)
     offset = torch.tensor([2 ** 32 - 1, 0, 2 ** 40][:B], dtype=torch.int64, device=device)
@@ -242,7 +258,7 @@ def _chi2_threshold(df, z=4.75):
     return df * (1 - a + z * math.sqrt(a)) ** 3
 
 
-def test_sampled_tokens_follow_softmax_chi_squared():
+def test_sampled_tokens_follow_softmax_chi_squared(tdev):
     """4096 rows share one hidden state and draw with seeds 0..4095 in one launch: the tokens follow
     softmax(logits / T) (chi-squared, p ~ 1e-6 threshold). Controls with the same uniforms: Gumbel noise
     with the wrong sign (a min-Gumbel) and the temperature ignored must both fail."""
@@ -251,7 +267,9 @@ def test_sampled_tokens_follow_softmax_chi_squared():
     h = h.expand(n, D)
     seed = torch.arange(n, dtype=torch.int64)
     offset = torch.full((n,), 17, dtype=torch.int64)
-    res = _lm_head_exit_triton(h, w, 0.0, temperature=T, seed=seed, offset=offset.clone())
+    res = _lm_head_exit_triton(h.to(tdev), w.to(tdev), 0.0, temperature=T, seed=seed.to(tdev),
+                               offset=offset.to(tdev, copy=True))
+    res = LmHeadExit(*(t.cpu() for t in res[:4]))
     logits = lm_head_logits_ref(h[:1], w)[0]
     p = torch.softmax(logits.double() / T, dim=-1)
     stat, df = _chi2_stat(res.token, p)
@@ -291,7 +309,7 @@ def test_philox_matches_random123():
 
 
 @pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
-def test_ties_take_the_lowest_index(fn, monkeypatch):
+def test_ties_take_the_lowest_index(fn, tdev, monkeypatch):
     """Duplicated weight rows give bit-identical logits: the lowest index wins, also across blocks; topk keeps
     increasing index order among equals."""
     monkeypatch.setattr(tl_mod, "_blocks", lambda B, V, D, device: (1, 16, 16, 4))
@@ -299,6 +317,7 @@ def test_ties_take_the_lowest_index(fn, monkeypatch):
     h, w, _ = _inputs(B, V, D, torch.float32, seed=5)
     w[[3, 57, 90]] = 10 * h[0] / h[0].norm()  # row 0's best logit, 10 |h0|, three times
     w[[20, 21]] = 10 * h[1] / h[1].norm()
+    h, w = h.to(tdev), w.to(tdev)
     res = fn(h, w, 0.5)
     assert res.token.tolist() == [3, 20]
     topk = (lm_head_topk if fn is lm_head_exit else _lm_head_topk_triton)(h, w, 4)
@@ -307,44 +326,47 @@ def test_ties_take_the_lowest_index(fn, monkeypatch):
 
 
 @pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
-def test_nan_row_exits(fn):
+def test_nan_row_exits(fn, tdev):
     B, V, D = 3, 300, 40
     h, w, nw = _inputs(B, V, D, torch.float32, seed=2)
     h[1, 7] = float("nan")
-    res = fn(h, w, 0.0, norm_weight=nw)
+    res = LmHeadExit(*(t.cpu() for t in fn(h.to(tdev), w.to(tdev), 0.0, norm_weight=nw.to(tdev))[:4]))
     ref = lm_head_exit_ref(h, w, 0.0, norm_weight=nw)
     assert math.isnan(float(res.conf[1])) and not bool(res.active[1])
     assert 0 <= int(res.token[1]) < V
     assert res.token[[0, 2]].tolist() == ref.token[[0, 2]].tolist() and res.active[[0, 2]].all()
 
 
-def test_strided_inputs_and_out_reuse():
+def test_strided_inputs_and_out_reuse(tdev):
     """hidden a column slice of a wider buffer, lm_head_weight a transposed [D, V] matrix (unit stride over V);
     out= buffers (NaN-filled) reused across calls, out.active aliasing active (an in-place exit update)."""
     B, V, D = 3, 500, 72
     gen = torch.Generator().manual_seed(9)
-    big = torch.randn(B, 2 * D, generator=gen)
+    big = torch.randn(B, 2 * D, generator=gen).to(tdev)
     h = big[:, 1::2]
-    w_t = (torch.randn(D, V, generator=gen) * 0.5).to(torch.float16)
+    w_t = (torch.randn(D, V, generator=gen) * 0.5).to(torch.float16).to(tdev)
     w = w_t.T
     assert h.stride() == (2 * D, 2) and w.stride() == (1, V)
-    active = torch.tensor([True, True, False])
-    out = LmHeadExit(torch.full((B,), -5, dtype=torch.int32), torch.full((B,), float("nan")), active,
-                     torch.full((B,), float("nan")), torch.full((B, V), float("nan")))
-    logits = lm_head_logits_ref(h, w)
+    active = torch.tensor([True, True, False], device=tdev)
+    out = LmHeadExit(torch.full((B,), -5, dtype=torch.int32, device=tdev), torch.full((B,), float("nan"), device=tdev),
+                     active, torch.full((B,), float("nan"), device=tdev),
+                     torch.full((B, V), float("nan"), device=tdev))
+    h_cpu, w_cpu = h.cpu(), w.cpu()
+    logits = lm_head_logits_ref(h_cpu, w_cpu)
     for step in range(2):
         assert float(_score_margin(logits, torch.tensor([1, 2, 3]), torch.full((B,), step), 0.5).min()) > 1e-3
-        want = lm_head_exit_ref(h, w, 0.05, active=active.clone(), temperature=0.5, seed=torch.tensor([1, 2, 3]),
-                                offset=torch.full((B,), step), return_probs=True)
-        offset = torch.full((B,), step)
-        res = _lm_head_exit_triton(h, w, 0.05, active=active, temperature=0.5, seed=torch.tensor([1, 2, 3]),
-                                   offset=offset, return_probs=True, out=out)
+        want = lm_head_exit_ref(h_cpu, w_cpu, 0.05, active=active.cpu(), temperature=0.5,
+                                seed=torch.tensor([1, 2, 3]), offset=torch.full((B,), step), return_probs=True)
+        offset = torch.full((B,), step, device=tdev)
+        res = _lm_head_exit_triton(h, w, 0.05, active=active, temperature=0.5,
+                                   seed=torch.tensor([1, 2, 3], device=tdev), offset=offset, return_probs=True, out=out)
         assert all(a is b for a, b in zip(res, out)) and res.active is active
         _check_exit(res, want, LOGIT_TOL[torch.float32])
-    top_out = LmHeadTopk(torch.full((B, 3), -5, dtype=torch.int32), torch.full((B, 3), float("nan")))
+    top_out = LmHeadTopk(torch.full((B, 3), -5, dtype=torch.int32, device=tdev),
+                         torch.full((B, 3), float("nan"), device=tdev))
     res = _lm_head_topk_triton(h, w, 3, out=top_out)
     assert res.tokens is top_out.tokens
-    assert torch.equal(res.tokens, lm_head_topk_ref(h, w, 3).tokens)
+    assert torch.equal(res.tokens.cpu(), lm_head_topk_ref(h_cpu, w_cpu, 3).tokens)
 
 
 def test_public_ops_on_cpu_run_the_reference():
