@@ -222,8 +222,10 @@ class KangarooDecoder:
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
         streamers; batch 1)."""
         self._check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top_p)
-        if not isinstance(tree_topk, int) or tree_topk < 2:
-            raise ValueError(f"tree_topk must be an int >= 2, got {tree_topk!r}")
+        if not isinstance(tree_topk, int) or not 2 <= tree_topk <= self.config.vocab_size:
+            raise ValueError(f"tree_topk must be an int in [2, vocab_size={self.config.vocab_size}], got {tree_topk!r}")
+        if not (isinstance(sibling_threshold, (int, float)) and 0.0 <= sibling_threshold <= 1.0):
+            raise ValueError(f"sibling_threshold must be in [0, 1], got {sibling_threshold!r}")
         return self._generate(input_ids, max_new_tokens, threshold=threshold, gamma=max_draft, tree=tree,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos=eos,
                               streamer=streamer, topk=tree_topk, sibling_threshold=sibling_threshold,
