@@ -11,12 +11,15 @@
      Philox4x32-10, see reference.lm_head_uniforms_ref), z at that token and sum(exp(z - m / T));
    - top-k: k rounds of key max (each selected key masked out), the block's k best keys.
    With return_probs it writes the raw z (or logits) to probs; no other [B, V] tensor is written.
-2. exit: _lm_head_exit_merge_kernel, one program per row, two passes over the row's block partials (max key,
-   then the rescaled sums): token, conf = 1 / S, active_out, token_prob; offset += 1 when sampling.
-   (_lm_head_probs_kernel normalises probs in place when asked.)
-   topk: _lm_head_topk_merge_kernel keeps the k best keys of every group of GROUP candidates, repeated until one
-   group is left (1 extra level up to 1024 candidates a row, 2 at V = 152064 with BLOCK_V = 64, k = 16); the last
-   level also sums the blocks' exp partials for the log-sum-exp.
+2. exit: _lm_head_exit_merge_kernel, one program per row on the GPU (several in the interpreter), two passes
+   over the row's block partials (max key, then the rescaled sums): token, conf = 1 / S, active_out, token_prob;
+   offset += 1 when sampling. (_lm_head_probs_kernel then normalises probs in place when asked.)
+   topk: _lm_head_topk_merge_kernel keeps the k best keys of every group of GROUP candidates, repeated while more
+   than one group is left, then a final launch (which also sums the blocks' exp partials for the log-sum-exp)
+   writes the sorted top-k: one merge launch up to 1024 candidates a row, two at V = 152064 (2376 blocks of 64,
+   k = 16).
+Block sizes are GPU guesses (BLOCK_V 64 / 32 rows, no autotuning; not yet measured on a GPU); the interpreter
+takes much wider blocks because it pays per program and per op.
 The number of launches and every buffer size depend on shapes only: no host sync, CUDA-graph capturable.
 """
 
