@@ -5,6 +5,8 @@ Ops are resolved on first attribute access.
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -41,3 +43,17 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + __all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps `kangaroo_kernels.<op>` the op function when the submodule of the same name is imported directly
+    (`import kangaroo_kernels.verify_greedy` would otherwise rebind the attribute to the module). The submodule
+    stays reachable through `importlib.import_module` / `from kangaroo_kernels.<op> import ...`."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -46,3 +46,18 @@ def test_cuda_kernels_compiled_when_nvcc_was_present():
 def test_public_api_resolves():
     for name in kk.__all__:
         assert getattr(kk, name) is not None, name
+
+
+def test_op_names_stay_functions_after_submodule_import():
+    """`import kangaroo_kernels.<op>` must not turn `kangaroo_kernels.<op>` into the module."""
+    import importlib
+
+    import kangaroo_kernels
+
+    for name in ("adapter_forward", "append_attention", "compact_kv", "verify_greedy", "verify_sample"):
+        mod = importlib.import_module(f"kangaroo_kernels.{name}")
+        assert callable(getattr(kangaroo_kernels, name)), name
+        assert getattr(kangaroo_kernels, name) is getattr(mod, name)
+    from kangaroo_kernels import verify_greedy
+
+    assert callable(verify_greedy)
