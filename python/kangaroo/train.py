@@ -116,6 +116,14 @@ def draft_logits(base, adapter, h, position_ids):
     return base.get_output_embeddings()(adapter(h, position_ids))
 
 
+def _refit_steps(step: int, elapsed: float, budget_s: float, max_steps: int) -> int:
+    """The step count that ends a run at `budget_s` at the speed so far (refitted as the run goes, so a machine
+    that slows down mid-run still ends on time; the cosine schedule follows the count)."""
+    rate = elapsed / max(1, step)
+    fitted = step + max(1, int((budget_s - elapsed) / max(rate, 1e-9)))
+    return max(step + 1, min(max_steps, fitted)) if max_steps else max(step + 1, fitted)
+
+
 def _bar(total, desc, initial=0, disable=None):
     from tqdm.auto import tqdm
 
@@ -145,6 +153,7 @@ class AdapterTrainConfig:
     keep_checkpoints: int = 2
     etas: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
     gamma: int = 6
+    time_budget_s: float | None = None  # when set, `steps` is refitted to end the run in this many seconds
 
 
 def _new_adapter(base, exit_layer):
@@ -240,6 +249,7 @@ class AdapterTrainer:
                    disable=None if self.progress is None else not self.progress)
         ema_loss = ema_agree = None
         batches = self._micro_batches()
+        t0, s0 = time.perf_counter(), self.step
         while self.step < end:
             rec = self.train_step(next(batches))
             rec["step"] = self.step
@@ -252,6 +262,12 @@ class AdapterTrainer:
                 bar.set_postfix(loss=f"{ema_loss:.3f}", top1=f"{ema_agree:.3f}")
             if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save_checkpoint()
+            done = self.step - s0
+            if cfg.time_budget_s and steps is None and done >= 8 and done % 8 == 0:
+                cfg.steps = end = s0 + _refit_steps(done, time.perf_counter() - t0, cfg.time_budget_s,
+                                                    cfg.steps - s0)
+                bar.total = end
+                bar.refresh()
         bar.close()
         if self.out_dir is not None and self.step >= cfg.steps:
             self.save(self.out_dir)
@@ -501,10 +517,8 @@ def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | 
         bar.update(1)
         if step % 5 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
-        if cfg.time_budget_s and step == 8:
-            rate = (time.perf_counter() - t0) / step
-            fitted = max(step + 1, int(cfg.time_budget_s / rate))
-            total = min(total, fitted) if cfg.steps else fitted
+        if cfg.time_budget_s and step >= 8 and step % 8 == 0:
+            total = _refit_steps(step, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps)
             bar.total = total
             bar.refresh()
     bar.close()
