@@ -93,7 +93,10 @@ PROMPTS = [[5, 6, 7], [1], [9, 8, 7, 6, 5, 4]]
 @pytest.mark.parametrize("kw", [dict(), dict(tree=True), dict(temperature=0.9, top_k=20, top_p=0.9, seed=3),
                                 dict(tree=True, temperature=1.0, seed=4), dict(threshold=0.0, max_draft=6)],
                          ids=["greedy", "tree", "sample", "tree-sample", "gamma6"])
-def test_one_transfer_per_cycle(dec, kw):
+def test_one_transfer_per_cycle(dec, kw, monkeypatch):
+    # the CUDA contract (predicated draft steps, one read per cycle); on CPU the decoder by default also reads the
+    # exit flags to stop drafting early, which is free for CPU tensors (test_host_early_exit_is_exact below)
+    monkeypatch.setattr(dec, "host_early_exit", False)
     with CountHostReads() as c:
         out = dec.generate(PROMPTS, 12, eos=[100], **kw)
     assert out.stats.cycles >= 3
@@ -102,6 +105,31 @@ def test_one_transfer_per_cycle(dec, kw):
     with CountHostReads() as c:
         out = dec.generate_autoregressive(PROMPTS[0], 8)
     assert c.count <= out.stats.cycles == 8
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tree=True), dict(threshold=0.0, max_draft=6)],
+                         ids=["greedy", "tree", "gamma6"])
+def test_host_early_exit_is_exact(dec, kw, monkeypatch):
+    """CPU early exit (stop drafting when no row drafts, verify only the drafted block) changes no token and
+    really skips work: fewer shallow-layer calls than the predicated loop."""
+    outs, calls = [], []
+    for flag in (False, True):
+        monkeypatch.setattr(dec, "host_early_exit", flag)
+        n = [0]
+        real = kdraft._shallow
+
+        def counted(*a, **k):
+            n[0] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(kdraft, "_shallow", counted)
+        out = dec.generate(PROMPTS, 12, **kw)
+        monkeypatch.setattr(kdraft, "_shallow", real)
+        outs.append([t.tolist() for t in out.tokens])
+        calls.append(n[0])
+    assert outs[0] == outs[1]
+    if kw.get("threshold", 0.6) > 0:
+        assert calls[1] < calls[0], calls
 
 
 def test_planted_read_is_counted(dec, monkeypatch):
@@ -113,6 +141,7 @@ def test_planted_read_is_counted(dec, monkeypatch):
         return tok, conf, act
 
     monkeypatch.setattr(kdraft, "draft_head", leaky)
+    monkeypatch.setattr(dec, "host_early_exit", False)
     with CountHostReads() as c:
         out = dec.generate(PROMPTS, 12, max_draft=4)
     assert c.count > out.stats.cycles

@@ -15,6 +15,10 @@ Tree mode adds, at every draft step, the top-2..K candidates as leaf siblings of
 (kept when their probability >= st.sibling_threshold: a confidence-guided node budget). They go through the
 shallow layers together with the next chain token (a T = K block, each seeing the prefix and itself); their
 shallow K/V is parked in side buffers until verification lays the tree out in the cache.
+
+With st.host_exit (CPU models) the loop stops as soon as no row needs another step, reading the exit flags on the
+host (free for CPU tensors); nodes never drafted keep token -1 and are never accepted. On CUDA all γ steps run
+predicated inside one CUDA graph instead.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ def draft_chain(st) -> None:
     st.n_chain.zero_()
     st.drafts.fill_(-1)
     for i in range(g + 1):
+        if st.host_exit and not bool(proc.any()):  # CPU only: every row has stopped drafting
+            break
         pos = st.L0 + i
         h = _shallow(st, cur[:, None], pos, proc)[:, 0]
         st.hbuf[:, i].copy_(h)
@@ -157,6 +163,8 @@ def draft_tree(st) -> None:
     log_sib = math.log(st.sibling_threshold) if st.sibling_threshold > 0 else -math.inf
     ell = st.exit_layer
     for i in range(g + 1):
+        if st.host_exit and not bool(proc.any()):  # CPU only: every row has stopped drafting
+            break
         pos = st.L0 + i
         if i == 0:
             h = _shallow(st, cur[:, None], pos, proc)

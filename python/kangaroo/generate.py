@@ -89,6 +89,7 @@ class DecodeState:
         self.L0 = torch.zeros(B, **i32)
         self.n_gen = torch.zeros(B, **i32)
         self.n_chain = torch.zeros(B, **i32)
+        self.host_exit = False  # set by KangarooDecoder: stop drafting on the host when no row drafts (CPU)
         self.max_new = torch.full((B,), max_new, **i32)
         self.alive = torch.ones(B, dtype=torch.bool, device=dev)
         self.need_catch = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -169,12 +170,16 @@ class KangarooDecoder:
     """The base model (kangaroo.model.LlamaModel) plus its Kangaroo adapter."""
 
     def __init__(self, model: LlamaModel, adapter: KangarooAdapter, *, cuda_graphs: bool = True,
-                 max_cache_len: Optional[int] = None):
+                 max_cache_len: Optional[int] = None, host_early_exit: Optional[bool] = None):
+        """host_early_exit: stop the draft loop as soon as no row drafts and verify only the drafted block,
+        reading the (CPU) exit flags on the host. Default: on for CPU models, where that read is free; off on
+        CUDA, where the gamma draft steps are predicated inside one CUDA graph (no host sync in the cycle)."""
         adapter.check_base(model)
         self.model = model
         self.adapter = adapter.to(device=model.device, dtype=model.dtype).eval()
         self.exit_layer = adapter.exit_layer
         self.cuda_graphs = cuda_graphs
+        self.host_early_exit = host_early_exit
         self.max_cache_len = max_cache_len
         self.last_state: Optional[DecodeState] = None
 
@@ -292,6 +297,7 @@ class KangarooDecoder:
                          gamma=gamma, tree=tree, topk=topk, threshold=threshold,
                          sibling_threshold=sibling_threshold, temperature=temperature, top_k=top_k, top_p=top_p,
                          seeds=seeds, eos=eos_ids, max_new=max_new, autoregressive=autoregressive)
+        st.host_exit = (m.device.type == "cpu") if self.host_early_exit is None else bool(self.host_early_exit)
         self._prefill(st, prompts, autoregressive)
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)

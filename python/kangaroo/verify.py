@@ -19,26 +19,40 @@ import torch
 __all__ = ["verify_chain", "verify_tree", "decide", "commit", "autoregressive_step"]
 
 
-def decide(st, logits: torch.Tensor, parents=None):
-    """verify_greedy (temperature 0) or lossless verify_sample (deterministic drafts = one-hot q)."""
+def decide(st, logits: torch.Tensor, parents=None, drafts=None):
+    """verify_greedy (temperature 0) or lossless verify_sample (deterministic drafts = one-hot q). With `drafts`
+    (a leading slice of st.drafts) the result is a fresh Accepted of that size, else it is written to st.acc."""
+    out = st.acc if drafts is None else None
+    drafts = st.drafts if drafts is None else drafts
     if st.temperature > 0:
         from kangaroo_kernels.verify_sample import verify_sample
 
-        return verify_sample(st.drafts, logits, parents=parents, temperature=st.temperature, top_k=st.top_k,
-                             top_p=st.top_p, seed=st.seed, offset=st.offset, out=st.acc, validate=False)
+        return verify_sample(drafts, logits, parents=parents, temperature=st.temperature, top_k=st.top_k,
+                             top_p=st.top_p, seed=st.seed, offset=st.offset, out=out, validate=False)
     from kangaroo_kernels.verify_greedy import verify_greedy
 
-    return verify_greedy(st.drafts, logits, parents=parents, out=st.acc, validate=False)
+    return verify_greedy(drafts, logits, parents=parents, out=out, validate=False)
 
 
 def verify_chain(st) -> None:
     """Layers ℓ+1..L on hbuf = layer-ℓ states of x0, d_1..d_γ (causal block at L0), decide, commit."""
     m = st.model
     T = st.gamma + 1
+    if st.host_exit:  # CPU only: verify just the drafted block (reading n_chain on the host is free there)
+        T = int(st.n_chain.max()) + 1
     positions = st.L0[:, None] + st.arange_block[:T]
-    h = m.forward_layers(st.hbuf, st.exit_layer, m.config.num_hidden_layers, st.cache, st.L0, positions,
+    h = m.forward_layers(st.hbuf[:, :T], st.exit_layer, m.config.num_hidden_layers, st.cache, st.L0, positions,
                          active=st.alive)
-    acc = decide(st, m.logits(h))
+    if T == st.gamma + 1:
+        acc = decide(st, m.logits(h))
+    else:
+        short = decide(st, m.logits(h), drafts=st.drafts[:, :T - 1])
+        acc = st.acc
+        acc.accept_len.copy_(short.accept_len)
+        acc.path.fill_(-1)
+        acc.path[:, :T].copy_(short.path)
+        acc.tokens.fill_(-1)
+        acc.tokens[:, :T].copy_(short.tokens)
     a = torch.where(st.alive, acc.accept_len, 0)
     last = (a - 1).clamp_min(0).long()
     # the adapter saw x0, d_1..d_{n-1}: catch up when all n drafts were accepted
