@@ -38,12 +38,12 @@ class DemoSizes:
     seq_len: int = 256
     tokenizer_bytes: int = 8_000_000
     corpus_bytes: int = 12_000_000
-    lm_batch: int = 16
-    lm_lr: float = 2e-3
-    lm_steps: int = 2400  # upper bound; the time budget usually decides
-    lm_minutes: float = 8.0
+    lm_batch: int = 8
+    lm_lr: float = 3e-3
+    lm_steps: int = 5000  # upper bound; the time budget usually decides
+    lm_minutes: float = 8.5
     exit_layer: int = 1
-    adapter_batch: int = 16
+    adapter_batch: int = 8
     adapter_lr: float = 2e-3
     adapter_steps: int = 2000  # upper bound; the time budget usually decides
     adapter_minutes: float = 3.0
@@ -125,7 +125,8 @@ def build_base(sizes: DemoSizes, tok, out: Path, progress=None):
          f"corpus {ds.ids.numel() / 1e6:.2f}M tokens (tokenized in {time.perf_counter() - t0:.1f} s); "
          f"training for up to {sizes.lm_minutes:g} min")
     lcfg = train.LMTrainConfig(seq_len=sizes.seq_len, batch_size=sizes.lm_batch, steps=sizes.lm_steps,
-                               lr=sizes.lm_lr, warmup=max(5, sizes.lm_steps // 40), dtype="bf16", seed=sizes.seed,
+                               lr=sizes.lm_lr, warmup=min(30, max(2, sizes.lm_steps // 10)), dtype="bf16",
+                               seed=sizes.seed,
                                time_budget_s=sizes.lm_minutes * 60)
     hist = train.train_lm(model, ds, lcfg, progress=progress)
     tail = hist[-20:]
@@ -145,7 +146,7 @@ def build_adapter(sizes: DemoSizes, tok, base, out: Path, progress=None):
     ds, _ = _corpus(tok, sizes, heldout=False)
     cfg = train.AdapterTrainConfig(exit_layer=sizes.exit_layer, seq_len=sizes.seq_len,
                                    batch_size=sizes.adapter_batch, steps=sizes.adapter_steps, lr=sizes.adapter_lr,
-                                   warmup=max(5, sizes.adapter_steps // 40), dtype="bf16", seed=sizes.seed,
+                                   warmup=min(30, max(2, sizes.adapter_steps // 10)), dtype="bf16", seed=sizes.seed,
                                    save_every=0, time_budget_s=sizes.adapter_minutes * 60)
     tr = train.AdapterTrainer(base, ds, cfg, out_dir=None, progress=progress)
     _log(f"[3/3] adapter: exit layer {sizes.exit_layer}, batches of {cfg.batch_size}x{cfg.seq_len} tokens, "
@@ -159,13 +160,14 @@ def build_adapter(sizes: DemoSizes, tok, base, out: Path, progress=None):
     return tr.adapter
 
 
-def _heldout_prompts(tok, n: int, prompt_tokens: int, min_len: int):
-    """Prompts cut from held-out stdlib files: the code up to and including a `def` line, at most prompt_tokens."""
+def _heldout_prompts(tok, n: int, prompt_tokens: int, min_len: int, reverse: bool = False):
+    """Prompts cut from held-out stdlib files: the code up to and including a `def` line, at most prompt_tokens.
+    reverse: from the other end of the (sorted) held-out files (the tuning prompt, disjoint from reported ones)."""
     from kangaroo import data
 
     _, held = data.split_stdlib(data.stdlib_source_files())
     prompts = []
-    for p in held:
+    for p in reversed(held) if reverse else held:
         text = data.read_text(p)
         if not text or len(text) < 2000:
             continue
@@ -226,7 +228,7 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
                          "build_s": manifest.get("build_s", 0.0) + time.perf_counter() - t_start})
         manifest_path.write_text(json.dumps(manifest, indent=1))
     return {"tokenizer": tok, "base": base, "base_dir": base_dir, "adapter_dir": ad_dir, "manifest": manifest,
-            "built": built}
+            "manifest_path": manifest_path, "built": built}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,8 +248,33 @@ def _time_hf(model, ids, new_tokens, **kw):
     return out[0, len(ids):].tolist(), dt
 
 
-def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: float, max_draft: int,
-                   hf_peers: bool = True, hf_prompts: int = 2, progress=None) -> dict:
+def tune_decoding(dec, ids, new_tokens: int = 64, etas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
+                  gammas=(2, 3, 4, 6, 8), progress=None) -> dict:
+    """(eta, gamma) with the most tokens/s on one tuning prompt (held out, not among the reported prompts); each
+    setting is timed twice and the faster run counts (the machine may be shared)."""
+    from kangaroo.train import _bar
+
+    grid = [(e, g) for g in gammas for e in etas]
+    best, table = None, []
+    bar = _bar(len(grid), "tuning eta, gamma", disable=None if progress is None else not progress)
+    for eta, gamma in grid:
+        tps = 0.0
+        for _ in range(2):
+            out = dec.generate(ids, new_tokens, threshold=eta, max_draft=gamma)
+            tps = max(tps, out.stats.tokens_per_s)
+        table.append({"eta": eta, "gamma": gamma, "tps": tps, "tokens_per_cycle": out.stats.mean_tokens_per_cycle})
+        if best is None or tps > best["tps"]:
+            best = table[-1]
+        bar.update(1)
+    bar.close()
+    return {"eta": best["eta"], "gamma": best["gamma"], "table": table}
+
+
+def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: float | None = None,
+                   max_draft: int | None = None, hf_peers: bool = True, hf_prompts: int = 2, progress=None,
+                   retune: bool = False) -> dict:
+    """Plain vs Kangaroo on held-out prompts (and transformers' generate peers). threshold / max_draft None: the
+    tuned values cached in the manifest (tuned now on a separate held-out prompt if missing or `retune`)."""
     import torch
 
     from kangaroo.adapter import KangarooAdapter
@@ -259,9 +286,20 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
     dec = KangarooDecoder.from_pretrained(str(built["base_dir"]), adapter=adapter, exit_layer=adapter.exit_layer,
                                           dtype=torch.float32, device="cpu")
     prompts = _heldout_prompts(tok, n_prompts, 128, 32)
+    tune_name, tune_ids = _heldout_prompts(tok, 1, 128, 32, reverse=True)[0]
     # warm-up (allocations, lazy inits) on a short run of each mode
-    dec.generate_autoregressive(prompts[0][1], 8)
-    dec.generate(prompts[0][1], 8, threshold=threshold, max_draft=max_draft)
+    dec.generate_autoregressive(tune_ids, 8)
+    dec.generate(tune_ids, 8)
+    tuned = built["manifest"].get("tuned")
+    if (threshold is None or max_draft is None) and (tuned is None or retune):
+        tuned = tune_decoding(dec, tune_ids, progress=progress)
+        tuned["prompt"] = tune_name
+        built["manifest"]["tuned"] = tuned
+        mp = built.get("manifest_path")
+        if mp is not None:
+            Path(mp).write_text(json.dumps(built["manifest"], indent=1))
+    threshold = tuned["eta"] if threshold is None else threshold
+    max_draft = tuned["gamma"] if max_draft is None else max_draft
     rows = []
     totals = {"plain": [0, 0.0], "kangaroo": [0, 0.0]}
     cyc = {"tokens": 0, "cycles": 0}
@@ -277,7 +315,7 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
         rows.append({"prompt": name, "identical": same, "tokens": len(tk), "plain_tps": a.stats.tokens_per_s,
                      "kangaroo_tps": s.tokens_per_s, "tokens_per_cycle": s.mean_tokens_per_cycle,
                      "cycles": s.cycles, "draft_s": s.draft_time_s, "verify_s": s.verify_time_s,
-                     "text": tok.decode(tk)})
+                     "text": tok.decode(tk), "ids": tk})
         totals["plain"][0] += a.stats.new_tokens
         totals["plain"][1] += a.stats.time_s
         totals["kangaroo"][0] += s.new_tokens
@@ -293,13 +331,14 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
         bar.update(1)
     bar.close()
     res = {"rows": rows, "threshold": threshold, "max_draft": max_draft, "exit_layer": adapter.exit_layer,
-           "new_tokens": new_tokens}
+           "new_tokens": new_tokens, "tuned": tuned}
     res["plain_tps"] = totals["plain"][0] / max(totals["plain"][1], 1e-9)
     res["kangaroo_tps"] = totals["kangaroo"][0] / max(totals["kangaroo"][1], 1e-9)
     res["speedup"] = res["kangaroo_tps"] / max(res["plain_tps"], 1e-9)
     res["tokens_per_cycle"] = cyc["tokens"] / max(1, cyc["cycles"])
     res["accept_per_position"] = [n / d if d else None for n, d in zip(acc_num, acc_den)]
     res["accept_hist"] = hist
+    res["distinct_tokens"] = len({t for r in rows for t in r["ids"]})
     tot = max(1, sum(hist))
     res["accept_at_least"] = [sum(hist[i:]) / tot for i in range(1, max_draft + 1)]
     res["identical"] = sum(r["identical"] for r in rows)
@@ -339,8 +378,11 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
 
 def format_results(res: dict) -> str:
     L = []
-    L.append(f"Kangaroo (exit layer {res['exit_layer']}, eta={res['threshold']}, gamma={res['max_draft']}), greedy, "
-             f"{res['new_tokens']} new tokens per prompt, CPU:")
+    tuned = res.get("tuned")
+    how = (f" (tuned for tokens/s on the held-out prompt {tuned['prompt']}, not reported below)"
+           if tuned and tuned.get("eta") == res["threshold"] and tuned.get("gamma") == res["max_draft"] else "")
+    L.append(f"Kangaroo (exit layer {res['exit_layer']}, eta={res['threshold']}, gamma={res['max_draft']}{how}), "
+             f"greedy, {res['new_tokens']} new tokens per prompt, CPU:")
     L.append(f"  {'prompt':<28} {'identical':>9} {'tok/cycle':>9} {'plain tok/s':>12} {'kangaroo tok/s':>15}")
     for r in res["rows"]:
         L.append(f"  {r['prompt']:<28} {'yes' if r['identical'] else 'NO':>9} {r['tokens_per_cycle']:>9.2f} "
@@ -355,6 +397,12 @@ def format_results(res: dict) -> str:
     L.append(f"  tokens/s: plain {res['plain_tps']:.1f}, Kangaroo {res['kangaroo_tps']:.1f} -> speedup "
              f"{res['speedup']:.2f}x (draft {res['draft_s'] / max(res['kangaroo_s'], 1e-9):.0%} / verify "
              f"{res['verify_s'] / max(res['kangaroo_s'], 1e-9):.0%} of Kangaroo's time)")
+    first = res["rows"][0]
+    sample = first["text"].rstrip("\n").split("\n")[:8]
+    L.append(f"  sample: the first {len(sample)} lines Kangaroo wrote after the prompt from {first['prompt']}:")
+    L.extend("    | " + line for line in sample)
+    if res.get("distinct_tokens") is not None:
+        L.append(f"  distinct tokens in all outputs: {res['distinct_tokens']} (a weak model loops on a few)")
     if "hf" in res:
         o = res["ours_on_hf_prompts"]
         L.append(f"  on the first {next(iter(res['hf'].values())).get('prompts', '?')} prompts, tokens/s:")
@@ -382,8 +430,10 @@ def _parser():
                        help=f"model/training size (default {f.default})")
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threshold", type=float, default=None, help="eta (default: best expected from the report)")
-    p.add_argument("--max-draft", type=int, default=6)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="eta (default: tuned for tokens/s on a held-out tuning prompt, cached)")
+    p.add_argument("--max-draft", type=int, default=None, help="gamma (default: tuned with eta)")
+    p.add_argument("--retune", action="store_true", help="tune eta and gamma again")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate peers")
     p.add_argument("--hf-prompts", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -412,11 +462,9 @@ def cli_main(argv: list[str]) -> int:
     _log(f"kangaroo demo: model cache {cache}" + (" (rebuilding)" if args.retrain else ""))
     built = ensure_model(sizes, cache, retrain=args.retrain, progress=progress)
     t_build = time.perf_counter() - t0
-    eta = args.threshold
-    if eta is None:
-        eta = 0.4
-    res = run_comparison(built, args.prompts, args.new_tokens, eta, args.max_draft, hf_peers=not args.no_hf,
-                         hf_prompts=args.hf_prompts, progress=progress)
+    res = run_comparison(built, args.prompts, args.new_tokens, args.threshold, args.max_draft,
+                         hf_peers=not args.no_hf, hf_prompts=args.hf_prompts, progress=progress,
+                         retune=args.retune)
     _log(format_results(res))
     total = time.perf_counter() - t0
     res.update({"total_s": total, "build_s": t_build if built["built"] else 0.0, "sizes": asdict(sizes)})
