@@ -44,9 +44,9 @@ class DemoSizes:
     lm_minutes: float = 8.5
     exit_layer: int = 1
     adapter_batch: int = 8
-    adapter_lr: float = 2e-3
+    adapter_lr: float = 1e-2
     adapter_steps: int = 2000  # upper bound; the time budget usually decides
-    adapter_minutes: float = 3.0
+    adapter_minutes: float = 3.5
     seed: int = 0
 
 
@@ -222,6 +222,7 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
                                      new_tokens=96, etas=(0.2, 0.3, 0.4, 0.5, 0.6), gamma=6, max_rows=16)
         _log(train.format_report(rep))
         manifest["adapter_report"] = rep
+        manifest.pop("tuned", None)  # eta/gamma were tuned for the previous adapter
         built = True
     if built:
         manifest.update({"version": DEMO_VERSION, "sizes": asdict(sizes),
