@@ -107,9 +107,11 @@ def _adapter_forward_cpu(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cac
                          active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
     Hk, Dh = k_cache.shape[1], k_cache.shape[3]
     w = AdapterWeights(norm_in, wq, wk, wv, wo, norm_out, wq.shape[0] // Dh, Hk, bq, bk, bv)
+    from kangaroo_kernels.append_attention import _append_attention_cpu_ref_signature
+
     out.copy_(adapter_forward_ref(h, w, k_cache, v_cache, cache_lens, positions, active=active,
                                   rope_theta=rope_theta, rope_cos_sin=rope_cos_sin, eps=eps,
-                                  apply_out_norm=apply_out_norm))
+                                  apply_out_norm=apply_out_norm, attention=_append_attention_cpu_ref_signature))
 
 
 def _adapter_forward_cuda(h, *args):

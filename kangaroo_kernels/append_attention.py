@@ -65,6 +65,15 @@ def _append_attention_cpu(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_ma
     v_cache[b_i, :, idx[b_i, t_i]] = v_new[b_i, t_i]
 
 
+def _append_attention_cpu_ref_signature(q, k_new, v_new, k_cache, v_cache, cache_lens, *, tree_mask=None,
+                                        active=None, sm_scale=None, positions=None, rope_cos_sin=None):
+    """_append_attention_cpu with append_attention_ref's signature (adapter_forward's CPU path uses it)."""
+    out = torch.empty_like(q)
+    _append_attention_cpu(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions, rope_cos_sin,
+                          sm_scale, 0, out)
+    return out
+
+
 def _append_attention_cuda(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
                            rope_cos_sin, sm_scale, num_splits, out):
     from kangaroo_kernels.triton.append_attention import append_attention_triton

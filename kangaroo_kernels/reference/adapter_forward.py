@@ -45,9 +45,10 @@ def rope_inv_freq_ref(head_dim: int, theta: float, device=None) -> torch.Tensor:
 def adapter_forward_ref(h: torch.Tensor, weights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, positions: torch.Tensor, *, active: Optional[torch.Tensor] = None,
                         rope_theta: float = 10000.0, rope_cos_sin: Optional[torch.Tensor] = None,
-                        eps: float = 1e-6, apply_out_norm: bool = True) -> torch.Tensor:
+                        eps: float = 1e-6, apply_out_norm: bool = True, attention=append_attention_ref) -> torch.Tensor:
     """h[B,D], weights: AdapterWeights, k_cache/v_cache[B,Hk,S,Dh] (written in place), cache_lens[B],
-    positions[B] -> out[B,D] in h.dtype."""
+    positions[B] -> out[B,D] in h.dtype. `attention` (append_attention_ref's signature) lets the CPU op plug in
+    its vectorised attention; the spec is append_attention_ref."""
     B, D = h.shape
     Hq, Hk = weights.num_heads, weights.num_kv_heads
     Dh = weights.wq.shape[0] // Hq
@@ -61,7 +62,7 @@ def adapter_forward_ref(h: torch.Tensor, weights, k_cache: torch.Tensor, v_cache
         rope_pos = torch.arange(B, device=h.device)[:, None]
     else:
         rope_pos = positions.long()[:, None]
-    attn = append_attention_ref(q, k, v, k_cache, v_cache, cache_lens, active=active, positions=rope_pos,
+    attn = attention(q, k, v, k_cache, v_cache, cache_lens, active=active, positions=rope_pos,
                                 rope_cos_sin=rope_cos_sin)
     o = _linear(attn.reshape(B, Hq * Dh), weights.wo, None)
     r = (o.float() + h.float()).to(h.dtype)
