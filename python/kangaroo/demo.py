@@ -42,17 +42,20 @@ class DemoSizes:
     lm_lr: float = 3e-3
     lm_steps: int = 5000  # upper bound; the time budget usually decides
     lm_minutes: float = 8.5
+    lm_min_steps: int = 600  # quality floor: below this the model loops on a few tokens (slow machines run longer)
     exit_layer: int = 1
     adapter_batch: int = 8
     adapter_lr: float = 1e-2
     adapter_steps: int = 2000  # upper bound; the time budget usually decides
     adapter_minutes: float = 3.5
+    adapter_min_steps: int = 300
     seed: int = 0
 
 
 QUICK = dict(vocab_size=512, hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1, intermediate_size=128,
              seq_len=128, tokenizer_bytes=400_000, corpus_bytes=600_000, lm_batch=8, lm_lr=5e-3, lm_steps=60,
-             lm_minutes=0.5, adapter_batch=8, adapter_lr=3e-3, adapter_steps=40, adapter_minutes=0.25)
+             lm_minutes=0.5, lm_min_steps=0, adapter_batch=8, adapter_lr=3e-3, adapter_steps=40, adapter_minutes=0.25,
+             adapter_min_steps=0)
 
 
 def default_cache_root() -> Path:
@@ -127,7 +130,7 @@ def build_base(sizes: DemoSizes, tok, out: Path, progress=None):
     lcfg = train.LMTrainConfig(seq_len=sizes.seq_len, batch_size=sizes.lm_batch, steps=sizes.lm_steps,
                                lr=sizes.lm_lr, warmup=min(30, max(2, sizes.lm_steps // 10)), dtype="bf16",
                                seed=sizes.seed,
-                               time_budget_s=sizes.lm_minutes * 60)
+                               time_budget_s=sizes.lm_minutes * 60, min_steps=sizes.lm_min_steps)
     hist = train.train_lm(model, ds, lcfg, progress=progress)
     tail = hist[-20:]
     final = sum(h["loss"] for h in tail) / max(1, len(tail))
@@ -147,7 +150,8 @@ def build_adapter(sizes: DemoSizes, tok, base, out: Path, progress=None):
     cfg = train.AdapterTrainConfig(exit_layer=sizes.exit_layer, seq_len=sizes.seq_len,
                                    batch_size=sizes.adapter_batch, steps=sizes.adapter_steps, lr=sizes.adapter_lr,
                                    warmup=min(30, max(2, sizes.adapter_steps // 10)), dtype="bf16", seed=sizes.seed,
-                                   save_every=0, time_budget_s=sizes.adapter_minutes * 60)
+                                   save_every=0, time_budget_s=sizes.adapter_minutes * 60,
+                                   min_steps=sizes.adapter_min_steps)
     tr = train.AdapterTrainer(base, ds, cfg, out_dir=None, progress=progress)
     _log(f"[3/3] adapter: exit layer {sizes.exit_layer}, batches of {cfg.batch_size}x{cfg.seq_len} tokens, "
          f"training for up to {sizes.adapter_minutes:g} min")

@@ -116,6 +116,59 @@ def draft_logits(base, adapter, h, position_ids):
     return base.get_output_embeddings()(adapter(h, position_ids))
 
 
+class ThreadTuner:
+    """Chooses torch's CPU thread count by measured step time: every `every` steps it times `probe` steps with all
+    threads and `probe` with one, then uses the faster. On a shared machine (other processes on the same cores) two
+    threads can be several times slower than one (threads wait for each other at every op); on an idle one they are
+    faster. A no-op with one thread available or on a GPU."""
+
+    def __init__(self, enabled: bool = True, every: int = 64, probe: int = 3):
+        import torch
+
+        self.n = torch.get_num_threads()
+        self.enabled = enabled and self.n > 1
+        self.every, self.probe = every, probe
+        self.best = self.n
+        self._times = {self.n: [], 1: []}
+        self._i = 0
+
+    def _threads_for(self, i: int) -> int:
+        k = i % self.every
+        if k < self.probe:
+            return self.n
+        if k < 2 * self.probe:
+            return 1
+        return self.best
+
+    def step(self, fn):
+        """Runs fn() under the scheduled thread count and records its time."""
+        import torch
+
+        if not self.enabled:
+            return fn()
+        nt = self._threads_for(self._i)
+        torch.set_num_threads(nt)
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        k = self._i % self.every
+        if k < 2 * self.probe:
+            self._times[nt].append(dt)
+            if k == 2 * self.probe - 1:
+                a, b = sorted(self._times[self.n])[len(self._times[self.n]) // 2], sorted(self._times[1])[
+                    len(self._times[1]) // 2]
+                self.best = self.n if a <= b else 1
+                self._times = {self.n: [], 1: []}
+        self._i += 1
+        return out
+
+    def restore(self):
+        import torch
+
+        if self.enabled:
+            torch.set_num_threads(self.n)
+
+
 def _refit_steps(step: int, elapsed: float, budget_s: float, max_steps: int) -> int:
     """The step count that ends a run at `budget_s` at the speed so far (refitted as the run goes, so a machine
     that slows down mid-run still ends on time; the cosine schedule follows the count)."""
@@ -154,6 +207,8 @@ class AdapterTrainConfig:
     etas: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
     gamma: int = 6
     time_budget_s: float | None = None  # when set, `steps` is refitted to end the run in this many seconds
+    min_steps: int = 0  # with a time budget: at least this many steps, however slow the machine
+    tune_threads: bool = True
 
 
 def _new_adapter(base, exit_layer):
@@ -250,8 +305,9 @@ class AdapterTrainer:
         ema_loss = ema_agree = None
         batches = self._micro_batches()
         t0, s0 = time.perf_counter(), self.step
+        tuner = ThreadTuner(cfg.tune_threads and self.device.type == "cpu")
         while self.step < end:
-            rec = self.train_step(next(batches))
+            rec = tuner.step(lambda: self.train_step(next(batches)))
             rec["step"] = self.step
             self.history.append(rec)
             if not math.isnan(rec["loss"]):
@@ -264,10 +320,11 @@ class AdapterTrainer:
                 self.save_checkpoint()
             done = self.step - s0
             if cfg.time_budget_s and steps is None and done >= 8 and done % 8 == 0:
-                cfg.steps = end = s0 + _refit_steps(done, time.perf_counter() - t0, cfg.time_budget_s,
-                                                    cfg.steps - s0)
+                fitted = _refit_steps(done, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps - s0)
+                cfg.steps = end = max(s0 + fitted, min(cfg.min_steps, cfg.steps))
                 bar.total = end
                 bar.refresh()
+        tuner.restore()
         bar.close()
         if self.out_dir is not None and self.step >= cfg.steps:
             self.save(self.out_dir)
@@ -476,7 +533,9 @@ class LMTrainConfig:
     grad_clip: float = 1.0
     dtype: str = "bf16"
     seed: int = 0
-    time_budget_s: float | None = None  # when set, `steps` is re-fitted to the budget after a few timed steps
+    time_budget_s: float | None = None  # when set, `steps` is refitted to the budget as the run goes
+    min_steps: int = 0  # with a time budget: at least this many steps, however slow the machine
+    tune_threads: bool = True
 
 
 def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | None = None) -> list[dict]:
@@ -495,21 +554,27 @@ def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | 
     t0 = time.perf_counter()
     batches = dataset.batches(cfg.batch_size, seed=cfg.seed)
     step = 0
+    tuner = ThreadTuner(cfg.tune_threads and torch.device(device).type == "cpu")
     while step < total:
         ids, mask = next(batches)
         ids, mask = ids.to(device), mask.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=total, min_ratio=cfg.min_lr_ratio)
-        with _autocast(cfg.dtype, device):
-            logits = model(input_ids=ids, use_cache=False).logits
-        lp = logits.float()[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        m = mask[:, :-1]
-        loss = -(lp * m).sum() / m.sum().clamp(min=1)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+
+        def one_step():
+            with _autocast(cfg.dtype, device):
+                logits = model(input_ids=ids, use_cache=False).logits
+            lp = logits.float()[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            m = mask[:, :-1]
+            loss = -(lp * m).sum() / m.sum().clamp(min=1)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        loss = tuner.step(one_step)
         step += 1
         lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
@@ -518,9 +583,11 @@ def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | 
         if step % 5 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
         if cfg.time_budget_s and step >= 8 and step % 8 == 0:
-            total = _refit_steps(step, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps)
+            total = max(_refit_steps(step, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps),
+                        min(cfg.min_steps, cfg.steps))
             bar.total = total
             bar.refresh()
+    tuner.restore()
     bar.close()
     model.eval()
     return hist
