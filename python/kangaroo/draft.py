@@ -102,8 +102,11 @@ def catch_up(st) -> None:
     """Adapter K/V for the last accepted node when the previous cycle accepted a node the adapter never saw
     (all chain drafts accepted, or a tree path ending in the last chain draft or a sibling): its layer-ℓ hidden
     state was saved in st.catch_h; its position is L0 - 1."""
+    rows = st.need_catch & st.alive
+    if st.host_exit and not bool(rows.any()):  # CPU only: no row needs it (free read of a CPU tensor)
+        return
     pos = (st.L0 - 1).clamp_min(0)
-    _adapter_step(st, st.catch_h, pos, st.need_catch & st.alive)
+    _adapter_step(st, st.catch_h, pos, rows)
     st.need_catch.logical_and_(~st.alive)
 
 
