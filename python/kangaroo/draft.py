@@ -136,7 +136,7 @@ def draft_chain(st) -> None:
         pos = st.L0 + i
         h = _shallow(st, cur[:, None], pos, proc)[:, 0]
         st.hbuf[:, i].copy_(h)
-        if i == g:
+        if i == g or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
             break
         r = _adapter_step(st, h, pos, drafting)
         tok, conf, act_out = draft_head(r, lm, st.threshold, nw, st.adapter_eps, drafting)
@@ -182,7 +182,7 @@ def draft_tree(st) -> None:
             st.side_v[:, :, :, sl].copy_(torch.gather(st.cache.v[:ell], 3, idx))
             st.sib_h[:, sl].copy_(h[:, 1:])
         st.hbuf[:, i].copy_(h[:, 0])
-        if i == g:
+        if i == g or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
             break
         r = _adapter_step(st, h[:, 0], pos, drafting)
         toks, logp = draft_topk(r, lm, K, nw, st.adapter_eps)
