@@ -327,10 +327,9 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
         totals["kangaroo"][1] += s.time_s
         cyc["tokens"] += s.new_tokens
         cyc["cycles"] += s.cycles
-        for i, p in enumerate(s.accept_per_position[:max_draft]):  # P(accepted | drafted), weighted by cycles
-            if p == p and p > 0:
-                acc_num[i] += p * s.cycles
-                acc_den[i] += s.cycles
+        for i, (p, n) in enumerate(zip(s.accept_per_position[:max_draft], s.drafted_per_position)):
+            acc_num[i] += p * n  # P(accepted | drafted) pooled over prompts: accepted / drafted
+            acc_den[i] += n
         for i, c in enumerate(s.accept_hist[: max_draft + 1]):
             hist[i] += c
         bar.update(1)

@@ -40,6 +40,7 @@ class GenerateStats:
     mean_tokens_per_cycle: float = 0.0  # committed tokens per row-cycle (accepted + 1)
     mean_drafted: float = 0.0           # chain drafts per row-cycle (dynamic exit)
     accept_per_position: List[float] = dataclasses.field(default_factory=list)  # P(accepted | drafted) at depth i
+    drafted_per_position: List[int] = dataclasses.field(default_factory=list)  # row-cycles that drafted depth i
     accept_hist: List[int] = dataclasses.field(default_factory=list)  # row-cycles that accepted exactly i nodes
     prefill_time_s: float = 0.0
     draft_time_s: float = 0.0
@@ -426,6 +427,7 @@ class KangarooDecoder:
             stats.mean_drafted = drafted_sum / row_cycles
         stats.accept_hist = hist
         if N:
+            stats.drafted_per_position = list(pos_drafted[:N if not st.tree else st.gamma])
             stats.accept_per_position = [pos_accepted[i] / pos_drafted[i] if pos_drafted[i] else 0.0
                                          for i in range(N if not st.tree else st.gamma)]
 
