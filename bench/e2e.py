@@ -220,17 +220,18 @@ def print_model(summary):
 
 
 def run_demo(dev):
-    """The embedded demo model with real acceptance (only when its cache exists: the demo trains it)."""
-    try:
-        from kangaroo import demo
-    except ImportError as e:
-        print(f"# demo model: kangaroo.demo not importable ({e})")
+    """The embedded demo model with real acceptance, when `make demo` has built and cached it (never trains here).
+    The demo decoder runs on the CPU in fp32 (kangaroo.demo), so these are CPU figures whatever `dev` is."""
+    from kangaroo import demo
+
+    sizes = demo.DemoSizes()
+    cache = demo.cache_dir_for(sizes)
+    if not (cache / "base" / "model.safetensors").exists() or not (cache / "adapter" / "adapter_config.json").exists():
+        print(f"# demo model: no cached model in {cache}; run `make demo` once to build it")
         return
-    fn = getattr(demo, "measure_speedup", None)
-    if fn is None:
-        print("# demo model: kangaroo.demo has no measure_speedup(); run `make demo` for the measured speedup")
-        return
-    fn(device=dev)
+    built = demo.ensure_model(sizes, cache)
+    print(f"\n# demo model (CPU, real acceptance; {dev.type} step costs above are separate)")
+    print(demo.format_results(demo.run_comparison(built, n_prompts=3, new_tokens=96, hf_peers=False)))
 
 
 def main():
