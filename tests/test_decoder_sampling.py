@@ -106,16 +106,16 @@ def test_first_two_tokens_follow_target(mode, temperature, top_k, top_p):
 def test_broken_variant_fails(monkeypatch):
     """Control: verifying the deterministic drafts against a uniform draft distribution (a wrong q) biases the
     output towards the drafts; the same test must reject it."""
-    vs = importlib.import_module("kangaroo_kernels.verify_sample")
+    kverify = importlib.import_module("kangaroo.verify")  # the decoder's binding of the op
 
-    real = vs.verify_sample
+    real = kverify.verify_sample
 
     def broken(draft_tokens, target_logits, **kw):
         B, N = draft_tokens.shape
         kw["draft_probs"] = torch.full((B, N, target_logits.shape[-1]), 1.0 / target_logits.shape[-1])
         return real(draft_tokens, target_logits, **kw)
 
-    monkeypatch.setattr(vs, "verify_sample", broken)
+    monkeypatch.setattr(kverify, "verify_sample", broken)
     hf, dec = model()
     probs = target_joint(hf, 1.0, 0, 1.0)
     counts, _ = sample_pairs(dec, "seq", 1.0, 0, 1.0, seed=1234)

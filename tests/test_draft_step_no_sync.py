@@ -11,7 +11,6 @@ the device. It runs under NoHostSync, a dispatch mode that fails on every op tha
 Controls show the guard catches planted syncs, including the validating path of adapter_forward.
 """
 
-import importlib
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kangaroo_kernels.adapter_forward import AdapterWeights, _adapter_forward_triton, adapter_forward
 from kangaroo_kernels.append_attention import _append_attention_triton, append_attention, make_rope_cos_sin
+from kangaroo_kernels.lm_head_exit import _lm_head_exit_triton, lm_head_exit
 
 aten = torch.ops.aten
 
@@ -70,15 +70,6 @@ class NoHostSync(TorchDispatchMode):
             if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_cpu:
                 raise HostSyncError(f"device -> host copy: {func}")
         return func(*args, **kwargs)
-
-
-def _lm_head_exit_module():
-    try:
-        return importlib.import_module("kangaroo_kernels.lm_head_exit")
-    except ModuleNotFoundError as e:
-        if e.name != "kangaroo_kernels.lm_head_exit":
-            raise
-        pytest.skip("kangaroo_kernels.lm_head_exit is not written yet")
 
 
 B, D, HQ, HK, DH, INTER, V, LAYERS, S = 3, 128, 2, 1, 64, 192, 97, 2, 32
@@ -146,14 +137,11 @@ def draft_step(m, st, ops, threshold):
 
 
 def _public_ops():
-    return append_attention, adapter_forward, _lm_head_exit_module().lm_head_exit
+    return append_attention, adapter_forward, lm_head_exit
 
 
 def _triton_ops():
-    launcher = getattr(_lm_head_exit_module(), "_lm_head_exit_triton", None)
-    if launcher is None:
-        pytest.skip("kangaroo_kernels.lm_head_exit has no Triton-forced launcher _lm_head_exit_triton")
-    return _append_attention_triton, _adapter_forward_triton, launcher
+    return _append_attention_triton, _adapter_forward_triton, _lm_head_exit_triton
 
 
 def _threshold(m, device):

@@ -23,77 +23,32 @@ predicated inside one CUDA graph instead.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 
+from kangaroo_kernels.adapter_forward import adapter_forward
+from kangaroo_kernels.lm_head_exit import lm_head_exit, lm_head_topk
+
 __all__ = ["draft_head", "draft_topk", "catch_up", "draft_chain", "draft_tree"]
-
-_lm_head_mod = None
-
-
-def _lm_head_module():
-    """kangaroo_kernels.lm_head_exit when it exists, else None (the torch fallback below is used)."""
-    global _lm_head_mod
-    if _lm_head_mod is None:
-        try:
-            _lm_head_mod = importlib.import_module("kangaroo_kernels.lm_head_exit")
-        except ModuleNotFoundError as e:
-            if e.name != "kangaroo_kernels.lm_head_exit":
-                raise
-            return None
-    return _lm_head_mod
-
-
-def _normed_logits(hidden, weight, norm_weight, eps):
-    x = hidden.float()
-    if norm_weight is not None:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        x = norm_weight.float() * x.to(hidden.dtype).float()
-    return x @ weight.float().T
-
-
-def _lm_head_exit_fallback(hidden, weight, threshold, *, norm_weight=None, eps=1e-6, active=None):
-    logits = _normed_logits(hidden, weight, norm_weight, eps)
-    m, idx = logits.max(dim=-1)
-    conf = torch.exp(m - torch.logsumexp(logits, dim=-1))
-    act = conf >= threshold
-    if active is not None:
-        act = act & active
-    return idx.to(torch.int32), conf, act
-
-
-def _lm_head_topk_fallback(hidden, weight, k, *, norm_weight=None, eps=1e-6):
-    logp = torch.log_softmax(_normed_logits(hidden, weight, norm_weight, eps), dim=-1)
-    v, i = logp.topk(k, dim=-1)
-    return i.to(torch.int32), v
 
 
 def draft_head(r: torch.Tensor, lm_head: torch.Tensor, threshold: float, norm_weight: torch.Tensor, eps: float,
                active: torch.Tensor):
     """(token [B] i32, conf [B] f32, active_out [B] bool) of the draft distribution softmax(lm_head(norm(r)))."""
-    mod = _lm_head_module()
-    if mod is None:
-        return _lm_head_exit_fallback(r, lm_head, threshold, norm_weight=norm_weight, eps=eps, active=active)
-    res = mod.lm_head_exit(r, lm_head, threshold, norm_weight=norm_weight, eps=eps, active=active, validate=False)
+    res = lm_head_exit(r, lm_head, threshold, norm_weight=norm_weight, eps=eps, active=active, validate=False)
     return res[0], res[1], res[2]
 
 
 def draft_topk(r: torch.Tensor, lm_head: torch.Tensor, k: int, norm_weight: torch.Tensor, eps: float):
     """(tokens [B,k] i32, logprobs [B,k] f32): the k most likely draft tokens, most likely first."""
-    mod = _lm_head_module()
-    if mod is None:
-        return _lm_head_topk_fallback(r, lm_head, k, norm_weight=norm_weight, eps=eps)
-    res = mod.lm_head_topk(r, lm_head, k, norm_weight=norm_weight, eps=eps, validate=False)
+    res = lm_head_topk(r, lm_head, k, norm_weight=norm_weight, eps=eps, validate=False)
     return res[0], res[1]
 
 
 def _adapter_step(st, h, pos, active):
     """The adapter on h[B,D] at position pos (appending its K/V); returns the pre-norm residual (the out norm is
     applied inside the LM-head exit)."""
-    from kangaroo_kernels.adapter_forward import adapter_forward
-
     return adapter_forward(h, st.adapter_weights, st.ak, st.av, pos, pos, active=active, rope_cos_sin=st.rope,
                            eps=st.adapter_eps, apply_out_norm=False, validate=False)
 
@@ -131,8 +86,6 @@ def draft_chain(st) -> None:
     st.n_chain.zero_()
     st.drafts.fill_(-1)
     for i in range(g + 1):
-        if st.host_exit and not bool(proc.any()):  # CPU only: every row has stopped drafting
-            break
         pos = st.L0 + i
         h = _shallow(st, cur[:, None], pos, proc)[:, 0]
         st.hbuf[:, i].copy_(h)
@@ -166,8 +119,6 @@ def draft_tree(st) -> None:
     log_sib = math.log(st.sibling_threshold) if st.sibling_threshold > 0 else -math.inf
     ell = st.exit_layer
     for i in range(g + 1):
-        if st.host_exit and not bool(proc.any()):  # CPU only: every row has stopped drafting
-            break
         pos = st.L0 + i
         if i == 0:
             h = _shallow(st, cur[:, None], pos, proc)

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from kangaroo_kernels.reference.adapter_forward import rms_norm_ref as rms_norm  # HF LlamaRMSNorm rounding
+
 __all__ = ["ModelConfig", "KVCache", "LlamaModel", "rms_norm", "rope_inv_freq", "rope_table", "fingerprint_of"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -136,12 +138,6 @@ def rope_table(max_pos: int, head_dim: int, theta: float, scaling=None, device=N
     ang = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv[None, :]
     table = torch.cat([ang.cos(), ang.sin()], dim=-1) * scale
     return table.to(device)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: fp32 statistics, normalised value rounded to x.dtype, times weight."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def fingerprint_of(lm_head_weight: torch.Tensor) -> str:

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from kangaroo_kernels.compact_kv import compact_kv
+from kangaroo_kernels.verify_greedy import verify_greedy
+from kangaroo_kernels.verify_sample import verify_sample
+
 __all__ = ["verify_chain", "verify_tree", "decide", "commit", "autoregressive_step"]
 
 
@@ -25,12 +29,8 @@ def decide(st, logits: torch.Tensor, parents=None, drafts=None):
     out = st.acc if drafts is None else None
     drafts = st.drafts if drafts is None else drafts
     if st.temperature > 0:
-        from kangaroo_kernels.verify_sample import verify_sample
-
         return verify_sample(drafts, logits, parents=parents, temperature=st.temperature, top_k=st.top_k,
                              top_p=st.top_p, seed=st.seed, offset=st.offset, out=out, validate=False)
-    from kangaroo_kernels.verify_greedy import verify_greedy
-
     return verify_greedy(drafts, logits, parents=parents, out=out, validate=False)
 
 
@@ -81,8 +81,6 @@ def verify_tree(st) -> None:
                          tree_mask=st.tree_mask, active=st.alive)
     acc = decide(st, m.logits(h), parents=st.tree_parents)
     a = torch.where(st.alive, acc.accept_len, 0)
-    from kangaroo_kernels.compact_kv import compact_kv
-
     lens = st.L0 + 1
     compact_kv(st.cache.k, st.cache.v, lens, acc.path, a, validate=False)
     last = acc.path.gather(1, (a - 1).clamp_min(0).long()[:, None])[:, 0].long().clamp_min(0)
