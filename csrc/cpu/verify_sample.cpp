@@ -122,6 +122,50 @@ std::array<int64_t, 3> verify_sample_check_args(const at::Tensor& draft_tokens, 
   return {B, N, V};
 }
 
+// The kernel parameters both devices fill the same way (after the shared checks); the CUDA wrapper adds its
+// workspace. Defined once, here.
+VerifySampleParams verify_sample_params(const at::Tensor& draft_tokens, const at::Tensor& target_logits,
+                                        const std::optional<at::Tensor>& draft_probs,
+                                        const std::optional<at::Tensor>& parents,
+                                        const std::optional<at::Tensor>& uniforms,
+                                        const std::optional<at::Tensor>& seed,
+                                        const std::optional<at::Tensor>& offset, double temperature, int64_t top_k,
+                                        double top_p, at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens) {
+  const auto [B, N, V] = verify_sample_check_args(draft_tokens, target_logits, draft_probs, parents, uniforms, seed,
+                                                  offset, temperature, top_k, top_p, accept_len, path, tokens);
+  VerifySampleParams p;
+  p.draft_tokens = draft_tokens.data_ptr<int32_t>();
+  p.logits = target_logits.data_ptr();
+  p.logits_stride_b = target_logits.stride(0);
+  p.logits_stride_n = target_logits.stride(1);
+  if (draft_probs) {
+    p.draft_probs = draft_probs->data_ptr<float>();
+    p.q_stride_b = draft_probs->stride(0);
+    p.q_stride_n = draft_probs->stride(1);
+  }
+  if (parents) p.parents = parents->data_ptr<int32_t>();
+  if (uniforms) {
+    if (uniforms->scalar_type() == at::kFloat) {
+      p.uniforms_f32 = uniforms->data_ptr<float>();
+    } else {
+      p.uniforms_f64 = uniforms->data_ptr<double>();
+    }
+  } else {
+    p.seed = seed->data_ptr<int64_t>();
+    p.offset = offset->data_ptr<int64_t>();
+  }
+  p.inv_t = 1.0f / static_cast<float>(temperature);
+  p.top_k = static_cast<int>(std::min<int64_t>(top_k, V));
+  p.top_p = top_p;
+  p.B = static_cast<int>(B);
+  p.N = static_cast<int>(N);
+  p.V = static_cast<int>(V);
+  p.accept_len = accept_len.data_ptr<int32_t>();
+  p.path = path.data_ptr<int32_t>();
+  p.tokens = tokens.data_ptr<int32_t>();
+  return p;
+}
+
 namespace {
 
 using namespace kangaroo::vsample;
@@ -312,38 +356,10 @@ void verify_sample_cpu(const at::Tensor& draft_tokens, const at::Tensor& target_
                        const std::optional<at::Tensor>& uniforms, const std::optional<at::Tensor>& seed,
                        const std::optional<at::Tensor>& offset, double temperature, int64_t top_k, double top_p,
                        at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens) {
-  const auto [B, N, V] = verify_sample_check_args(draft_tokens, target_logits, draft_probs, parents, uniforms, seed,
-                                                  offset, temperature, top_k, top_p, accept_len, path, tokens);
-  VerifySampleParams p;
-  p.draft_tokens = draft_tokens.data_ptr<int32_t>();
-  p.logits = target_logits.data_ptr();
-  p.logits_stride_b = target_logits.stride(0);
-  p.logits_stride_n = target_logits.stride(1);
-  if (draft_probs) {
-    p.draft_probs = draft_probs->data_ptr<float>();
-    p.q_stride_b = draft_probs->stride(0);
-    p.q_stride_n = draft_probs->stride(1);
-  }
-  if (parents) p.parents = parents->data_ptr<int32_t>();
-  if (uniforms) {
-    if (uniforms->scalar_type() == at::kFloat) {
-      p.uniforms_f32 = uniforms->data_ptr<float>();
-    } else {
-      p.uniforms_f64 = uniforms->data_ptr<double>();
-    }
-  } else {
-    p.seed = seed->data_ptr<int64_t>();
-    p.offset = offset->data_ptr<int64_t>();
-  }
-  p.inv_t = 1.0f / static_cast<float>(temperature);
-  p.top_k = static_cast<int>(std::min<int64_t>(top_k, V));
-  p.top_p = top_p;
-  p.B = static_cast<int>(B);
-  p.N = static_cast<int>(N);
-  p.V = static_cast<int>(V);
-  p.accept_len = accept_len.data_ptr<int32_t>();
-  p.path = path.data_ptr<int32_t>();
-  p.tokens = tokens.data_ptr<int32_t>();
+  const VerifySampleParams p = verify_sample_params(draft_tokens, target_logits, draft_probs, parents, uniforms,
+                                                     seed, offset, temperature, top_k, top_p, accept_len, path,
+                                                     tokens);
+  const int64_t B = p.B, V = p.V;
   const auto dtype = target_logits.scalar_type();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     RowBuffers buf;
