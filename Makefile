@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: all venv build test test-fast demo bench bench-gpu lint native-check clean
+.PHONY: all venv build test test-fast demo bench bench-gpu compile-report lint native-check clean
 
 all: build
 
@@ -36,8 +36,13 @@ demo: build
 bench: build
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
+GPU_OUT ?= bench/results/gpu_suite
 bench-gpu: build
-	bash bench/run_gpu_suite.sh
+	bash bench/run_gpu_suite.sh $(GPU_OUT)
+
+# Compile every Triton kernel for sm_90 and sm_80 without a GPU; ptxas registers / spills / shared memory.
+compile-report: $(VENV)/.deps
+	$(PY) bench/compile_report.py --arch 90 80
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check kangaroo_kernels python bench tests setup.py

@@ -11,11 +11,11 @@ Dots run on fp32 operands (tf32 for 16-bit inputs, which convert exactly; IEEE f
 wrong in the interpreter, and decode is bound by KV bandwidth, not by the dots.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kangaroo_kernels.triton import num_sms
 
 _LOG2E = 1.4426950408889634
 
@@ -184,11 +184,6 @@ def _append_attention_merge_kernel(PART_M, PART_L, PART_ACC, OUT, NUM_SPLITS, DH
     tl.store(OUT + row * DH + d, o.to(OUT.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _blocks(rows: int, Dh: int):
     """(BLOCK_M, BLOCK_N). tl.dot needs M >= 16. With fp32 tiles and num_stages=2 these stay under ~160 KB of
     shared memory (A100) for every dtype (checked by compiling for sm_80/sm_90); decode at Dh = 128 (rows <= 16)
@@ -204,8 +199,7 @@ def default_num_splits(B: int, Hk: int, rows: int, Dh: int, S: int, device: torc
     Depends only on shapes (S is the longest possible prefix), never on cache_lens values: no host sync.
     """
     programs = B * Hk * triton.cdiv(rows, _blocks(rows, Dh)[0])
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = num_sms(device)
     want = triton.cdiv(2 * sms, programs)
     return max(1, min(want, triton.cdiv(S, 128), 64))
 

@@ -23,13 +23,12 @@ takes much wider blocks because it pays per program and per op.
 The number of launches and every buffer size depend on shapes only: no host sync, CUDA-graph capturable.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kangaroo_kernels.reference.lm_head_exit import STREAM_TAG
+from kangaroo_kernels.triton import gpu_config
 from kangaroo_kernels.triton.adapter_forward import _round
 
 _KEY_MIN = tl.constexpr(-(2 ** 63))  # below every real key: masked vocabulary slots
@@ -277,16 +276,12 @@ def _lm_head_topk_merge_kernel(
             key = tl.where(key == top, _KEY_MIN, key)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _blocks(B: int, V: int, D: int, device: torch.device):
     """(BLOCK_B, BLOCK_V, BLOCK_D, num_warps). GPU: the fp32 accumulator stays at 8K elements (64 registers a
     thread at 4 warps) or 16K at 8 warps; B = 1 takes 64 vocabulary rows x 128 columns (16 KB of bf16 weights a
     program per D step, 128-bit loads; 500 programs at V = 32000). The interpreter takes wide blocks: its cost is
     per op, not per element."""
-    if device.type != "cuda" or _interpreting():
+    if not gpu_config(device):
         block_b = min(triton.next_power_of_2(max(B, 1)), 64)
         block_v = min(2048, triton.next_power_of_2(V), 2 ** 14 // block_b)
         block_d = min(triton.next_power_of_2(D), max(16, 2 ** 18 // (block_b * block_v)))
@@ -304,7 +299,7 @@ def _blocks(B: int, V: int, D: int, device: torch.device):
 def _merge_rows(B: int, chunk: int, device: torch.device) -> int:
     """Rows per exit-merge program. GPU: one (B is small, a row's merge is short); the interpreter pays per
     program, so it takes up to 4096 partials at a time."""
-    if device.type == "cuda" and not _interpreting():
+    if gpu_config(device):
         return 1
     return min(triton.next_power_of_2(B), max(1, 4096 // chunk))
 
@@ -342,7 +337,7 @@ def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, thres
         num_warps=4,
     )
     if write_probs:
-        block = min(4096 if _interpreting() else 1024, triton.next_power_of_2(V))
+        block = min(1024 if gpu_config(dev) else 4096, triton.next_power_of_2(V))
         _lm_head_probs_kernel[(triton.cdiv(V, block), B)](probs, stats, V, BLOCK=block, num_warps=4)
 
 

@@ -495,8 +495,10 @@ __device__ void sample_row(const VerifySampleParams& p, int b, double* r, double
 }
 
 // One CTA per batch row; with more rows than workspace rows, blocks stride over the batch.
+// minBlocks = 1: without it ptxas (CUDA 13, sm_80) capped the kernel at 64 registers and spilled 40 bytes. It runs
+// one CTA per row (a few dozen at most), so occupancy is not what bounds it (tests/test_cuda_resource_usage.py).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) verify_sample_kernel(const VerifySampleParams p) {
+__global__ void __launch_bounds__(kThreads, 1) verify_sample_kernel(const VerifySampleParams p) {
   extern __shared__ double hist[];
   __shared__ BlockShared sh;
   double* r = p.workspace + static_cast<int64_t>(blockIdx.x) * p.V;
