@@ -145,3 +145,79 @@ def test_planted_read_is_counted(dec, monkeypatch):
     with CountHostReads() as c:
         out = dec.generate(PROMPTS, 12, max_draft=4)
     assert c.count > out.stats.cycles
+
+
+# per-cycle scratch: written by every cycle before it is read, so the warm-up may leave anything there
+_SCRATCH = {"drafts", "n_chain", "hbuf", "out", "cur", "acc", "sib_h", "side_k", "side_v"}
+
+
+def _state(st):
+    """Every state tensor but the scratch ones; of the shallow/deep KV cache [layers, B, Hk, S, Dh] the committed
+    slots of each row (positions < L0: from L0 on, the slots belong to the next draft block, which rewrites them
+    before anything reads them; tree verification parks sibling K/V there for every row)."""
+    snap = {}
+    for name, v in vars(st).items():
+        if name in _SCRATCH:
+            continue
+        if isinstance(v, torch.Tensor):
+            snap[name] = v.clone()
+    for i, t in enumerate((st.cache.k, st.cache.v)):
+        for b, n in enumerate(st.L0.tolist()):
+            snap[f"cache{i}[row {b}]"] = t[:, b, :, :n].clone()
+    return snap
+
+
+def _changed(before, after):
+    return sorted(k for k in before if not torch.equal(before[k], after[k]))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tree=True), dict(temperature=0.9, top_k=20, seed=3),
+                                dict(tree=True, temperature=1.0, seed=4)],
+                         ids=["greedy", "tree", "sample", "tree-sample"])
+def test_graph_warm_up_leaves_the_state_unchanged(dec, kw, monkeypatch):
+    """The CUDA-graph path first runs every step with all rows inactive (kangaroo.generate._warm_up_inactive);
+    that must change no cache entry, length, token or sampling offset. Checked on CPU, where the same warm-up
+    runs on the predicated path."""
+    from kangaroo import generate as kgen
+
+    real = kgen._warm_up_inactive
+    diffs = []
+
+    def checked(st, steps, **k):
+        before = _state(st)
+        real(st, steps, **k)
+        diffs.append(_changed(before, _state(st)))
+
+    monkeypatch.setattr(kgen, "_warm_up_inactive", checked)
+    monkeypatch.setattr(dec, "host_early_exit", False)
+    out = dec.generate(PROMPTS, 12, **kw)
+    assert diffs == [[]], diffs
+    assert all(len(t) == 12 for t in out.tokens)
+
+
+def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
+    """Control: a commit that advances the lengths of inactive rows, planted during the warm-up only, is
+    reported by the warm-up check."""
+    from kangaroo import generate as kgen
+    from kangaroo import verify as kverify
+
+    real_commit = kverify.commit
+
+    def leaky_commit(st, *a, **k):
+        st.n_gen.add_(1)  # ignores the alive mask
+        return real_commit(st, *a, **k)
+
+    real = kgen._warm_up_inactive
+    diffs = []
+
+    def checked(st, steps, **k):
+        before = _state(st)
+        monkeypatch.setattr(kverify, "commit", leaky_commit)
+        real(st, steps, **k)
+        monkeypatch.setattr(kverify, "commit", real_commit)
+        diffs.append(_changed(before, _state(st)))
+
+    monkeypatch.setattr(kgen, "_warm_up_inactive", checked)
+    monkeypatch.setattr(dec, "host_early_exit", False)
+    dec.generate(PROMPTS, 4)
+    assert diffs == [["n_gen"]], diffs

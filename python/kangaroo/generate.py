@@ -104,6 +104,7 @@ class DecodeState:
         if temperature > 0:
             self.seed = seeds.to(dev)
             self.offset = torch.zeros(B, dtype=torch.int64, device=dev)
+            self.offset_prev = torch.zeros_like(self.offset)
         if tree and not autoregressive:
             from kangaroo_kernels.tree import build_tree
 
@@ -312,10 +313,11 @@ class KangarooDecoder:
                 (_draft.draft_tree if tree else _draft.draft_chain)(st)
 
             steps = [draft_fn, lambda: (_verify.verify_tree if tree else _verify.verify_chain)(st)]
-        use_graphs = self.cuda_graphs and m.device.type == "cuda"
-        if use_graphs:
+        if self.cuda_graphs and m.device.type == "cuda":
             steps = _capture(st, steps)
             stats.cuda_graphs = True
+        elif not st.host_exit:
+            _warm_up_inactive(st, steps)  # the graph path's warm-up, also run (and tested) without graphs
         self._loop(st, steps, outs, max_new, eos_ids, streamer, stats, single)
         self.last_state = st  # the final caches and lengths (debugging, cache-consistency tests)
         stats.time_s = time.perf_counter() - t_start
@@ -387,7 +389,9 @@ class KangarooDecoder:
             stats.cycles += 1
             for b in range(B):
                 a, n_chain, was_alive = res[b][0], res[b][1], res[b][2]
-                if not was_alive or not alive[b]:
+                if not was_alive:  # the device finished the row: never wait on it (no endless loop)
+                    alive[b] = False
+                if not alive[b]:
                     continue
                 new = res[b][3:3 + a + 1][:max_new - len(outs[b])]
                 done = False
@@ -444,17 +448,27 @@ def _stream(streamer, row: int, new: List[int]) -> None:
         streamer(row, list(new))
 
 
-def _capture(st: DecodeState, steps):
-    """Captures each step function in a CUDA graph (after a warm-up with every row inactive, which leaves the
-    state unchanged) and returns their replays."""
-    saved = st.alive.clone()
+def _warm_up_inactive(st: DecodeState, steps, rounds: int = 2) -> None:
+    """Runs every step `rounds` times with every row inactive, then restores the rows' alive flags: loads and compiles
+    every kernel (Triton JIT, cuBLAS handles) before a CUDA graph is captured. Inactive rows are no-ops for every
+    op, so the decode state (committed cache entries, lengths, tokens, sampling offsets) is unchanged; only
+    per-cycle scratch is written: buffers and the cache slots from L0 on, which the next draft block rewrites
+    before anything reads them (tests/test_decoder_sync.py checks this on CPU)."""
+    alive = st.alive.clone()
     st.alive.zero_()
+    for _ in range(rounds):
+        for f in steps:
+            f()
+    st.alive.copy_(alive)
+
+
+def _capture(st: DecodeState, steps):
+    """Warms the steps up on a side stream (_warm_up_inactive), captures each in a CUDA graph (capture records
+    the kernels without running them: the state is untouched) and returns their replays."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            for f in steps:
-                f()
+        _warm_up_inactive(st, steps)
     torch.cuda.current_stream().wait_stream(side)
     graphs = []
     pool = None
@@ -464,6 +478,4 @@ def _capture(st: DecodeState, steps):
             f()
         pool = g.pool()
         graphs.append(g)
-    st.alive.copy_(saved)
-    st.need_catch.zero_()
     return [g.replay for g in graphs]
