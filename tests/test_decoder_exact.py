@@ -144,3 +144,26 @@ def test_from_checkpoint_folder_sharded(tmp_path):
         assert torch.equal(ad.state_dict()[k], v)
     got = run_kangaroo(dec, prompts[:6], 4, threshold=0.3, max_draft=4)
     assert got == ref[:6]
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive-cap", "fixed-gamma"])
+@pytest.mark.parametrize("tree", [False, True], ids=["seq", "tree"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_predicated_path_equals_transformers(kind, tree, adaptive, monkeypatch):
+    """The CUDA decoder's path (no host early exit: every draft step predicated), with and without the adaptive
+    draft cap, on CPU: token for token equal to transformers; the cap runs fewer draft steps."""
+    hf, prompts, ref = reference(kind)
+    dec = decoder(hf, 2)
+    dec.host_early_exit = False
+    dec.adaptive_draft = adaptive
+    outs = []
+    steps = []
+    for s in range(0, 12, 4):
+        out = dec.generate(prompts[s:s + 4], NEW, threshold=0.6, max_draft=6, tree=tree)
+        outs += [t.tolist() for t in out.tokens]
+        steps.append(out.stats.mean_draft_steps)
+    assert outs == ref[:12]
+    if adaptive:
+        assert min(steps) < 6, steps  # untrained adapters exit early: the cap drops below γ
+    else:
+        assert steps == [6.0] * 3

@@ -221,3 +221,14 @@ def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
     monkeypatch.setattr(dec, "host_early_exit", False)
     dec.generate(PROMPTS, 4)
     assert diffs == [["n_gen"]], diffs
+
+
+def test_next_draft_cap():
+    from kangaroo.generate import next_draft_cap
+
+    assert next_draft_cap(6, 6, 6) == 6  # a row used all 6: keep the full γ
+    assert next_draft_cap(6, 6, 2) == 3  # the longest draft was 2: one step more next time
+    assert next_draft_cap(3, 6, 0) == 1  # nobody drafted (every first draft fell below η): one step
+    assert next_draft_cap(3, 6, 3) == 6  # cut short at the cap: back to γ
+    assert next_draft_cap(1, 6, 1) == 6
+    assert next_draft_cap(4, 4, 3) == 4

@@ -74,9 +74,11 @@ def _shallow(st, tokens, pos, active, tree_mask=None):
     return m.forward_layers(x, 0, st.exit_layer, st.cache, pos, positions, tree_mask=tree_mask, active=active)
 
 
-def draft_chain(st) -> None:
-    """The chain draft loop (see the module docstring). Fills st.drafts[:, :γ] (-1 padded), st.n_chain, st.hbuf."""
-    g = st.gamma
+def draft_chain(st, steps=None) -> int:
+    """The chain draft loop (see the module docstring). Fills st.drafts[:, :γ] (-1 padded), st.n_chain, st.hbuf.
+    steps (<= γ, default γ): at most this many draft steps this cycle (the adaptive cap of the predicated path).
+    Returns the number of draft steps run."""
+    g = st.gamma if steps is None else steps
     lm = st.model.lm_head
     nw = st.adapter_weights.norm_out
     cur = st.cur
@@ -90,7 +92,7 @@ def draft_chain(st) -> None:
         h = _shallow(st, cur[:, None], pos, proc)[:, 0]
         st.hbuf[:, i].copy_(h)
         if i == g or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
-            break
+            return i
         r = _adapter_step(st, h, pos, drafting)
         tok, conf, act_out = draft_head(r, lm, st.threshold, nw, st.adapter_eps, drafting)
         st.drafts[:, i].copy_(torch.where(drafting, tok, -1))
@@ -100,13 +102,15 @@ def draft_chain(st) -> None:
         drafting = act_out & drafting
 
 
-def draft_tree(st) -> None:
+def draft_tree(st, steps=None) -> int:
     """The tree draft loop: the chain as in draft_chain plus K-1 leaf siblings per step.
 
     Node layout (fixed for the whole generation, see DecodeState.tree_parents): chain nodes 0..γ-1 (node c is
     d_{c+1}), then the siblings of step i at γ + i (K-1) + j - 1 (j = 2..K by rank). Fills st.drafts (-1 for
-    absent nodes), st.hbuf (chain), st.sib_h, and the parked shallow K/V st.side_k/side_v of the siblings."""
+    absent nodes), st.hbuf (chain), st.sib_h, and the parked shallow K/V st.side_k/side_v of the siblings.
+    steps: as in draft_chain. Returns the number of draft steps run."""
     g, K = st.gamma, st.topk
+    n_steps = g if steps is None else steps
     lm = st.model.lm_head
     nw = st.adapter_weights.norm_out
     cur = st.cur
@@ -118,7 +122,7 @@ def draft_tree(st) -> None:
     sib = torch.full_like(st.drafts[:, :K - 1], -1)
     log_sib = math.log(st.sibling_threshold) if st.sibling_threshold > 0 else -math.inf
     ell = st.exit_layer
-    for i in range(g + 1):
+    for i in range(n_steps + 1):
         pos = st.L0 + i
         if i == 0:
             h = _shallow(st, cur[:, None], pos, proc)
@@ -133,8 +137,8 @@ def draft_tree(st) -> None:
             st.side_v[:, :, :, sl].copy_(torch.gather(st.cache.v[:ell], 3, idx))
             st.sib_h[:, sl].copy_(h[:, 1:])
         st.hbuf[:, i].copy_(h[:, 0])
-        if i == g or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
-            break
+        if i == n_steps or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
+            return i
         r = _adapter_step(st, h[:, 0], pos, drafting)
         toks, logp = draft_topk(r, lm, K, nw, st.adapter_eps)
         tok = toks[:, 0]

@@ -9,6 +9,11 @@ One cycle = catch-up + draft loop (kangaroo.draft) and verify + commit (kangaroo
 (DecodeState) with fixed shapes and predicated rows; the host reads one packed int32 tensor per cycle (the emitted
 tokens) to stream them and decide when to stop. On CUDA the draft side and the verify side are each captured once
 per generate call in a CUDA graph and replayed.
+
+Adaptive draft cap (predicated path, i.e. CUDA): the draft loop cannot stop on the device's exit flags without a
+host sync, so a cycle pays for every step it was built with even after every row exited. The decoder therefore
+builds (captures) the draft loop for each cap γ' = 1..γ and picks γ' on the host from the previous cycle's drafts,
+which the per-cycle transfer already carries (next_draft_cap). A cap only shortens drafts: output is unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class GenerateStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     cuda_graphs: bool = False
+    mean_draft_steps: float = 0.0       # adapter + LM-head draft steps run per cycle (the cost side of drafting)
 
 
 @dataclasses.dataclass
@@ -172,16 +178,20 @@ class KangarooDecoder:
     """The base model (kangaroo.model.LlamaModel) plus its Kangaroo adapter."""
 
     def __init__(self, model: LlamaModel, adapter: KangarooAdapter, *, cuda_graphs: bool = True,
-                 max_cache_len: Optional[int] = None, host_early_exit: Optional[bool] = None):
+                 max_cache_len: Optional[int] = None, host_early_exit: Optional[bool] = None,
+                 adaptive_draft: bool = True):
         """host_early_exit: stop the draft loop as soon as no row drafts and verify only the drafted block,
         reading the (CPU) exit flags on the host. Default: on for CPU models, where that read is free; off on
-        CUDA, where the gamma draft steps are predicated inside one CUDA graph (no host sync in the cycle)."""
+        CUDA, where the draft steps are predicated inside a CUDA graph (no host sync in the cycle).
+        adaptive_draft: on the predicated path, cap each cycle's draft steps from the previous cycle's drafts
+        (next_draft_cap; one captured draft graph per cap)."""
         adapter.check_base(model)
         self.model = model
         self.adapter = adapter.to(device=model.device, dtype=model.dtype).eval()
         self.exit_layer = adapter.exit_layer
         self.cuda_graphs = cuda_graphs
         self.host_early_exit = host_early_exit
+        self.adaptive_draft = adaptive_draft
         self.max_cache_len = max_cache_len
         self.last_state: Optional[DecodeState] = None
 
@@ -305,20 +315,26 @@ class KangarooDecoder:
             torch.cuda.synchronize(m.device)
         stats.prefill_time_s = time.perf_counter() - t_start
 
+        caps = [gamma]
         if autoregressive:
             steps = [lambda: _verify.autoregressive_step(st)]
         else:
-            def draft_fn():
-                _draft.catch_up(st)
-                (_draft.draft_tree if tree else _draft.draft_chain)(st)
+            def draft_step(cap):
+                def draft_fn():
+                    _draft.catch_up(st)
+                    return (_draft.draft_tree if tree else _draft.draft_chain)(st, steps=cap)
+                return draft_fn
 
-            steps = [draft_fn, lambda: (_verify.verify_tree if tree else _verify.verify_chain)(st)]
+            if self.adaptive_draft and not st.host_exit:
+                caps = list(range(1, gamma + 1))
+            verify = _verify.verify_tree if tree else _verify.verify_chain
+            steps = [draft_step(c) for c in caps] + [lambda: verify(st)]
         if self.cuda_graphs and m.device.type == "cuda":
             steps = _capture(st, steps)
             stats.cuda_graphs = True
         elif not st.host_exit:
             _warm_up_inactive(st, steps)  # the graph path's warm-up, also run (and tested) without graphs
-        self._loop(st, steps, outs, max_new, eos_ids, streamer, stats, single)
+        self._loop(st, steps, caps, outs, max_new, eos_ids, streamer, stats, single)
         self.last_state = st  # the final caches and lengths (debugging, cache-consistency tests)
         stats.time_s = time.perf_counter() - t_start
         stats.new_tokens = sum(len(o) for o in outs)
@@ -353,7 +369,8 @@ class KangarooDecoder:
                 self.adapter.prefill(x, st.ak, st.av, start, pos[:, s:e], st.rope)
             m.forward_layers(x, ell, L, st.cache, start, pos[:, s:e])
 
-    def _loop(self, st, steps, outs, max_new, eos_ids, streamer, stats, single) -> None:
+    def _loop(self, st, steps, caps, outs, max_new, eos_ids, streamer, stats, single) -> None:
+        """steps: [verify] (autoregressive) or one draft step per cap in caps, then verify."""
         B = st.B
         N = st.n_nodes
         eos_set = set(eos_ids or ())
@@ -365,28 +382,35 @@ class KangarooDecoder:
         row_cycles = acc_sum = drafted_sum = 0
         events = []
         t_draft = t_verify = 0.0
+        cap = caps[-1]
+        draft_steps = 0
         while any(alive):
+            cycle = [steps[-1]] if len(steps) == 1 else [steps[caps.index(cap)], steps[-1]]
             if cuda:
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(len(steps) + 1)]
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(len(cycle) + 1)]
                 ev[0].record()
-                for f, e in zip(steps, ev[1:]):
+                for f, e in zip(cycle, ev[1:]):
                     f()
                     e.record()
                 events.append(ev)
+                draft_steps += cap if len(cycle) == 2 else 0
             else:
                 t0 = time.perf_counter()
-                steps[0]()
+                ran = cycle[0]()
                 t1 = time.perf_counter()
-                for f in steps[1:]:
+                for f in cycle[1:]:
                     f()
                 t2 = time.perf_counter()
-                if len(steps) == 1:
+                if len(cycle) == 1:
                     t_verify += t1 - t0
                 else:
                     t_draft += t1 - t0
                     t_verify += t2 - t1
+                    draft_steps += ran
             res = st.out.tolist()  # the cycle's one device -> host transfer
             stats.cycles += 1
+            if len(caps) > 1:
+                cap = next_draft_cap(cap, caps[-1], max(r[1] for r in res))
             for b in range(B):
                 a, n_chain, was_alive = res[b][0], res[b][1], res[b][2]
                 if not was_alive:  # the device finished the row: never wait on it (no endless loop)
@@ -425,6 +449,7 @@ class KangarooDecoder:
                     t_draft += ev[0].elapsed_time(ev[1]) / 1e3
                     t_verify += ev[1].elapsed_time(ev[2]) / 1e3
         stats.draft_time_s, stats.verify_time_s = t_draft, t_verify
+        stats.mean_draft_steps = draft_steps / max(stats.cycles, 1)
         if row_cycles:
             stats.mean_accepted = acc_sum / row_cycles
             stats.mean_tokens_per_cycle = (acc_sum + row_cycles) / row_cycles
@@ -439,6 +464,15 @@ class KangarooDecoder:
     def _output(outs, single, stats) -> GenerateOutput:
         tensors = [torch.tensor(o, dtype=torch.long) for o in outs]
         return GenerateOutput(tensors[0] if single else tensors, stats)
+
+
+def next_draft_cap(cap: int, gamma: int, drafted: int) -> int:
+    """The next cycle's draft-step cap from this cycle's: drafted = the most drafts any row made under `cap`.
+    A row that used the whole cap may have been cut short, so the cap returns to γ; otherwise every row exited
+    on its own confidence and the next cycle gets one step more than the longest draft."""
+    if drafted >= cap:
+        return gamma
+    return min(gamma, drafted + 1)
 
 
 def _stream(streamer, row: int, new: List[int]) -> None:
