@@ -9,10 +9,11 @@ resource usage with ptxas -v (Triton's bundled ptxas, the flags Triton compiles 
 
   python bench/compile_report.py [--arch 90 [80 ...]] [--set full|ci] [--csv PATH] [--cache-dir DIR]
 
-Columns: kernel, case (the op call that launched it), arch, num_warps, num_stages, regs (per thread), stack
-(bytes of local memory per thread: spills, > 0 is a bug), shared (bytes, static + Triton's dynamic), ptx_kb,
-compile_s (fresh compile, 0 when cached). Exit status 1 when any kernel spills or overruns shared memory.
-tests/test_compile_report.py runs --set ci in CI (no GPU there); the GPU suite does not need it.
+Columns: kernel, case (the op call that launched it), arch, num_warps, num_stages, regs (per thread),
+spill_bytes (ptxas spill stores + loads: > 0 fails), stack (bytes of local stack frame per thread, e.g. sin/cos
+range reduction), shared (bytes of dynamic shared memory), ld128 (128-bit / all global load instructions in the
+PTX, a static count), ptx_kb, compile_s (fresh compile, ~0 when cached). Exit status 1 when any kernel spills
+or overruns shared memory. tests/test_compile_report.py runs --set ci in CI (no GPU there).
 """
 
 import argparse
@@ -122,6 +123,16 @@ def resource_usage(ptx: str, arch: int) -> dict:
 
     return {"regs": num(r"Used (\d+) registers"), "stack": num(r"(\d+) bytes stack frame"),
             "spill_stores": num(r"(\d+) bytes spill stores"), "spill_loads": num(r"(\d+) bytes spill loads")}
+
+
+def _wide_loads(ptx: str) -> str:
+    """'wide/all' global load instructions in the PTX text (static count, not traffic): 128-bit loads (v4.b32,
+    v2.b64) are what a bandwidth-bound weight stream wants."""
+    import re
+
+    loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
+    wide = [x for x in loads if ".v4.b32" in x or ".v2.b64" in x or ".v4.u32" in x or ".v4.f32" in x]
+    return f"{len(wide)}/{len(loads)}"
 
 
 # -- the cases: (name, thunk) calling a forced-Triton entry point on CPU tensors ---------------------------------
@@ -247,6 +258,7 @@ def report(archs, which: str):
                     rows.append({"kernel": name, "case": label, "arch": f"sm_{arch}", "num_warps": md.num_warps,
                                  "num_stages": md.num_stages, "regs": use["regs"], "spill_bytes": spills,
                                  "stack": use["stack"], "shared": shared,
+                                 "ld128": _wide_loads(kernel.asm["ptx"]),
                                  "ptx_kb": round(len(kernel.asm["ptx"]) / 1024, 1),
                                  "compile_s": round(secs, 2),
                                  "ok": spills == 0 and shared <= SHARED_LIMIT.get(arch, 101376)})
