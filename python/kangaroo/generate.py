@@ -505,11 +505,11 @@ def _capture(st: DecodeState, steps):
         _warm_up_inactive(st, steps)
     torch.cuda.current_stream().wait_stream(side)
     graphs = []
-    pool = None
     for f in steps:
+        # a private memory pool per graph: the draft graphs (one per cap) replay in any order, and graphs that
+        # share a pool are only safe replayed in capture order; each holds only small per-step temporaries
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
+        with torch.cuda.graph(g):
             f()
-        pool = g.pool()
         graphs.append(g)
     return [g.replay for g in graphs]
