@@ -14,8 +14,10 @@ profile: with per-position acceptance alpha and k drafts a cycle commits E = (1 
 tokens at a cost of k * t_draft + t_verify(k), against E * t_decode for plain decoding (fixed-length drafting; the
 confidence exit only shortens cycles whose later drafts would mostly be rejected). The paper (arXiv 2404.18911,
 abstract) reports up to 1.68x end-to-end on Spec-Bench for Vicuna-7B; the mean accepted tokens per cycle behind that
-depend on the task, so the model is tabulated over alpha instead of assuming one figure. With --demo, the measured
-speedup of the embedded demo model (real acceptance, CPU or GPU) is added when its cache exists.
+depend on the task, so the model is tabulated over alpha instead of assuming one figure. A second table prices the
+predicated (CUDA-graph) path's drafting with measured profiles of the demo model (all gamma steps paid vs the
+adaptive cap vs an exact early exit). With --demo, the measured speedup of the embedded demo model (real
+acceptance, CPU or GPU) is added when its cache exists.
 
     python bench/e2e.py [--quick] [--models vicuna-7b,llama-3-8b] [--batch 1,4] [--context 1024] [--no-hf]
 Writes bench/results/e2e.csv (the columns of bench/_common.py) and prints the modelled-speedup table.
@@ -219,6 +221,24 @@ def print_model(summary):
                   + vs_hf)
 
 
+# Measured drafting profiles (demo model, CPU, 6 held-out prompts x 64 tokens, gamma 6, eta 0.6; README "Early exit
+# without a host sync"): tokens per cycle and adapter + LM-head draft steps run per cycle on the predicated path.
+DRAFT_PROFILES = (("all gamma steps (predicated)", 1.634, 6.00), ("adaptive cap (predicated)", 1.607, 2.56),
+                  ("exact early exit (host read)", 1.634, 1.26))
+
+
+def print_draft_profiles(summary):
+    """What paying for every predicated draft step costs, at this run's step costs: a cycle costs
+    n_draft * t_draft + t_verify(gamma) (the predicated path verifies the whole block) and commits E tokens."""
+    print("\n# Drafting cost on the predicated path (measured profiles of the demo model, eta 0.6, gamma "
+          f"{GAMMA}; speedup = E * t_decode / (n_draft * t_draft + t_verify{GAMMA}))")
+    for shape, us, _ in summary:
+        row = ", ".join(f"{name}: E {e:.3f}, {n:.2f} steps -> "
+                        f"{e * us['decode'] / (n * us['draft'] + us[f'verify{GAMMA}']):.2f}x"
+                        for name, e, n in DRAFT_PROFILES)
+        print(f"  {shape}: {row}")
+
+
 def run_demo(dev):
     """The embedded demo model with real acceptance, when `make demo` has built and cached it (never trains here).
     The demo decoder runs on the CPU in fp32 (kangaroo.demo), so these are CPU figures whatever `dev` is."""
@@ -273,6 +293,7 @@ def main():
                 torch.cuda.empty_cache()
     rec.finish()
     print_model(summary)
+    print_draft_profiles(summary)
     if args.demo:
         run_demo(dev)
     return 0 if all(math.isfinite(us["decode"]) for _, us, _ in summary) else 1
