@@ -19,6 +19,7 @@ or overruns shared memory. tests/test_compile_report.py runs --set ci in CI (no 
 import argparse
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,8 +103,6 @@ def _ptxas(arch: int) -> str:
 def resource_usage(ptx: str, arch: int) -> dict:
     """{'regs', 'stack', 'spill_stores', 'spill_loads', 'cmem'} of the kernel in ptx: ptxas -v with the flags
     Triton's make_cubin passes (so regs match the cubin Triton loads on a GPU)."""
-    import re
-
     from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as d:
@@ -128,8 +127,6 @@ def resource_usage(ptx: str, arch: int) -> dict:
 def _wide_loads(ptx: str) -> str:
     """'wide/all' global load instructions in the PTX text (static count, not traffic): 128-bit loads (v4.b32,
     v2.b64) are what a bandwidth-bound weight stream wants."""
-    import re
-
     loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
     wide = [x for x in loads if ".v4.b32" in x or ".v2.b64" in x or ".v4.u32" in x or ".v4.f32" in x]
     return f"{len(wide)}/{len(loads)}"

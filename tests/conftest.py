@@ -41,6 +41,16 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module: tiny ops, where thread hand-offs cost more than they save on
+    shared cores (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def interpret():
     """True when Triton kernels run in the interpreter on CPU tensors."""

@@ -20,12 +20,7 @@ from test_decoder_exact import hf_greedy, make_hf, make_prompts
 NEW = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle(kind, exit_layer):

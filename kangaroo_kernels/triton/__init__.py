@@ -1,6 +1,7 @@
 """Triton kernels of the draft side. Import these modules only when a kernel is needed: with
 TRITON_INTERPRET=1 set before import they run on CPU tensors (tests)."""
 
+import functools
 import os
 
 import torch
@@ -30,10 +31,6 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_sm_cache = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
-    if index not in _sm_cache:
-        _sm_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_cache[index]
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -74,24 +74,29 @@ def _shallow(st, tokens, pos, active, tree_mask=None):
     return m.forward_layers(x, 0, st.exit_layer, st.cache, pos, positions, tree_mask=tree_mask, active=active)
 
 
+def _start_cycle(st):
+    """Resets the per-cycle draft buffers (current token x0, no drafts); returns (proc, drafting): the rows that run
+    the next shallow step and the rows still drafting, both every live row at first."""
+    st.cur.copy_(st.tok)
+    st.n_chain.zero_()
+    st.drafts.fill_(-1)
+    return st.alive.clone(), st.alive.clone()
+
+
 def draft_chain(st, steps=None) -> int:
     """The chain draft loop (see the module docstring). Fills st.drafts[:, :γ] (-1 padded), st.n_chain, st.hbuf.
     steps (<= γ, default γ): at most this many draft steps this cycle (the adaptive cap of the predicated path).
     Returns the number of draft steps run."""
-    g = st.gamma if steps is None else steps
+    n_steps = st.gamma if steps is None else steps
     lm = st.model.lm_head
     nw = st.adapter_weights.norm_out
     cur = st.cur
-    cur.copy_(st.tok)
-    proc = st.alive.clone()
-    drafting = st.alive.clone()
-    st.n_chain.zero_()
-    st.drafts.fill_(-1)
-    for i in range(g + 1):
+    proc, drafting = _start_cycle(st)
+    for i in range(n_steps + 1):
         pos = st.L0 + i
         h = _shallow(st, cur[:, None], pos, proc)[:, 0]
         st.hbuf[:, i].copy_(h)
-        if i == g or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
+        if i == n_steps or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
             return i
         r = _adapter_step(st, h, pos, drafting)
         tok, conf, act_out = draft_head(r, lm, st.threshold, nw, st.adapter_eps, drafting)
@@ -114,11 +119,7 @@ def draft_tree(st, steps=None) -> int:
     lm = st.model.lm_head
     nw = st.adapter_weights.norm_out
     cur = st.cur
-    cur.copy_(st.tok)
-    proc = st.alive.clone()
-    drafting = st.alive.clone()
-    st.n_chain.zero_()
-    st.drafts.fill_(-1)
+    proc, drafting = _start_cycle(st)
     sib = torch.full_like(st.drafts[:, :K - 1], -1)
     log_sib = math.log(st.sibling_threshold) if st.sibling_threshold > 0 else -math.inf
     ell = st.exit_layer

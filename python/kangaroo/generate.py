@@ -110,7 +110,6 @@ class DecodeState:
         if temperature > 0:
             self.seed = seeds.to(dev)
             self.offset = torch.zeros(B, dtype=torch.int64, device=dev)
-            self.offset_prev = torch.zeros_like(self.offset)
         if tree and not autoregressive:
             from kangaroo_kernels.tree import build_tree
 
@@ -483,17 +482,21 @@ def _stream(streamer, row: int, new: List[int]) -> None:
 
 
 def _warm_up_inactive(st: DecodeState, steps, rounds: int = 2) -> None:
-    """Runs every step `rounds` times with every row inactive, then restores the rows' alive flags: loads and compiles
-    every kernel (Triton JIT, cuBLAS handles) before a CUDA graph is captured. Inactive rows are no-ops for every
-    op, so the decode state (committed cache entries, lengths, tokens, sampling offsets) is unchanged; only
-    per-cycle scratch is written: buffers and the cache slots from L0 on, which the next draft block rewrites
-    before anything reads them (tests/test_decoder_sync.py checks this on CPU)."""
+    """Runs every step `rounds` times with every row inactive, then restores the rows' alive flags and sampling
+    offsets: loads and compiles every kernel (Triton JIT, cuBLAS handles) before a CUDA graph is captured.
+    Inactive rows are no-ops for every op but verify_sample, which advances every row's Philox offset (hence the
+    restore; a finished row never draws again), so the decode state (committed cache entries, lengths, tokens,
+    offsets) is unchanged; only per-cycle scratch is written: buffers and the cache slots from L0 on, which the
+    next draft block rewrites before anything reads them (tests/test_decoder_sync.py checks this on CPU)."""
     alive = st.alive.clone()
+    offset = st.offset.clone() if st.temperature > 0 else None
     st.alive.zero_()
     for _ in range(rounds):
         for f in steps:
             f()
     st.alive.copy_(alive)
+    if offset is not None:
+        st.offset.copy_(offset)
 
 
 def _capture(st: DecodeState, steps):

@@ -29,12 +29,8 @@ def decide(st, logits: torch.Tensor, parents=None, drafts=None):
     out = st.acc if drafts is None else None
     drafts = st.drafts if drafts is None else drafts
     if st.temperature > 0:
-        st.offset_prev.copy_(st.offset)
-        res = verify_sample(drafts, logits, parents=parents, temperature=st.temperature, top_k=st.top_k,
-                            top_p=st.top_p, seed=st.seed, offset=st.offset, out=out, validate=False)
-        # the op advances every row's Philox offset; an inactive row (finished, or the graph warm-up) keeps its own
-        st.offset.copy_(torch.where(st.alive, st.offset, st.offset_prev))
-        return res
+        return verify_sample(drafts, logits, parents=parents, temperature=st.temperature, top_k=st.top_k,
+                             top_p=st.top_p, seed=st.seed, offset=st.offset, out=out, validate=False)
     return verify_greedy(drafts, logits, parents=parents, out=out, validate=False)
 
 
