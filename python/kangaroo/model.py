@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from kangaroo_kernels.append_attention import append_attention
 from kangaroo_kernels.reference.adapter_forward import rms_norm_ref as rms_norm  # HF LlamaRMSNorm rounding
 
 __all__ = ["ModelConfig", "KVCache", "LlamaModel", "rms_norm", "rope_inv_freq", "rope_table", "fingerprint_of"]
@@ -268,8 +269,6 @@ class LlamaModel:
         q, k, v = qkv.split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
         if rope is None:
             rope = self.rope_cos_sin(cache.max_len)
-        from kangaroo_kernels.append_attention import append_attention
-
         a = append_attention(q.reshape(B, T, Hq, Dh), k.reshape(B, T, Hk, Dh), v.reshape(B, T, Hk, Dh),
                              cache.k[i], cache.v[i], cache_lens, tree_mask=tree_mask, active=active,
                              positions=positions, rope_cos_sin=rope, validate=False)
