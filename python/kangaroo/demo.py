@@ -40,13 +40,13 @@ class DemoSizes:
     corpus_bytes: int = 12_000_000
     lm_batch: int = 8
     lm_lr: float = 3e-3
-    lm_steps: int = 5000  # upper bound; the time budget usually decides
+    lm_steps: int = 50000  # upper bound; the time budget usually decides
     lm_minutes: float = 8.5
     lm_min_steps: int = 600  # quality floor: below this the model loops on a few tokens (slow machines run longer)
     exit_layer: int = 1
     adapter_batch: int = 8
     adapter_lr: float = 1e-2
-    adapter_steps: int = 2000  # upper bound; the time budget usually decides
+    adapter_steps: int = 20000  # upper bound; the time budget usually decides
     adapter_minutes: float = 3.5
     adapter_min_steps: int = 300
     seed: int = 0
@@ -128,8 +128,8 @@ def build_base(sizes: DemoSizes, tok, out: Path, progress=None):
          f"corpus {ds.ids.numel() / 1e6:.2f}M tokens (tokenized in {time.perf_counter() - t0:.1f} s); "
          f"training for up to {sizes.lm_minutes:g} min")
     lcfg = train.LMTrainConfig(seq_len=sizes.seq_len, batch_size=sizes.lm_batch, steps=sizes.lm_steps,
-                               lr=sizes.lm_lr, warmup=min(30, max(2, sizes.lm_steps // 10)), dtype="bf16",
-                               seed=sizes.seed,
+                               lr=sizes.lm_lr, warmup=min(30, max(2, sizes.lm_steps // 10)), dtype="auto",
+                               seed=sizes.seed, log_file=str(out.parent / "train.log"),
                                time_budget_s=sizes.lm_minutes * 60, min_steps=sizes.lm_min_steps)
     hist = train.train_lm(model, ds, lcfg, progress=progress)
     tail = hist[-20:]
@@ -149,7 +149,8 @@ def build_adapter(sizes: DemoSizes, tok, base, out: Path, progress=None):
     ds, _ = _corpus(tok, sizes, heldout=False)
     cfg = train.AdapterTrainConfig(exit_layer=sizes.exit_layer, seq_len=sizes.seq_len,
                                    batch_size=sizes.adapter_batch, steps=sizes.adapter_steps, lr=sizes.adapter_lr,
-                                   warmup=min(30, max(2, sizes.adapter_steps // 10)), dtype="bf16", seed=sizes.seed,
+                                   warmup=min(30, max(2, sizes.adapter_steps // 10)), dtype="auto", seed=sizes.seed,
+                                   log_file=str(out.parent / "train.log"),
                                    save_every=0, time_budget_s=sizes.adapter_minutes * 60,
                                    min_steps=sizes.adapter_min_steps)
     tr = train.AdapterTrainer(base, ds, cfg, out_dir=None, progress=progress)
@@ -443,6 +444,7 @@ def _parser():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--build-only", action="store_true", help="build (or load) the model, then stop")
     return p
 
 
@@ -466,6 +468,9 @@ def cli_main(argv: list[str]) -> int:
     _log(f"kangaroo demo: model cache {cache}" + (" (rebuilding)" if args.retrain else ""))
     built = ensure_model(sizes, cache, retrain=args.retrain, progress=progress)
     t_build = time.perf_counter() - t0
+    if args.build_only:
+        _log(f"built in {t_build:.0f} s: {cache}")
+        return 0
     res = run_comparison(built, args.prompts, args.new_tokens, args.threshold, args.max_draft,
                          hf_peers=not args.no_hf, hf_prompts=args.hf_prompts, progress=progress,
                          retune=args.retune)

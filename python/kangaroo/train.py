@@ -83,6 +83,123 @@ def _autocast(dtype: str, device):
     return nullcontext()
 
 
+def _time_linear_step(dtype: str, dim: int, rows: int, reps: int) -> float:
+    """Median seconds of a Linear(dim, 4*dim) forward + backward over [rows, dim] under `dtype` autocast (CPU)."""
+    import torch
+
+    lin = torch.nn.Linear(dim, 4 * dim)
+    x = torch.randn(rows, dim, requires_grad=True)
+    times = []
+    for _ in range(reps + 1):  # the first run pays for allocation and kernel selection
+        t = time.perf_counter()
+        with _autocast(dtype, "cpu"):
+            y = lin(x)
+        y.float().sum().backward()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[reps // 2]
+
+
+def resolve_dtype(dtype: str, device, dim: int = 256) -> tuple[str, str]:
+    """The autocast dtype to train in: "bf16" or "fp32" as asked, or for "auto": bf16 on CUDA, and on CPU whichever
+    a sub-second measurement (a Linear forward + backward at width `dim`, both ways) finds faster, since CPUs differ:
+    with AMX or avx512_bf16 bf16 autocast is several times faster than fp32, on AVX2-only CPUs several times slower.
+    Returns (dtype, a sentence saying why)."""
+    import torch
+
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {dtype!r}")
+    if dtype != "auto":
+        return dtype, f"{dtype} (as requested)"
+    if torch.device(device).type != "cpu":
+        return "bf16", "bf16 autocast (accelerator)"
+    cap = torch.backends.cpu.get_cpu_capability()
+    rows = 1024
+    t32 = _time_linear_step("fp32", dim, rows, 3)
+    t16 = _time_linear_step("bf16", dim, rows, 3)
+    pick = "bf16" if t16 < 0.9 * t32 else "fp32"  # bf16 must clearly pay: it also costs precision
+    return pick, (f"{pick} (measured on this CPU, capability {cap}: a linear step takes {t32 * 1e3:.1f} ms in fp32, "
+                  f"{t16 * 1e3:.1f} ms in bf16 autocast)")
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0.0, s)
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.1f}min"
+    return f"{s / 3600:.1f}h"
+
+
+class ProgressLog:
+    """Progress a person can see in a terminal (a tqdm bar) and in a log (plain lines): when stdout is not a terminal,
+    or a log file is given, a line every `every_s` seconds with step, loss, tokens/s, elapsed time and ETA, plus the
+    first step and the last. `budget_s`: the run's time budget; when the ETA says the run will overshoot it by more
+    than 20 % (a min-step floor on a slow machine), that is said once, with the new estimate."""
+
+    def __init__(self, total: int, desc: str, *, initial: int = 0, disable=None, every_s: float = 30.0,
+                 log_file=None, budget_s: float | None = None, stream=None):
+        self.total, self.desc, self.step0 = total, desc, initial
+        self.step = initial
+        self.bar = _bar(total, desc, initial=initial, disable=disable)
+        self.stream = stream if stream is not None else sys.stdout
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.echo = disable is not True and not tty  # plain lines on stdout where no bar shows
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.lines = self.echo or self.log_file is not None
+        self.every_s, self.budget_s = every_s, budget_s
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens = 0
+        self.warned = False
+        self.fields: dict = {}
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self.bar.total = total
+        self.bar.refresh()
+
+    def _emit(self, msg: str) -> None:
+        if self.echo:
+            print(msg, file=self.stream, flush=True)
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write(msg + "\n")
+
+    def update(self, n: int = 1, tokens: int = 0, **fields) -> None:
+        self.step += n
+        self.tokens += tokens
+        self.fields.update({k: v for k, v in fields.items() if v is not None})
+        self.bar.update(n)
+        if self.fields:
+            self.bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in self.fields.items()},
+                                 refresh=False)
+        now = time.perf_counter()
+        elapsed = now - self.t0
+        done = self.step - self.step0
+        eta = elapsed / max(1, done) * max(0, self.total - self.step)
+        if self.budget_s and not self.warned and done >= 8 and elapsed + eta > 1.2 * self.budget_s:
+            self.warned = True
+            self._emit_or_write(f"[{self.desc}] note: at {elapsed / done:.2f} s/step this run needs about "
+                                f"{_fmt_s(elapsed + eta)} in all, over its budget of {_fmt_s(self.budget_s)} "
+                                f"(a minimum-step floor on a slow machine)")
+        if self.lines and (done == 1 or now - self.t_last >= self.every_s or self.step >= self.total):
+            self.t_last = now
+            parts = [f"step {self.step}/{self.total}"]
+            parts += [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.fields.items()]
+            if self.tokens:
+                parts.append(f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s")
+            parts.append(f"elapsed {_fmt_s(elapsed)}, ETA {_fmt_s(eta)}")
+            self._emit(f"[{self.desc}] " + " | ".join(parts))
+
+    def _emit_or_write(self, msg: str) -> None:
+        if self.echo or self.log_file is not None:
+            self._emit(msg)
+        else:
+            self.bar.write(msg)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def soft_cross_entropy(draft_logits, target_logits, mask):
     """Sum over masked positions of -softmax(target) . log_softmax(draft), in fp32, plus the number of positions
     where the two argmaxes agree. Returns (loss_sum, agree_count, count)."""
@@ -199,9 +316,10 @@ class AdapterTrainConfig:
     warmup: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    dtype: str = "bf16"  # "bf16" (autocast) or "fp32"
+    dtype: str = "auto"  # "bf16" (autocast), "fp32", or "auto": bf16 on CUDA, on CPU what measures faster
     seed: int = 0
     log_every: int = 10
+    log_file: str | None = None  # progress lines also go here (they go to stdout when it is not a terminal)
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     etas: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
@@ -245,6 +363,8 @@ class AdapterTrainer:
         torch.manual_seed(cfg.seed)
         self.adapter = (adapter if adapter is not None else _new_adapter(base, cfg.exit_layer)).to(self.device)
         self.adapter.float().train()
+        cfg.dtype, why = resolve_dtype(cfg.dtype, self.device, base.config.hidden_size)
+        self.dtype_reason = why
         decay, no_decay = [], []
         for n, p in self.adapter.named_parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
@@ -300,8 +420,9 @@ class AdapterTrainer:
         end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         if self.step >= end:
             return self.history
-        bar = _bar(end, f"adapter (exit layer {cfg.exit_layer})", initial=self.step,
-                   disable=None if self.progress is None else not self.progress)
+        bar = ProgressLog(end, f"adapter (exit layer {cfg.exit_layer})", initial=self.step,
+                          disable=None if self.progress is None else not self.progress, log_file=cfg.log_file,
+                          budget_s=cfg.time_budget_s if steps is None else None)
         ema_loss = ema_agree = None
         batches = self._micro_batches()
         t0, s0 = time.perf_counter(), self.step
@@ -313,17 +434,14 @@ class AdapterTrainer:
             if not math.isnan(rec["loss"]):
                 ema_loss = rec["loss"] if ema_loss is None else 0.9 * ema_loss + 0.1 * rec["loss"]
                 ema_agree = rec["agree"] if ema_agree is None else 0.9 * ema_agree + 0.1 * rec["agree"]
-            bar.update(1)
-            if self.step % max(1, cfg.log_every) == 0 or self.step == end:
-                bar.set_postfix(loss=f"{ema_loss:.3f}", top1=f"{ema_agree:.3f}")
+            bar.update(1, tokens=rec["tokens"], loss=ema_loss, top1=ema_agree)
             if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save_checkpoint()
             done = self.step - s0
             if cfg.time_budget_s and steps is None and done >= 8 and done % 8 == 0:
                 fitted = _refit_steps(done, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps - s0)
                 cfg.steps = end = max(s0 + fitted, min(cfg.min_steps, cfg.steps))
-                bar.total = end
-                bar.refresh()
+                bar.set_total(end)
         tuner.restore()
         bar.close()
         if self.out_dir is not None and self.step >= cfg.steps:
@@ -531,8 +649,9 @@ class LMTrainConfig:
     warmup: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    dtype: str = "bf16"
+    dtype: str = "auto"  # as AdapterTrainConfig.dtype
     seed: int = 0
+    log_file: str | None = None
     time_budget_s: float | None = None  # when set, `steps` is refitted to the budget as the run goes
     min_steps: int = 0  # with a time budget: at least this many steps, however slow the machine
     tune_threads: bool = True
@@ -549,7 +668,10 @@ def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     total = cfg.steps
-    bar = _bar(total, "base LM", disable=None if progress is None else not progress)
+    dtype, why = resolve_dtype(cfg.dtype, device, model.config.hidden_size)
+    print(f"base LM training dtype: {why}", flush=True)
+    bar = ProgressLog(total, "base LM", disable=None if progress is None else not progress, log_file=cfg.log_file,
+                      budget_s=cfg.time_budget_s)
     hist, ema = [], None
     t0 = time.perf_counter()
     batches = dataset.batches(cfg.batch_size, seed=cfg.seed)
@@ -562,7 +684,7 @@ def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | 
             g["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=total, min_ratio=cfg.min_lr_ratio)
 
         def one_step():
-            with _autocast(cfg.dtype, device):
+            with _autocast(dtype, device):
                 logits = model(input_ids=ids, use_cache=False).logits
             lp = logits.float()[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             m = mask[:, :-1]
@@ -579,14 +701,11 @@ def train_lm(model, dataset, cfg: LMTrainConfig, device="cpu", progress: bool | 
         lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         hist.append({"step": step, "loss": lv})
-        bar.update(1)
-        if step % 5 == 0:
-            bar.set_postfix(loss=f"{ema:.3f}")
+        bar.update(1, tokens=int(mask.sum()), loss=ema)
         if cfg.time_budget_s and step >= 8 and step % 8 == 0:
             total = max(_refit_steps(step, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps),
                         min(cfg.min_steps, cfg.steps))
-            bar.total = total
-            bar.refresh()
+            bar.set_total(total)
     tuner.restore()
     bar.close()
     model.eval()
@@ -613,7 +732,9 @@ def _parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype (auto: bf16 on CUDA; on CPU whichever measures faster on this machine)")
+    p.add_argument("--log-file", default=None, help="also append progress lines to this file")
     p.add_argument("--device", default=None)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -653,10 +774,11 @@ def cli_main(argv: list[str]) -> int:
     cfg = AdapterTrainConfig(
         exit_layer=args.exit_layer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, dtype=args.dtype,
-        seed=args.seed, save_every=args.save_every, etas=list(args.etas), gamma=args.gamma,
+        seed=args.seed, save_every=args.save_every, etas=list(args.etas), gamma=args.gamma, log_file=args.log_file,
     )
     trainer = AdapterTrainer(base, ds, cfg, out_dir=args.out, device=device,
                              progress=False if args.no_progress else None)
+    print(f"training dtype: {trainer.dtype_reason}", flush=True)
     if args.resume:
         ck = AdapterTrainer.latest_checkpoint(args.out)
         if ck is not None:
