@@ -153,9 +153,18 @@ class ProgressLog:
         self.fields: dict = {}
 
     def set_total(self, total: int) -> None:
+        """A refitted step count (time budgets); says so once when it overshoots the budget by more than 20 %."""
         self.total = total
         self.bar.total = total
         self.bar.refresh()
+        done = self.step - self.step0
+        elapsed = time.perf_counter() - self.t0
+        need = elapsed / max(1, done) * (total - self.step0)
+        if self.budget_s and not self.warned and done >= 8 and need > 1.2 * self.budget_s:
+            self.warned = True
+            self._emit_or_write(f"[{self.desc}] note: at {elapsed / done:.2f} s/step its {total} steps need about "
+                                f"{_fmt_s(need)}, over the budget of {_fmt_s(self.budget_s)} (the minimum-step "
+                                f"floor on a slow machine); re-estimated as the run goes")
 
     def _emit(self, msg: str) -> None:
         if self.echo:
@@ -176,11 +185,6 @@ class ProgressLog:
         elapsed = now - self.t0
         done = self.step - self.step0
         eta = elapsed / max(1, done) * max(0, self.total - self.step)
-        if self.budget_s and not self.warned and done >= 8 and elapsed + eta > 1.2 * self.budget_s:
-            self.warned = True
-            self._emit_or_write(f"[{self.desc}] note: at {elapsed / done:.2f} s/step this run needs about "
-                                f"{_fmt_s(elapsed + eta)} in all, over its budget of {_fmt_s(self.budget_s)} "
-                                f"(a minimum-step floor on a slow machine)")
         if self.lines and (done == 1 or now - self.t_last >= self.every_s or self.step >= self.total):
             self.t_last = now
             parts = [f"step {self.step}/{self.total}"]
