@@ -40,10 +40,67 @@ def test_tiny_build_is_cached_and_decodes_exactly(tmp_path, one_thread):
     again = demo.ensure_model(sizes, cache, progress=False)
     assert not again["built"] and (cache / "adapter" / "adapter.safetensors").stat().st_mtime == mtime
     res = demo.run_comparison(again, n_prompts=2, new_tokens=12, threshold=0.3, max_draft=4, hf_peers=False,
-                              progress=False)
-    assert res["identical"] == len(res["rows"]) == 2
-    assert 1.0 <= res["tokens_per_cycle"] <= 5.0
-    assert "identical output: 2/2" in demo.format_results(res)
+                              progress=False, threads=1)
+    assert len(res["rows"]) == res["n_prompts"] == 2
+    ours = {k: v for k, v in res["methods"].items() if v["ours"]}
+    assert len(ours) == 3 and all(v["identical"] == 2 for v in ours.values())
+    for k, v in ours.items():
+        if "tokens_per_cycle" in v:
+            assert 1.0 <= v["tokens_per_cycle"] <= 5.0, k
+    text = demo.format_results(res)
+    assert "identical output: plain greedy 2/2, Kangaroo, sequence 2/2, Kangaroo, tree 2/2" in text
+    assert demo.plot_results(res, tmp_path / "demo.png").stat().st_size > 1000
+
+
+def test_goal_lines_say_met_and_missed():
+    def m(tps, ours, tpc=None, ident=4):
+        d = {"tps": tps, "ours": ours, "identical": ident, "speedup": tps / 100}
+        if tpc is not None:
+            d["tokens_per_cycle"] = tpc
+        return d
+
+    res = {"n_prompts": 4, "methods": {"plain greedy (this library)": m(100, True),
+                                        "Kangaroo, sequence (this library)": m(170, True, 2.6),
+                                        "transformers prompt_lookup_num_tokens=10": m(160, False)}}
+    lines = demo.goal_lines(res)
+    assert lines[0].startswith("  [met] identical") and "[met] tokens per cycle >= 2.5: 2.60" in lines[1]
+    assert "[met] Kangaroo >= 1.6x our plain decoding: 1.70x" in lines[2]
+    assert "[MISSED] Kangaroo >= 1.1x the fastest transformers peer: 1.06x" in lines[3]
+    res["methods"]["Kangaroo, sequence (this library)"]["identical"] = 3
+    assert demo.goal_lines(res)[0].startswith("  [MISSED] identical")
+
+
+def test_shipped_model_matches_its_manifest():
+    """The default model in the package: every file's sha256 as the manifest says, and the adapter belongs to the
+    shipped base (its recorded fingerprint is the base's LM head)."""
+    root = demo.shipped_dir()
+    if not (root / "manifest.json").exists():
+        pytest.fail(f"no shipped default model in {root}")
+    assert demo.check_shipped(root) == []
+    from kangaroo.adapter import KangarooAdapter
+    from kangaroo.model import LlamaModel
+
+    base = LlamaModel.from_pretrained(str(root / "base"), dtype=torch.float32)
+    ad = KangarooAdapter.from_pretrained(str(root / "adapter"), base_model=base)
+    assert ad.base_fingerprint == base.fingerprint()
+    man = __import__("json").loads((root / "manifest.json").read_text())
+    for key in ("command", "code_revision", "corpus", "machine", "lm_train", "adapter_train", "adapter_report",
+                "tuned", "files"):
+        assert key in man, key
+    size = sum((root / f).stat().st_size for f in man["files"])
+    assert size <= 40e6
+
+
+def test_check_shipped_catches_a_modified_file(tmp_path):
+    root = tmp_path / "m"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "config.json").write_text("{}")
+    files = {"base/config.json": demo.sha256_of(root / "base" / "config.json")}
+    (root / "manifest.json").write_text(__import__("json").dumps({"files": files}))
+    missing = set(demo.SHIPPED_FILES) - set(files)
+    assert set(demo.check_shipped(root)) == missing
+    (root / "base" / "config.json").write_text("{ }")
+    assert "base/config.json" in demo.check_shipped(root)
 
 
 def _want_slow(request):
@@ -59,11 +116,11 @@ def test_demo_cli_end_to_end(tmp_path, request):
     env = dict(os.environ, KANGAROO_CACHE=str(tmp_path))
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "kangaroo.cli", "demo", "--quick", "--prompts", "3", "--new-tokens", "32",
-           "--no-progress", "--json", str(tmp_path / "res.json")]
+           "--no-progress", "--out-dir", str(tmp_path / "out")]
     first = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "[3/3] adapter" in first.stdout and "identical output: 3/3" in first.stdout
+    assert "[3/3] adapter" in first.stdout and "identical output: plain greedy 3/3" in first.stdout
     second = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "[2/3]" not in second.stdout and "identical output: 3/3" in second.stdout
+    assert "[2/3]" not in second.stdout and "identical output: plain greedy 3/3" in second.stdout
     assert "transformers greedy" in second.stdout

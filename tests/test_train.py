@@ -186,3 +186,48 @@ def test_cli_train_and_resume(tok, base, tmp_path):
     assert train.cli_main(args + ["--resume"]) == 0
     st = torch.load(out / "trainer_state.pt", weights_only=False)
     assert st["step"] == 6 and [h["step"] for h in st["history"]] == list(range(1, 7))
+
+
+def test_resolve_dtype_measures_on_cpu_and_obeys_requests():
+    from kangaroo.train import resolve_dtype
+
+    assert resolve_dtype("fp32", "cpu")[0] == "fp32" and resolve_dtype("bf16", "cpu")[0] == "bf16"
+    pick, why = resolve_dtype("auto", "cpu", dim=64)
+    assert pick in ("bf16", "fp32") and "measured on this CPU" in why and "ms in fp32" in why
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("fp16", "cpu")
+
+
+def test_resolve_dtype_picks_the_faster(monkeypatch):
+    from kangaroo import train
+
+    monkeypatch.setattr(train, "_time_linear_step", lambda dt, *a: {"fp32": 0.010, "bf16": 0.070}[dt])
+    assert train.resolve_dtype("auto", "cpu")[0] == "fp32"  # an AVX2-only CPU: bf16 autocast is slower
+    monkeypatch.setattr(train, "_time_linear_step", lambda dt, *a: {"fp32": 0.040, "bf16": 0.015}[dt])
+    assert train.resolve_dtype("auto", "cpu")[0] == "bf16"  # AMX / avx512_bf16
+
+
+def test_progress_log_writes_plain_lines_to_a_log(tmp_path, monkeypatch):
+    import io
+
+    from kangaroo import train
+
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    out = io.StringIO()  # not a terminal: plain lines on the stream too
+    log = tmp_path / "train.log"
+    p = train.ProgressLog(100, "base LM", log_file=log, every_s=30, budget_s=60, stream=out)
+    for i in range(10):
+        clock[0] += 10.0
+        p.update(1, tokens=1000, loss=3.0 - 0.1 * i)
+    p.set_total(100)  # 100 steps at 10 s/step = 1000 s, far over the 60 s budget: said once
+    p.set_total(100)
+    p.close()
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("[base LM] step 1/100 | loss 3.000 | 100 tok/s | elapsed 10s, ETA")
+    steps = [ln for ln in lines if "step " in ln and "note" not in ln]
+    assert len(steps) == 4  # step 1, then every >= 30 s: 4, 7, 10
+    assert "step 10/100" in steps[-1] and "ETA 15.0min" in steps[-1]
+    notes = [ln for ln in lines if "note:" in ln]
+    assert len(notes) == 1 and "over the budget of 60s" in notes[0]
+    assert out.getvalue().splitlines() == lines

@@ -1,14 +1,19 @@
 """`kangaroo demo`: the whole method out of the box, with nothing downloaded.
 
-First run (cached afterwards in $KANGAROO_CACHE or ~/.cache/kangaroo/demo-<version>[-<sizes>]; `--retrain` rebuilds):
+The default model ships inside the package (kangaroo/default_model: bf16 weights, tokenizer, adapter and a manifest
+with sha256s, the command that built it and its quality figures), so `kangaroo demo` trains nothing. `--retrain`
+rebuilds it from scratch with the same code, in $KANGAROO_CACHE or ~/.cache/kangaroo/demo-<version>[-<sizes>]
+(`--quick`: tiny sizes, seconds, for tests), in three steps:
   1. a byte-level BPE tokenizer trained on the Python standard library's source (a few % of its files, chosen by a
      hash of their path, are held out for prompts);
   2. a small Llama-architecture LM (transformers' LlamaForCausalLM) pretrained on that source, saved as an HF folder
      (config.json, model.safetensors, tokenizer.json);
   3. its Kangaroo adapter, trained by self-distillation (kangaroo.train), with a held-out report.
-Every run then continues held-out code with plain greedy decoding and with Kangaroo on the same model code, and prints
-whether the outputs are identical, tokens per cycle, acceptance per draft position, tokens/s of both and the speedup,
-beside transformers' own generate on the same weights (plain greedy, `assistant_early_exit`, prompt lookup).
+Every run then continues held-out code with plain greedy decoding and with Kangaroo (sequence and tree) on the same
+model code, and transformers' own generate on the same weights (plain greedy, `assistant_early_exit`, prompt lookup),
+all measured alike (same threads, a warm-up excluded, every prompt, interleaved), and prints tokens/s per method,
+whether each output is identical to plain greedy, tokens per cycle, acceptance per draft position and the goals,
+and writes a PNG and a JSON of the run.
 """
 
 from __future__ import annotations
@@ -24,30 +29,30 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"
 
 
 @dataclass
 class DemoSizes:
     vocab_size: int = 4096
     hidden_size: int = 256
-    num_layers: int = 8
+    num_layers: int = 12
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 704
+    intermediate_size: int = 768
     seq_len: int = 256
     tokenizer_bytes: int = 8_000_000
-    corpus_bytes: int = 12_000_000
+    corpus_bytes: int = 24_000_000
     lm_batch: int = 8
     lm_lr: float = 3e-3
     lm_steps: int = 50000  # upper bound; the time budget usually decides
-    lm_minutes: float = 8.5
+    lm_minutes: float = 75.0
     lm_min_steps: int = 600  # quality floor: below this the model loops on a few tokens (slow machines run longer)
     exit_layer: int = 1
     adapter_batch: int = 8
-    adapter_lr: float = 1e-2
+    adapter_lr: float = 6e-3
     adapter_steps: int = 20000  # upper bound; the time budget usually decides
-    adapter_minutes: float = 3.5
+    adapter_minutes: float = 20.0
     adapter_min_steps: int = 300
     seed: int = 0
 
@@ -137,8 +142,11 @@ def build_base(sizes: DemoSizes, tok, out: Path, progress=None):
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
+    wall = time.perf_counter() - t0
     _log(f"      {len(hist)} steps, {len(hist) * sizes.lm_batch * sizes.seq_len / 1e6:.2f}M tokens, final train "
-         f"loss {final:.2f} nats/token, {time.perf_counter() - t0:.0f} s")
+         f"loss {final:.2f} nats/token, {wall:.0f} s")
+    model.train_info = {"steps": len(hist), "tokens": len(hist) * sizes.lm_batch * sizes.seq_len,
+                        "final_train_loss": final, "wall_s": wall, "params": n_params}
     return model
 
 
@@ -159,6 +167,9 @@ def build_adapter(sizes: DemoSizes, tok, base, out: Path, progress=None):
     tr.train()
     tr.save(out)
     tail = tr.history[-20:]
+    tr.adapter.train_info = {"steps": tr.step, "wall_s": time.perf_counter() - t0, "dtype": tr.dtype_reason,
+                             "final_train_soft_ce": sum(h["loss"] for h in tail) / max(1, len(tail)),
+                             "final_train_top1": sum(h["agree"] for h in tail) / max(1, len(tail))}
     _log(f"      {tr.step} steps in {time.perf_counter() - t0:.0f} s; final train soft-CE "
          f"{sum(h['loss'] for h in tail) / max(1, len(tail)):.3f}, top-1 agreement "
          f"{sum(h['agree'] for h in tail) / max(1, len(tail)):.3f}")
@@ -215,12 +226,14 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
     if not (base_dir / "model.safetensors").exists():
         shutil.rmtree(ad_dir, ignore_errors=True)  # an adapter belongs to one base model
         base = build_base(sizes, tok, base_dir, progress=progress)
+        manifest["lm_train"] = base.train_info
         built = True
     else:
         base = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     base.eval()
     if not (ad_dir / "adapter_config.json").exists():
         adapter = build_adapter(sizes, tok, base, ad_dir, progress=progress)
+        manifest["adapter_train"] = adapter.train_info
         held, _ = _corpus(tok, sizes, heldout=True)
         prompts = torch.tensor([ids for _, ids in _heldout_prompts(tok, 8, 64, 64)])
         rep = train.evaluate_adapter(base, adapter, sizes.exit_layer, heldout=held, prompts=prompts,
@@ -230,7 +243,8 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
         manifest.pop("tuned", None)  # eta/gamma were tuned for the previous adapter
         built = True
     if built:
-        manifest.update({"version": DEMO_VERSION, "sizes": asdict(sizes),
+        manifest.update({"version": DEMO_VERSION, "sizes": asdict(sizes), "code_revision": _git_revision(),
+                         "machine": machine_info(), "command": " ".join(["kangaroo", "demo"] + sys.argv[1:]),
                          "build_s": manifest.get("build_s", 0.0) + time.perf_counter() - t_start})
         manifest_path.write_text(json.dumps(manifest, indent=1))
     return {"tokenizer": tok, "base": base, "base_dir": base_dir, "adapter_dir": ad_dir, "manifest": manifest,
@@ -238,35 +252,184 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The shipped default model
+
+
+def shipped_dir() -> Path:
+    """The default model inside the package (tokenizer/, base/, adapter/, manifest.json)."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+SHIPPED_FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+                 "base/config.json", "base/generation_config.json", "base/model.safetensors",
+                 "adapter/adapter_config.json", "adapter/adapter.safetensors")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shipped(root: Path | None = None) -> list[str]:
+    """The shipped files that are missing or whose sha256 differs from the manifest's (empty: all good)."""
+    root = Path(root) if root is not None else shipped_dir()
+    mp = root / "manifest.json"
+    if not mp.exists():
+        return ["manifest.json"]
+    want = json.loads(mp.read_text()).get("files", {})
+    bad = [f for f in SHIPPED_FILES if f not in want]
+    for rel, sha in want.items():
+        p = root / rel
+        if not p.exists() or sha256_of(p) != sha:
+            bad.append(rel)
+    return bad
+
+
+def load_shipped(root: Path | None = None) -> dict:
+    """The shipped tokenizer, base model (fp32 in memory; stored bf16) and adapter, checked against the manifest."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    root = Path(root) if root is not None else shipped_dir()
+    bad = check_shipped(root)
+    if bad:
+        raise RuntimeError(f"the shipped demo model in {root} is incomplete or modified ({', '.join(bad)}); "
+                           f"reinstall the package or rebuild it with `kangaroo demo --retrain`")
+    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    base = LlamaForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
+    manifest = json.loads((root / "manifest.json").read_text())
+    return {"tokenizer": tok, "base": base, "base_dir": root / "base", "adapter_dir": root / "adapter",
+            "manifest": manifest, "manifest_path": None, "built": False, "shipped": True}
+
+
+def _git_revision() -> str:
+    import subprocess
+
+    try:
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return "unknown (not a git checkout)"
+        return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict:
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def ship(built: dict, dest: Path, command: str) -> dict:
+    """Writes the built model into `dest` as the shipped default: bf16 base weights, tokenizer, adapter (no
+    optimizer state) and a manifest (sha256 per file, the command and code revision that built it, corpus and
+    held-out split, steps, wall time, machine, held-out quality, tuned eta/gamma)."""
+    import torch
+
+    from kangaroo import data
+    from kangaroo.adapter import KangarooAdapter
+
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok, base = built["tokenizer"], built["base"]
+    tok.save_pretrained(str(tmp / "tokenizer"))
+    for extra in ("vocab.json", "merges.txt", "chat_template.jinja"):
+        (tmp / "tokenizer" / extra).unlink(missing_ok=True)
+    b16 = type(base)(base.config)
+    b16.load_state_dict(base.state_dict())
+    b16 = b16.to(torch.bfloat16)
+    b16.generation_config = base.generation_config
+    b16.save_pretrained(str(tmp / "base"))
+    adapter = KangarooAdapter.from_pretrained(str(built["adapter_dir"]))
+    adapter.save_pretrained(str(tmp / "adapter"), base_fingerprint=adapter.base_fingerprint)
+    m = dict(built["manifest"])
+    train_files, held_files = data.split_stdlib(data.stdlib_source_files())
+    m.update({
+        "command": command, "code_revision": m.get("code_revision", _git_revision()),
+        "corpus": {"source": "the Python standard library's .py files of the interpreter that trained it",
+                   "stdlib_root": str(data.stdlib_root()), "train_files": len(train_files),
+                   "heldout_files": len(held_files), "heldout_split": "3 % of files by a hash of their path "
+                   "(kangaroo.data.split_stdlib)", "heldout_names": [p.name for p in held_files]},
+        "machine": m.get("machine", machine_info()),
+        "files": {},
+    })
+    for rel in SHIPPED_FILES:
+        if not (tmp / rel).exists():
+            raise RuntimeError(f"ship: {rel} was not written")
+        m["files"][rel] = sha256_of(tmp / rel)
+    (tmp / "manifest.json").write_text(json.dumps(m, indent=1, default=str))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return m
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The comparison
 
 
-def _time_hf(model, ids, new_tokens, **kw):
+def _hf_generate(model, ids, new_tokens, **kw):
     import torch
 
     x = torch.tensor([ids])
-    t0 = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, num_beams=1, **kw)
-    dt = time.perf_counter() - t0
-    return out[0, len(ids):].tolist(), dt
+    return out[0, len(ids):].tolist()
+
+
+def pick_threads(fn) -> int:
+    """1 thread or all of torch's, whichever runs fn() faster here (small models often decode faster on one; on a
+    shared machine two threads can be much slower). Every method of the comparison then runs on that count."""
+    import torch
+
+    n = torch.get_num_threads()
+    if n == 1:
+        return 1
+    best = {}
+    for k in (n, 1, n, 1):
+        torch.set_num_threads(k)
+        t = time.perf_counter()
+        fn()
+        best[k] = min(best.get(k, 1e9), time.perf_counter() - t)
+    pick = 1 if best[1] <= best[n] else n
+    torch.set_num_threads(pick)
+    return pick
 
 
 def tune_decoding(dec, ids, new_tokens: int = 64, etas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
-                  gammas=(2, 3, 4, 6, 8), progress=None) -> dict:
+                  gammas=(2, 3, 4, 6, 8), tree: bool = False, progress=None) -> dict:
     """(eta, gamma) with the most tokens/s on one tuning prompt (held out, not among the reported prompts); each
     setting is timed twice and the faster run counts (the machine may be shared)."""
     from kangaroo.train import _bar
 
     grid = [(e, g) for g in gammas for e in etas]
     best, table = None, []
-    bar = _bar(len(grid), "tuning eta, gamma", disable=None if progress is None else not progress)
+    bar = _bar(len(grid), "tuning eta, gamma" + (" (tree)" if tree else ""),
+               disable=None if progress is None else not progress)
     for eta, gamma in grid:
         tps = 0.0
         for _ in range(2):
-            out = dec.generate(ids, new_tokens, threshold=eta, max_draft=gamma)
+            out = dec.generate(ids, new_tokens, threshold=eta, max_draft=gamma, tree=tree)
             tps = max(tps, out.stats.tokens_per_s)
         table.append({"eta": eta, "gamma": gamma, "tps": tps, "tokens_per_cycle": out.stats.mean_tokens_per_cycle})
         if best is None or tps > best["tps"]:
@@ -276,11 +439,45 @@ def tune_decoding(dec, ids, new_tokens: int = 64, etas=(0.1, 0.2, 0.3, 0.4, 0.5,
     return {"eta": best["eta"], "gamma": best["gamma"], "table": table}
 
 
+@dataclass
+class Method:
+    label: str
+    run: object  # callable(ids) -> (token ids, GenerateStats or None)
+    ours: bool
+    speculative: bool = False
+
+
+def _methods(dec, base, exit_layer, new_tokens, seq, tree, hf_peers):
+    def ours(kind, **kw):
+        def run(ids):
+            o = dec.generate_autoregressive(ids, new_tokens) if kind == "plain" else dec.generate(ids, new_tokens, **kw)
+            return o.tokens.tolist(), o.stats
+        return run
+
+    def hf(**kw):
+        return lambda ids: (_hf_generate(base, ids, new_tokens, **kw), None)
+
+    ms = [Method("plain greedy (this library)", ours("plain"), True),
+          Method("Kangaroo, sequence (this library)", ours("seq", threshold=seq["eta"], max_draft=seq["gamma"]),
+                 True, True),
+          Method("Kangaroo, tree (this library)", ours("tree", threshold=tree["eta"], max_draft=tree["gamma"],
+                                                       tree=True), True, True)]
+    if hf_peers:
+        ms += [Method("transformers greedy", hf(), False),
+               Method(f"transformers assistant_early_exit={exit_layer}", hf(assistant_early_exit=exit_layer), False),
+               Method("transformers prompt_lookup_num_tokens=10", hf(prompt_lookup_num_tokens=10), False)]
+    return ms
+
+
 def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: float | None = None,
-                   max_draft: int | None = None, hf_peers: bool = True, hf_prompts: int = 2, progress=None,
-                   retune: bool = False) -> dict:
-    """Plain vs Kangaroo on held-out prompts (and transformers' generate peers). threshold / max_draft None: the
-    tuned values cached in the manifest (tuned now on a separate held-out prompt if missing or `retune`)."""
+                   max_draft: int | None = None, hf_peers: bool = True, repeats: int = 1, progress=None,
+                   retune: bool = False, threads: int | None = None, tree: bool = True) -> dict:
+    """Every method on the same held-out prompts, on the same weights, threads and machine, a warm-up call of each
+    excluded, methods interleaved prompt by prompt (so a machine that slows down slows all of them), each prompt
+    timed `repeats` times per method (the median counts). threshold / max_draft None: the tuned values in the
+    manifest (tuned now on a separate held-out prompt if missing or `retune`)."""
+    import statistics
+
     import torch
 
     from kangaroo.adapter import KangarooAdapter
@@ -292,133 +489,191 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
     dec = KangarooDecoder.from_pretrained(str(built["base_dir"]), adapter=adapter, exit_layer=adapter.exit_layer,
                                           dtype=torch.float32, device="cpu")
     prompts = _heldout_prompts(tok, n_prompts, 128, 32)
+    if not prompts:
+        raise RuntimeError("no held-out prompts found (the held-out stdlib files are missing)")
     tune_name, tune_ids = _heldout_prompts(tok, 1, 128, 32, reverse=True)[0]
-    # warm-up (allocations, lazy inits) on a short run of each mode
-    dec.generate_autoregressive(tune_ids, 8)
-    dec.generate(tune_ids, 8)
-    tuned = built["manifest"].get("tuned")
-    if (threshold is None or max_draft is None) and (tuned is None or retune):
-        tuned = tune_decoding(dec, tune_ids, progress=progress)
-        tuned["prompt"] = tune_name
-        built["manifest"]["tuned"] = tuned
-        mp = built.get("manifest_path")
-        if mp is not None:
-            Path(mp).write_text(json.dumps(built["manifest"], indent=1))
-    threshold = tuned["eta"] if threshold is None else threshold
-    max_draft = tuned["gamma"] if max_draft is None else max_draft
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        threads = pick_threads(lambda: dec.generate_autoregressive(tune_ids, 16))
+    manifest = built["manifest"]
+    tuned = dict(manifest.get("tuned") or {})
+    given = threshold is not None and max_draft is not None
+    for mode in ("seq", "tree") if tree else ("seq",):
+        if given and not retune:
+            tuned.setdefault(mode, {"eta": threshold, "gamma": max_draft, "prompt": "(given)"})
+        elif mode not in tuned or retune:
+            dec.generate(tune_ids, 8, tree=mode == "tree")  # warm-up
+            tuned[mode] = tune_decoding(dec, tune_ids, tree=mode == "tree", progress=progress,
+                                        gammas=(2, 3, 4, 6, 8) if mode == "seq" else (2, 3, 4, 6))
+            tuned[mode]["prompt"] = tune_name
+    manifest["tuned"] = tuned
+    if built.get("manifest_path") is not None:
+        Path(built["manifest_path"]).write_text(json.dumps(manifest, indent=1, default=str))
+    seq, tr = dict(tuned["seq"]), dict(tuned.get("tree", tuned["seq"]))
+    for d in (seq, tr):
+        d.update({k: v for k, v in (("eta", threshold), ("gamma", max_draft)) if v is not None})
+    methods = _methods(dec, base, adapter.exit_layer, new_tokens, seq, tr, hf_peers)
+    if not tree:
+        methods = [m for m in methods if "tree" not in m.label]
+    for m in methods:  # warm-up: allocations, lazy inits, kernel selection
+        m.run(prompts[0][1][:48])
+    per = {m.label: {"tokens": 0, "time": 0.0, "identical": 0, "rows": []} for m in methods}
+    spec = {m.label: {"tokens": 0, "cycles": 0, "acc": [0.0] * 16, "den": [0.0] * 16} for m in methods
+            if m.speculative}
     rows = []
-    totals = {"plain": [0, 0.0], "kangaroo": [0, 0.0]}
-    cyc = {"tokens": 0, "cycles": 0}
-    acc_num, acc_den = [0.0] * max_draft, [0.0] * max_draft
-    hist = [0] * (max_draft + 1)
     bar = _bar(len(prompts), "generating", disable=None if progress is None else not progress)
-    for name, ids in prompts:
-        a = dec.generate_autoregressive(ids, new_tokens)
-        k = dec.generate(ids, new_tokens, threshold=threshold, max_draft=max_draft)
-        ta, tk = a.tokens.tolist(), k.tokens.tolist()
-        same = ta == tk
-        s = k.stats
-        rows.append({"prompt": name, "identical": same, "tokens": len(tk), "plain_tps": a.stats.tokens_per_s,
-                     "kangaroo_tps": s.tokens_per_s, "tokens_per_cycle": s.mean_tokens_per_cycle,
-                     "cycles": s.cycles, "draft_s": s.draft_time_s, "verify_s": s.verify_time_s,
-                     "text": tok.decode(tk), "ids": tk})
-        totals["plain"][0] += a.stats.new_tokens
-        totals["plain"][1] += a.stats.time_s
-        totals["kangaroo"][0] += s.new_tokens
-        totals["kangaroo"][1] += s.time_s
-        cyc["tokens"] += s.new_tokens
-        cyc["cycles"] += s.cycles
-        for i, (p, n) in enumerate(zip(s.accept_per_position[:max_draft], s.drafted_per_position)):
-            acc_num[i] += p * n  # P(accepted | drafted) pooled over prompts: accepted / drafted
-            acc_den[i] += n
-        for i, c in enumerate(s.accept_hist[: max_draft + 1]):
-            hist[i] += c
+    for i, (name, ids) in enumerate(prompts):
+        order = methods[i % len(methods):] + methods[:i % len(methods)]
+        outs = {}
+        for m in order:
+            times = []
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                toks, st = m.run(ids)
+                times.append(time.perf_counter() - t0)
+            outs[m.label] = (toks, st, statistics.median(times))
+        ref = outs[methods[0].label][0]
+        row = {"prompt": name, "tokens": len(ref), "ids": ref, "text": tok.decode(ref), "methods": {}}
+        for m in methods:
+            toks, st, dt = outs[m.label]
+            same = toks == ref
+            p = per[m.label]
+            p["tokens"] += len(toks)
+            p["time"] += dt
+            p["identical"] += int(same)
+            row["methods"][m.label] = {"tps": len(toks) / max(dt, 1e-9), "identical": same}
+            if st is not None and m.speculative:
+                sp = spec[m.label]
+                sp["tokens"] += st.new_tokens
+                sp["cycles"] += st.cycles
+                row["methods"][m.label]["tokens_per_cycle"] = st.mean_tokens_per_cycle
+                for j, (a, n) in enumerate(zip(st.accept_per_position, st.drafted_per_position)):
+                    if j < 16:
+                        sp["acc"][j] += a * n
+                        sp["den"][j] += n
+        rows.append(row)
         bar.update(1)
     bar.close()
-    res = {"rows": rows, "threshold": threshold, "max_draft": max_draft, "exit_layer": adapter.exit_layer,
-           "new_tokens": new_tokens, "tuned": tuned}
-    res["plain_tps"] = totals["plain"][0] / max(totals["plain"][1], 1e-9)
-    res["kangaroo_tps"] = totals["kangaroo"][0] / max(totals["kangaroo"][1], 1e-9)
-    res["speedup"] = res["kangaroo_tps"] / max(res["plain_tps"], 1e-9)
-    res["tokens_per_cycle"] = cyc["tokens"] / max(1, cyc["cycles"])
-    res["accept_per_position"] = [n / d if d else None for n, d in zip(acc_num, acc_den)]
-    res["accept_hist"] = hist
+    plain = per[methods[0].label]
+    plain_tps = plain["tokens"] / max(plain["time"], 1e-9)
+    res = {"rows": rows, "new_tokens": new_tokens, "exit_layer": adapter.exit_layer, "threads": threads,
+           "repeats": repeats, "tuned": tuned, "seq": seq, "tree": tr, "methods": {}, "n_prompts": len(prompts)}
+    for m in methods:
+        p = per[m.label]
+        tps = p["tokens"] / max(p["time"], 1e-9)
+        per_prompt = [r["methods"][m.label]["tps"] / r["methods"][methods[0].label]["tps"] for r in rows]
+        d = {"tps": tps, "speedup": tps / max(plain_tps, 1e-9), "identical": p["identical"], "ours": m.ours,
+             "speedup_min": min(per_prompt), "speedup_max": max(per_prompt)}
+        if m.label in spec:
+            sp = spec[m.label]
+            d["tokens_per_cycle"] = sp["tokens"] / max(1, sp["cycles"])
+            d["accept_per_position"] = [a / n for a, n in zip(sp["acc"], sp["den"]) if n]
+        res["methods"][m.label] = d
     res["distinct_tokens"] = len({t for r in rows for t in r["ids"]})
-    tot = max(1, sum(hist))
-    res["accept_at_least"] = [sum(hist[i:]) / tot for i in range(1, max_draft + 1)]
-    res["identical"] = sum(r["identical"] for r in rows)
-    res["draft_s"] = sum(r["draft_s"] for r in rows)
-    res["verify_s"] = sum(r["verify_s"] for r in rows)
-    res["kangaroo_s"] = totals["kangaroo"][1]
-
-    if hf_peers:
-        peers = {"transformers greedy": {},
-                 f"transformers assistant_early_exit={adapter.exit_layer}": {
-                     "assistant_early_exit": adapter.exit_layer},
-                 "transformers prompt_lookup_num_tokens=10": {"prompt_lookup_num_tokens": 10}}
-        _time_hf(base, prompts[0][1], 4)  # warm-up
-        hf = {}
-        ours = {name: r for (name, _), r in zip(prompts, rows)}
-        for label, kw in peers.items():
-            n_tok, dt, same = 0, 0.0, 0
-            for name, ids in prompts[:hf_prompts]:
-                try:
-                    out, t = _time_hf(base, ids, new_tokens, **kw)
-                except Exception as e:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
-                    hf[label] = {"error": f"{type(e).__name__}: {e}"[:200]}
-                    break
-                n_tok += len(out)
-                dt += t
-                same += int(tok.decode(out) == ours[name]["text"])
-            else:
-                hf[label] = {"tps": n_tok / max(dt, 1e-9), "identical": same, "prompts": hf_prompts}
-        # our plain and Kangaroo figures on the same prompts, for a like-for-like column
-        sub = rows[:hf_prompts]
-        res["hf"] = hf
-        res["ours_on_hf_prompts"] = {
-            "plain_tps": sum(r["tokens"] for r in sub) / sum(r["tokens"] / r["plain_tps"] for r in sub),
-            "kangaroo_tps": sum(r["tokens"] for r in sub) / sum(r["tokens"] / r["kangaroo_tps"] for r in sub)}
     return res
 
 
-def format_results(res: dict) -> str:
+GOALS = {"identical": "identical output on every prompt", "tpc": 2.5, "vs_plain": 1.6, "vs_peer": 1.1}
+
+
+def goal_lines(res: dict) -> list[str]:
+    ms = res["methods"]
+    n = res["n_prompts"]
+    best_label = max((k for k, v in ms.items() if v["ours"] and "tokens_per_cycle" in v), key=lambda k: ms[k]["tps"])
+    best = ms[best_label]
+    peers = {k: v for k, v in ms.items() if not v["ours"]}
     L = []
-    tuned = res.get("tuned")
-    how = (f" (tuned for tokens/s on the held-out prompt {tuned['prompt']}, not reported below)"
-           if tuned and tuned.get("eta") == res["threshold"] and tuned.get("gamma") == res["max_draft"] else "")
-    L.append(f"Kangaroo (exit layer {res['exit_layer']}, eta={res['threshold']}, gamma={res['max_draft']}{how}), "
-             f"greedy, {res['new_tokens']} new tokens per prompt, CPU:")
-    L.append(f"  {'prompt':<28} {'identical':>9} {'tok/cycle':>9} {'plain tok/s':>12} {'kangaroo tok/s':>15}")
+
+    def line(ok, text):
+        L.append(f"  [{'met' if ok else 'MISSED'}] {text}")
+
+    ident = all(v["identical"] == n for k, v in ms.items() if v["ours"])
+    line(ident, "identical output: " + ", ".join(f"{k.split(' (')[0]} {v['identical']}/{n}" for k, v in ms.items()
+                                                 if v["ours"]))
+    tpc = best["tokens_per_cycle"]
+    line(tpc >= GOALS["tpc"], f"tokens per cycle >= {GOALS['tpc']}: {tpc:.2f} ({best_label})")
+    line(best["speedup"] >= GOALS["vs_plain"], f"Kangaroo >= {GOALS['vs_plain']}x our plain decoding: "
+         f"{best['speedup']:.2f}x ({best_label})")
+    if peers:
+        top = max(peers, key=lambda k: peers[k]["tps"])
+        r = best["tps"] / max(peers[top]["tps"], 1e-9)
+        line(r >= GOALS["vs_peer"], f"Kangaroo >= {GOALS['vs_peer']}x the fastest transformers peer: {r:.2f}x "
+             f"({top}, {peers[top]['tps']:.1f} tokens/s)")
+    return L
+
+
+def format_results(res: dict) -> str:
+    ms = res["methods"]
+    n = res["n_prompts"]
+    seq, tr = res["seq"], res["tree"]
+    L = [f"{n} held-out prompts x {res['new_tokens']} new tokens, greedy, CPU, {res['threads']} thread(s), "
+         f"median of {res['repeats']} run(s) per prompt and method, a warm-up run of each excluded; exit layer "
+         f"{res['exit_layer']}; sequence eta={seq['eta']} gamma={seq['gamma']}, tree eta={tr['eta']} "
+         f"gamma={tr['gamma']} (tuned on the held-out prompt {seq.get('prompt', '?')}, not reported below)"]
+    L.append(f"  {'method':<46} {'tokens/s':>9} {'vs plain':>9} {'per prompt':>13} {'identical':>9} "
+             f"{'tok/cycle':>9}")
+    for k, v in ms.items():
+        tpc = f"{v['tokens_per_cycle']:.2f}" if "tokens_per_cycle" in v else "-"
+        L.append(f"  {k:<46} {v['tps']:>9.1f} {v['speedup']:>8.2f}x {v['speedup_min']:>5.2f}-{v['speedup_max']:<5.2f}x"
+                 f" {v['identical']:>5}/{n:<3} {tpc:>9}")
+    for k, v in ms.items():
+        if v.get("accept_per_position"):
+            acc = " ".join(f"{a:.2f}" for a in v["accept_per_position"])
+            L.append(f"  acceptance per draft position, {k.split(' (')[0]} (P(accepted | drafted)): {acc}")
+    kl = next(k for k in ms if "sequence" in k)
+    L.append("  per prompt (tokens/s; identical to plain):")
+    L.append(f"    {'prompt':<28} " + " ".join(f"{k.split(' (')[0][:18]:>18}" for k in ms))
     for r in res["rows"]:
-        L.append(f"  {r['prompt']:<28} {'yes' if r['identical'] else 'NO':>9} {r['tokens_per_cycle']:>9.2f} "
-                 f"{r['plain_tps']:>12.1f} {r['kangaroo_tps']:>15.1f}")
-    n = len(res["rows"])
-    acc = " ".join(f"{a:.2f}" if a is not None else "-" for a in res["accept_per_position"])
-    L.append(f"  identical output: {res['identical']}/{n} prompts")
-    atl = " ".join(f"{a:.2f}" for a in res["accept_at_least"])
-    L.append(f"  mean tokens per cycle: {res['tokens_per_cycle']:.2f}; acceptance per draft position "
-             f"(P(accepted | drafted)): {acc}")
-    L.append(f"  share of cycles accepting >= 1..{res['max_draft']} drafts: {atl}")
-    L.append(f"  tokens/s: plain {res['plain_tps']:.1f}, Kangaroo {res['kangaroo_tps']:.1f} -> speedup "
-             f"{res['speedup']:.2f}x (draft {res['draft_s'] / max(res['kangaroo_s'], 1e-9):.0%} / verify "
-             f"{res['verify_s'] / max(res['kangaroo_s'], 1e-9):.0%} of Kangaroo's time)")
+        L.append(f"    {r['prompt']:<28} " + " ".join(
+            f"{r['methods'][k]['tps']:>14.1f} {'=' if r['methods'][k]['identical'] else 'x':>3}" for k in ms))
     first = res["rows"][0]
     sample = first["text"].rstrip("\n").split("\n")[:8]
-    L.append(f"  sample: the first {len(sample)} lines Kangaroo wrote after the prompt from {first['prompt']}:")
+    L.append(f"  sample: the first {len(sample)} lines written after the prompt from {first['prompt']} "
+             f"({kl.split(' (')[0]} wrote the same: {first['methods'][kl]['identical']}):")
     L.extend("    | " + line for line in sample)
-    if res.get("distinct_tokens") is not None:
-        L.append(f"  distinct tokens in all outputs: {res['distinct_tokens']} (a weak model loops on a few)")
-    if "hf" in res:
-        o = res["ours_on_hf_prompts"]
-        L.append(f"  on the first {next(iter(res['hf'].values())).get('prompts', '?')} prompts, tokens/s:")
-        L.append(f"    {'kangaroo (this library)':<44} {o['kangaroo_tps']:>8.1f}")
-        L.append(f"    {'plain greedy (this library)':<44} {o['plain_tps']:>8.1f}")
-        for label, v in res["hf"].items():
-            if "error" in v:
-                L.append(f"    {label:<44} failed: {v['error']}")
-            else:
-                L.append(f"    {label:<44} {v['tps']:>8.1f}   (same text as ours: {v['identical']}/{v['prompts']})")
+    L.append(f"  distinct tokens in all outputs: {res['distinct_tokens']} (a weak model loops on a few)")
+    L.append("goals:")
+    L.extend(goal_lines(res))
     return "\n".join(L)
+
+
+def plot_results(res: dict, path: Path) -> Path | None:
+    """tokens/s per method and acceptance per draft position, as a PNG (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ms = res["methods"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
+    labels = list(ms)
+    vals = [ms[k]["tps"] for k in labels]
+    colors = ["#4c72b0" if ms[k]["ours"] else "#999999" for k in labels]
+    a.barh(range(len(labels)), vals, color=colors)
+    a.set_yticks(range(len(labels)), [k.replace(" (this library)", "\n(this library)") for k in labels], fontsize=8)
+    a.invert_yaxis()
+    for i, v in enumerate(vals):
+        a.text(v, i, f" {v:.0f} ({ms[labels[i]]['speedup']:.2f}x)", va="center", fontsize=8)
+    a.set_xlabel("tokens/s (CPU, greedy)")
+    a.set_title(f"{res['n_prompts']} held-out prompts x {res['new_tokens']} tokens, {res['threads']} thread(s)")
+    for k, v in ms.items():
+        if v.get("accept_per_position"):
+            acc = v["accept_per_position"]
+            b.plot(range(1, len(acc) + 1), acc, marker="o", label=k.split(" (")[0])
+    b.set_xlabel("draft position")
+    b.set_ylabel("P(accepted | drafted)")
+    b.set_ylim(0, 1.02)
+    b.legend(fontsize=8)
+    b.set_title("acceptance per draft position")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -427,22 +682,31 @@ def format_results(res: dict) -> str:
 
 def _parser():
     p = argparse.ArgumentParser(prog="kangaroo demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: $KANGAROO_CACHE or ~/.cache/kangaroo)")
-    p.add_argument("--retrain", action="store_true", help="rebuild tokenizer, model and adapter")
+    p.add_argument("--cache-dir", default=None, help="where --retrain / --quick builds go (default: $KANGAROO_CACHE "
+                                                     "or ~/.cache/kangaroo)")
+    p.add_argument("--retrain", action="store_true", help="rebuild tokenizer, model and adapter from scratch (into "
+                                                          "the cache; the shipped model is left as it is)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="with --retrain: the training time budget, split 79 %% base LM / 21 %% adapter (default: "
+                        "the shipped model's 75 + 20 min)")
+    p.add_argument("--ship", action="store_true", help="maintainers: write the built model into the package "
+                                                       "(kangaroo/default_model) with a new manifest")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests and smoke runs)")
     for f in fields(DemoSizes):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, dest=f.name,
-                       help=f"model/training size (default {f.default})")
-    p.add_argument("--prompts", type=int, default=6)
+                       help=f"model/training size for --retrain (default {f.default})")
+    p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median counts")
     p.add_argument("--threshold", type=float, default=None,
-                   help="eta (default: tuned for tokens/s on a held-out tuning prompt, cached)")
+                   help="eta (default: tuned for tokens/s on a held-out tuning prompt, in the manifest)")
     p.add_argument("--max-draft", type=int, default=None, help="gamma (default: tuned with eta)")
     p.add_argument("--retune", action="store_true", help="tune eta and gamma again")
+    p.add_argument("--no-tree", action="store_true", help="skip Kangaroo's tree mode")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate peers")
-    p.add_argument("--hf-prompts", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every method (default: 1 or all, whichever decodes faster here)")
+    p.add_argument("--out-dir", default="kangaroo-demo-results", help="the run's PNG and JSON go here")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--build-only", action="store_true", help="build (or load) the model, then stop")
     return p
@@ -462,25 +726,54 @@ def cli_main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     kw = dict(QUICK) if args.quick else {}
     kw.update({f.name: getattr(args, f.name) for f in fields(DemoSizes) if getattr(args, f.name) is not None})
+    if args.budget_minutes is not None:
+        if not args.retrain:
+            raise SystemExit("kangaroo demo: --budget-minutes only applies to --retrain")
+        kw["lm_minutes"], kw["adapter_minutes"] = 0.79 * args.budget_minutes, 0.21 * args.budget_minutes
     sizes = DemoSizes(**kw)
-    cache = cache_dir_for(sizes, args.cache_dir)
     progress = False if args.no_progress else None
-    _log(f"kangaroo demo: model cache {cache}" + (" (rebuilding)" if args.retrain else ""))
-    built = ensure_model(sizes, cache, retrain=args.retrain, progress=progress)
+    use_shipped = not (args.retrain or args.quick or kw) and (shipped_dir() / "manifest.json").exists()
+    if use_shipped:
+        _log(f"kangaroo demo: the shipped default model ({shipped_dir()})")
+        built = load_shipped()
+    else:
+        cache = cache_dir_for(sizes, args.cache_dir)
+        _log(f"kangaroo demo: model cache {cache}" + (" (rebuilding)" if args.retrain else ""))
+        built = ensure_model(sizes, cache, retrain=args.retrain, progress=progress)
+        if built["built"] and not args.quick:
+            shipped = shipped_dir() / "manifest.json"
+            if shipped.exists():
+                _log(compare_with_shipped(built["manifest"], json.loads(shipped.read_text())))
     t_build = time.perf_counter() - t0
-    if args.build_only:
-        _log(f"built in {t_build:.0f} s: {cache}")
+    if args.build_only and not args.ship:
+        _log(f"model ready in {t_build:.0f} s")
         return 0
     res = run_comparison(built, args.prompts, args.new_tokens, args.threshold, args.max_draft,
-                         hf_peers=not args.no_hf, hf_prompts=args.hf_prompts, progress=progress,
-                         retune=args.retune)
+                         hf_peers=not args.no_hf, repeats=args.repeats, progress=progress, retune=args.retune,
+                         threads=args.threads, tree=not args.no_tree)
     _log(format_results(res))
+    if args.ship:
+        m = ship(built, shipped_dir(), " ".join(["kangaroo", "demo"] + argv))
+        _log(f"shipped: {shipped_dir()} ({sum((shipped_dir() / f).stat().st_size for f in m['files']) / 1e6:.1f} MB)")
     total = time.perf_counter() - t0
-    res.update({"total_s": total, "build_s": t_build if built["built"] else 0.0, "sizes": asdict(sizes)})
+    res.update({"total_s": total, "build_s": t_build if built["built"] else 0.0, "sizes": asdict(sizes),
+                "machine": machine_info()})
     _log(f"total {total:.0f} s" + (f" (of which building the model {t_build:.0f} s)" if built["built"] else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
-    return 0 if res["identical"] == len(res["rows"]) else 1
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(res, indent=1, default=str))
+    png = plot_results(res, out / "demo.png")
+    _log(f"wrote {out / 'demo.json'}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
+    ok = all(v["identical"] == res["n_prompts"] for v in res["methods"].values() if v["ours"])
+    return 0 if ok else 1
+
+
+def compare_with_shipped(new: dict, shipped: dict) -> str:
+    """The rebuilt model's quality figures beside the shipped manifest's (reproduction within noise)."""
+    keys = ("heldout_top1_agreement", "heldout_loss", "base_heldout_nll", "trajectory_top1_agreement")
+    a, b = new.get("adapter_report", {}), shipped.get("adapter_report", {})
+    parts = [f"{k} {a[k]:.3f} (shipped {b[k]:.3f})" for k in keys if k in a and k in b]
+    return "rebuilt vs shipped: " + ("; ".join(parts) if parts else "no comparable figures")
 
 
 if __name__ == "__main__":
