@@ -118,17 +118,26 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# What the packages import (tests/test_packaging.py checks every third-party import is declared here). The decoder's
+# CLI (`kangaroo demo`, `train`, `generate`) needs transformers, tokenizers, safetensors and tqdm; Triton comes with
+# torch's Linux builds and runs the draft-side kernels.
+INSTALL_REQUIRES = ["torch", "numpy", "triton; platform_system == 'Linux'", "safetensors", "transformers",
+                    "tokenizers", "tqdm"]
+EXTRAS_REQUIRE = {"plot": ["matplotlib"], "test": ["pytest", "ruff"]}
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="kangaroo-kernels",
     version="0.1.0",
     description="Fused GPU kernels and a reference decoder for Kangaroo self-speculative decoding",
-    packages=["kangaroo_kernels", "kangaroo_kernels.triton", "kangaroo_kernels.reference", "kangaroo"],
+    packages=["kangaroo_kernels", "kangaroo_kernels.ops", "kangaroo_kernels.triton", "kangaroo_kernels.reference",
+              "kangaroo"],
     package_dir={"kangaroo": "python/kangaroo"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
-    install_requires=["torch", "numpy"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["kangaroo=kangaroo.cli:main"]},
 )

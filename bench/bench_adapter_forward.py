@@ -100,8 +100,9 @@ def main(argv=None):
     args = bench_args(__doc__, argv)
     dev = bench_device()
     on_gpu = dev.type == "cuda"
-    from kangaroo_kernels.adapter_forward import AdapterWeights, _adapter_forward_triton, adapter_forward
-    from kangaroo_kernels.reference.adapter_forward import rope_inv_freq_ref
+    from kangaroo_kernels.ops.adapter_forward import _adapter_forward_triton, adapter_forward
+    from kangaroo_kernels.rope import make_rope_cos_sin
+    from kangaroo_kernels.types import AdapterWeights
 
     dtype = torch.bfloat16
     models = MODELS if on_gpu else {"tiny": (256, 4, 2, 64, True)}
@@ -131,8 +132,8 @@ def main(argv=None):
             sets.append((rnd(B, D), w, wqkv, bqkv, rnd(B, Hk, S, Dh), rnd(B, Hk, S, Dh)))
         lens = torch.full((B,), L, dtype=torch.int32, device=dev)
         outs = [torch.empty(B, D, dtype=dtype, device=dev) for _ in range(n)]
-        ang = L * rope_inv_freq_ref(Dh, 10000.0, dev)
-        cos, sin = torch.cat([ang.cos()] * 2).to(dtype), torch.cat([ang.sin()] * 2).to(dtype)
+        c, s = make_rope_cos_sin(torch.tensor([L]), Dh, device=dev, dtype=torch.float32)[0].chunk(2)
+        cos, sin = torch.cat([c, c]).to(dtype), torch.cat([s, s]).to(dtype)
         moved = w_bytes + 2 * B * Hk * L * Dh * 2 + 2 * B * Hk * Dh * 2 + 2 * B * D * 2
 
         def eager_args(i):

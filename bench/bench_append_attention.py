@@ -105,7 +105,7 @@ def main(argv=None):
     args = bench_args(__doc__, argv)
     dev = bench_device()
     on_gpu = dev.type == "cuda"
-    from kangaroo_kernels.append_attention import _append_attention_triton, append_attention
+    from kangaroo_kernels.ops.append_attention import _append_attention_triton, append_attention
 
     dtype = torch.bfloat16
     models = MODELS if on_gpu else {"tiny": (8, 2, 64)}

@@ -44,7 +44,7 @@ from _common import (  # noqa: E402
     want_compile,
 )
 
-from kangaroo_kernels.tree import build_tree, tree_to_flashinfer_mask, tree_to_sglang  # noqa: E402
+from kangaroo_kernels.ops.tree import build_tree, tree_to_flashinfer_mask, tree_to_sglang  # noqa: E402
 
 BATCHES = (1, 4, 16, 64)
 PREFIX = 1024

@@ -40,7 +40,7 @@ from _common import (  # noqa: E402
     want_compile,
 )
 
-from kangaroo_kernels.compact_kv import compact_kv  # noqa: E402
+from kangaroo_kernels.ops.compact_kv import compact_kv  # noqa: E402
 
 # name: (layers, kv heads, head dim)
 MODELS = {"vicuna-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}

@@ -103,14 +103,8 @@ def main(argv=None):
     args = bench_args(__doc__, argv)
     dev = bench_device()
     on_gpu = dev.type == "cuda"
-    from kangaroo_kernels.lm_head_exit import (
-        LmHeadExit,
-        LmHeadTopk,
-        _lm_head_exit_triton,
-        _lm_head_topk_triton,
-        lm_head_exit,
-        lm_head_topk,
-    )
+    from kangaroo_kernels.ops.lm_head_exit import _lm_head_exit_triton, _lm_head_topk_triton, lm_head_exit, lm_head_topk
+    from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
     dtype = torch.bfloat16
     models = MODELS if on_gpu else {"small": (4096, 256)}

@@ -42,7 +42,7 @@ from _common import (  # noqa: E402
     want_compile,
 )
 
-from kangaroo_kernels.verify_greedy import verify_greedy  # noqa: E402
+from kangaroo_kernels.ops.verify_greedy import verify_greedy  # noqa: E402
 
 LAZY_BYTES = 32 << 20  # kLazyBytes of the CUDA plan
 MODELS = {"vicuna-7b": 32000, "llama-3-8b": 128256, "qwen2.5-7b": 152064}

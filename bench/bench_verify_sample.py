@@ -44,7 +44,7 @@ from _common import (  # noqa: E402
     want_compile,
 )
 
-from kangaroo_kernels.verify_sample import verify_sample  # noqa: E402
+from kangaroo_kernels.ops.verify_sample import verify_sample  # noqa: E402
 
 MODELS = {"vicuna-7b": 32000, "llama-3-8b": 128256, "qwen2.5-7b": 152064}
 BATCHES = (1, 4, 16, 64)

@@ -136,7 +136,7 @@ def _wide_loads(ptx: str) -> str:
 # Tensors are torch.empty/zeros: values never matter (nothing runs), only shapes, dtypes, strides and alignment.
 
 def _lm_head_cases(full: bool):
-    from kangaroo_kernels.lm_head_exit import _lm_head_exit_triton, _lm_head_topk_triton
+    from kangaroo_kernels.ops.lm_head_exit import _lm_head_exit_triton, _lm_head_topk_triton
 
     out = []
     D, V = 4096, 32000
@@ -170,7 +170,8 @@ def _lm_head_cases(full: bool):
 
 
 def _attention_cases(full: bool):
-    from kangaroo_kernels.append_attention import _append_attention_triton, make_rope_cos_sin
+    from kangaroo_kernels.ops.append_attention import _append_attention_triton
+    from kangaroo_kernels.rope import make_rope_cos_sin
 
     out = []
     S, Dh = 2048, 128
@@ -201,7 +202,8 @@ def _attention_cases(full: bool):
 
 
 def _adapter_cases(full: bool):
-    from kangaroo_kernels.adapter_forward import AdapterWeights, _adapter_forward_triton
+    from kangaroo_kernels.ops.adapter_forward import _adapter_forward_triton
+    from kangaroo_kernels.types import AdapterWeights
 
     out = []
     S, Dh = 2048, 128

@@ -110,9 +110,9 @@ def expected_tokens(alpha: float, k: int) -> float:
 def bench_shape(name, B, S, dev, dtype, rec, args, timing, summary):
     from kangaroo.adapter import KangarooAdapter
 
-    from kangaroo_kernels.adapter_forward import adapter_forward
-    from kangaroo_kernels.lm_head_exit import lm_head_exit
-    from kangaroo_kernels.verify_greedy import verify_greedy
+    from kangaroo_kernels.ops.adapter_forward import adapter_forward
+    from kangaroo_kernels.ops.lm_head_exit import lm_head_exit
+    from kangaroo_kernels.ops.verify_greedy import verify_greedy
 
     on_gpu = dev.type == "cuda"
     model = random_model(name, dev, dtype)
@@ -123,7 +123,6 @@ def bench_shape(name, B, S, dev, dtype, rec, args, timing, summary):
     aw = adapter.weights()
     Smax = S + GAMMA + 2
     cache = model.new_cache(B, Smax)
-    cache.lens.fill_(S)
     ak = torch.zeros(B, c.num_key_value_heads, Smax, c.head_dim, device=dev, dtype=dtype)
     av = torch.zeros_like(ak)
     lens = torch.full((B,), S, dtype=torch.int32, device=dev)

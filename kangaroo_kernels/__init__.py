@@ -1,30 +1,41 @@
 """kangaroo_kernels: fused kernels for Kangaroo self-speculative decoding.
 
-Importing this package is cheap: it neither initialises CUDA nor loads/compiles any kernel.
-Ops are resolved on first attribute access.
+Importing this package is cheap: it neither initialises CUDA nor loads/compiles any kernel. The public names are
+resolved on first attribute access from the modules that define them:
+
+  kangaroo_kernels.ops.<op>     the ops: input checks, dispatch (torch.library), register_fake
+  kangaroo_kernels.types        result and parameter types (Accepted, Tree, LmHeadExit, AdapterWeights, ...)
+  kangaroo_kernels.rope         the RoPE frequencies and rope_cos_sin table
+  kangaroo_kernels.reference    the executable spec (<op>_ref); kangaroo_kernels.triton: the Triton kernels
+
+No op module shares a name with a public function, so `kangaroo_kernels.verify_greedy` is always the function.
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "Tree": "tree",
-    "build_tree": "tree",
-    "tree_to_flashinfer_mask": "tree",
-    "tree_to_sglang": "tree",
-    "Accepted": "verify_greedy",
-    "verify_greedy": "verify_greedy",
-    "verify_sample": "verify_sample",
-    "compact_kv": "compact_kv",
-    "lm_head_exit": "lm_head_exit",
-    "lm_head_topk": "lm_head_exit",
-    "append_attention": "append_attention",
-    "AdapterWeights": "adapter_forward",
-    "adapter_forward": "adapter_forward",
+    "Accepted": "types",
+    "AdapterWeights": "types",
+    "FlashInferMask": "types",
+    "LmHeadExit": "types",
+    "LmHeadTopk": "types",
+    "SGLangTree": "types",
+    "Tree": "types",
+    "make_rope_cos_sin": "rope",
+    "rope_inv_freq": "rope",
+    "build_tree": "ops.tree",
+    "tree_to_flashinfer_mask": "ops.tree",
+    "tree_to_sglang": "ops.tree",
+    "verify_greedy": "ops.verify_greedy",
+    "verify_sample": "ops.verify_sample",
+    "compact_kv": "ops.compact_kv",
+    "lm_head_exit": "ops.lm_head_exit",
+    "lm_head_topk": "ops.lm_head_exit",
+    "append_attention": "ops.append_attention",
+    "adapter_forward": "ops.adapter_forward",
     "has_cuda_kernels": "_ext",
     "build_info": "_ext",
 }
@@ -43,17 +54,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + __all__)
-
-
-class _Package(types.ModuleType):
-    """Keeps `kangaroo_kernels.<op>` the op function when the submodule of the same name is imported directly
-    (`import kangaroo_kernels.verify_greedy` would otherwise rebind the attribute to the module). The submodule
-    stays reachable through `importlib.import_module` / `from kangaroo_kernels.<op> import ...`."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from kangaroo_kernels.adapter_forward import AdapterWeights, _adapter_forward_triton, adapter_forward
-from kangaroo_kernels.append_attention import make_rope_cos_sin
+from kangaroo_kernels.ops.adapter_forward import _adapter_forward_triton, adapter_forward
 from kangaroo_kernels.reference.adapter_forward import adapter_forward_ref, rms_norm_ref
+from kangaroo_kernels.rope import make_rope_cos_sin
+from kangaroo_kernels.types import AdapterWeights
 
 # Tolerances, reference in the same dtype from the same inputs:
 # fp32: only the summation order differs (GEMVs over D <= 512, split-KV online softmax) -> ~1e-6; allow 2e-5.
@@ -285,7 +286,7 @@ def test_validation_skips_inactive_rows_and_can_be_disabled():
 
 def test_opcheck(device):
     """Schema, fake (meta) impl and autograd/functionalization registration agree with the real op."""
-    from kangaroo_kernels.adapter_forward import _prepare
+    from kangaroo_kernels.ops.adapter_forward import _prepare
 
     a = _args(B=3)
     a["weights"] = _weights(128, 2, 1, 64, torch.float32, "cpu", True, seed=0)

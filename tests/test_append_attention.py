@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kangaroo_kernels.append_attention import _append_attention_triton, append_attention, make_rope_cos_sin
+from kangaroo_kernels.ops.append_attention import _append_attention_triton, append_attention
 from kangaroo_kernels.reference.append_attention import append_attention_ref, apply_rope_ref
+from kangaroo_kernels.rope import make_rope_cos_sin
 
 # Output tolerances (|x - ref| <= atol + rtol * |ref|), reference in fp32 from the same inputs:
 # fp32: only summation order differs (split-KV, online softmax) -> ~1e-6.

@@ -2,7 +2,7 @@ import pytest
 import torch
 from test_tree import random_parents
 
-from kangaroo_kernels.compact_kv import compact_kv
+from kangaroo_kernels.ops.compact_kv import compact_kv
 from kangaroo_kernels.reference import compact_kv_ref, verify_greedy_ref
 
 
@@ -155,7 +155,7 @@ def test_compact_kv_bad_inputs(device):
 
 
 def test_compact_kv_opcheck(device):
-    from kangaroo_kernels.compact_kv import _op
+    from kangaroo_kernels.ops.compact_kv import _op
 
     _op()  # loads the library and registers the fake
     k = torch.randn((2, 1, 2, 10, 4), device=device)

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kangaroo_kernels.adapter_forward import AdapterWeights, _adapter_forward_triton, adapter_forward
-from kangaroo_kernels.append_attention import _append_attention_triton, append_attention, make_rope_cos_sin
-from kangaroo_kernels.lm_head_exit import _lm_head_exit_triton, lm_head_exit
+from kangaroo_kernels.ops.adapter_forward import _adapter_forward_triton, adapter_forward
+from kangaroo_kernels.ops.append_attention import _append_attention_triton, append_attention
+from kangaroo_kernels.ops.lm_head_exit import _lm_head_exit_triton, lm_head_exit
+from kangaroo_kernels.rope import make_rope_cos_sin
+from kangaroo_kernels.types import AdapterWeights
 
 aten = torch.ops.aten
 

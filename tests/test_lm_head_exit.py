@@ -12,14 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kangaroo_kernels.triton.lm_head_exit as tl_mod
-from kangaroo_kernels.lm_head_exit import (
-    LmHeadExit,
-    LmHeadTopk,
-    _lm_head_exit_triton,
-    _lm_head_topk_triton,
-    lm_head_exit,
-    lm_head_topk,
-)
+from kangaroo_kernels.ops.lm_head_exit import _lm_head_exit_triton, _lm_head_topk_triton, lm_head_exit, lm_head_topk
 from kangaroo_kernels.reference.lm_head_exit import (
     lm_head_exit_ref,
     lm_head_logits_ref,
@@ -28,6 +21,7 @@ from kangaroo_kernels.reference.lm_head_exit import (
     philox4x32_10_torch,
 )
 from kangaroo_kernels.reference.verify_sample import philox4x32_10
+from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
 # Logit tolerances (abs). Both sides multiply the same dtype-exact values in fp32; they differ in summation order
 # (~sqrt(D) * 2^-24 * |logit terms|, < 1e-5 here) and, with the norm, in rstd (div_rn(1, sqrt) vs rsqrt, 1 fp32 ulp)

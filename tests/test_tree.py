@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from kangaroo_kernels.ops.tree import build_tree, tree_to_flashinfer_mask, tree_to_sglang
 from kangaroo_kernels.reference import build_tree_ref
-from kangaroo_kernels.tree import Tree, build_tree, tree_to_flashinfer_mask, tree_to_sglang
+from kangaroo_kernels.types import Tree
 
 
 def random_parents(kind: str, B: int, N: int, gen: torch.Generator, k: int = 2) -> torch.Tensor:
@@ -202,7 +203,7 @@ def test_tree_to_sglang(device, kind, B, N):
 
 
 def test_build_tree_opcheck(device):
-    from kangaroo_kernels.tree import _op
+    from kangaroo_kernels.ops.tree import _op
 
     _op()  # loads the library and registers the fake
     parents = torch.tensor([[-1, 0, 0, 1, -1], [-1, 0, 1, 7, 2]], dtype=torch.int32, device=device)

@@ -2,9 +2,10 @@ import pytest
 import torch
 from test_tree import random_parents
 
+from kangaroo_kernels.ops.tree import build_tree
+from kangaroo_kernels.ops.verify_greedy import verify_greedy
 from kangaroo_kernels.reference import verify_greedy_ref
-from kangaroo_kernels.tree import build_tree
-from kangaroo_kernels.verify_greedy import Accepted, verify_greedy
+from kangaroo_kernels.types import Accepted
 
 
 def planted_drafts(target_tok: torch.Tensor, parents, p_match: float, gen: torch.Generator, V: int):
@@ -211,7 +212,7 @@ def test_verify_greedy_bad_inputs(device):
 
 
 def test_verify_greedy_opcheck(device):
-    from kangaroo_kernels.verify_greedy import _op
+    from kangaroo_kernels.ops.verify_greedy import _op
 
     _op()  # loads the library and registers the fake
     draft = torch.tensor([[1, 2, 3, 4]], dtype=torch.int32, device=device)

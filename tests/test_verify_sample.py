@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kangaroo_kernels.ops.verify_sample import verify_sample
 from kangaroo_kernels.reference.verify_sample import (
     filtered_probs_ref,
     philox4x32_10,
@@ -15,7 +16,6 @@ from kangaroo_kernels.reference.verify_sample import (
     sample_exp_ref,
     verify_sample_ref,
 )
-from kangaroo_kernels.verify_sample import verify_sample
 
 SETTINGS = [(t, k, p) for t in (0.7, 1.0) for k in (0, 5, 50) for p in (1.0, 0.9, 0.5)]
 # each value of T, top_k and top_p, and several pairs, for the large vocabulary
@@ -469,7 +469,7 @@ def test_bad_inputs_raise_value_errors(device):
                                   torch.zeros(B, N + 1, dtype=torch.int32, device=device),
                                   torch.zeros(B, N, dtype=torch.int32, device=device)))
     # the native op checks metadata itself (ValueError, not a crash) when called directly
-    from kangaroo_kernels.verify_sample import _op
+    from kangaroo_kernels.ops.verify_sample import _op
 
     outs = (torch.empty(B, dtype=torch.int32, device=device), torch.empty(B, N + 1, dtype=torch.int32,
                                                                           device=device),

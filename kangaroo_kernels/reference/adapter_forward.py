@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 
 from kangaroo_kernels.reference.append_attention import append_attention_ref
+from kangaroo_kernels.rope import make_rope_cos_sin
 
-__all__ = ["adapter_forward_ref"]  # helpers (rms_norm_ref, rope_inv_freq_ref) stay module-level
+__all__ = ["adapter_forward_ref"]  # rms_norm_ref stays module-level
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,12 +35,6 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     if b is not None:
         y = y + b.float()
     return y.to(x.dtype)
-
-
-def rope_inv_freq_ref(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """fp32 [head_dim/2] RoPE frequencies 1 / theta^(2i/head_dim), computed as HF's default rotary embedding."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    return 1.0 / (theta ** exponent)
 
 
 def adapter_forward_ref(h: torch.Tensor, weights, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -57,8 +52,8 @@ def adapter_forward_ref(h: torch.Tensor, weights, k_cache: torch.Tensor, v_cache
     k = _linear(x, weights.wk, weights.bk).view(B, 1, Hk, Dh)
     v = _linear(x, weights.wv, weights.bv).view(B, 1, Hk, Dh)
     if rope_cos_sin is None:
-        ang = positions.float()[:, None] * rope_inv_freq_ref(Dh, rope_theta, h.device)[None, :]
-        rope_cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1)  # one table row per batch row
+        # one table row per batch row, in HF's fp32 rounding
+        rope_cos_sin = make_rope_cos_sin(positions, Dh, rope_theta, device=h.device, dtype=torch.float32)
         rope_pos = torch.arange(B, device=h.device)[:, None]
     else:
         rope_pos = positions.long()[:, None]

@@ -16,14 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["append_attention_ref", "apply_rope_ref", "rope_cos_sin_ref"]
-
-
-def rope_cos_sin_ref(max_pos: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
-    """The [max_pos, head_dim] fp32 table cat(cos, sin) of the Llama RoPE frequencies base^(-2i/head_dim)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    ang = torch.arange(max_pos, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
-    return torch.cat([ang.cos(), ang.sin()], dim=-1).to(torch.float32)
+__all__ = ["append_attention_ref", "apply_rope_ref"]
 
 
 def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, rope_cos_sin: torch.Tensor) -> torch.Tensor:

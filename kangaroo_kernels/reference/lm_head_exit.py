@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
+from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
 __all__ = ["lm_head_exit_ref", "lm_head_topk_ref", "lm_head_logits_ref", "lm_head_uniforms_ref",
            "philox4x32_10_torch"]
@@ -95,8 +96,6 @@ def lm_head_exit_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, thresho
 def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active, inv_t, seed, offset,
                            return_probs):
     """lm_head_exit_ref with the temperature given as inv_t = fl32(1 / T) (0.0: greedy), as the op takes it."""
-    from kangaroo_kernels.lm_head_exit import LmHeadExit
-
     B = hidden.shape[0]
     dev = hidden.device
     logits = lm_head_logits_ref(hidden, lm_head_weight, norm_weight, eps)
@@ -129,8 +128,6 @@ def lm_head_topk_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int,
                      norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6):
     """Reference of kangaroo_kernels.lm_head_topk -> LmHeadTopk(tokens [B, k] i32, logprobs [B, k] f32),
     descending."""
-    from kangaroo_kernels.lm_head_exit import LmHeadTopk
-
     logits = lm_head_logits_ref(hidden, lm_head_weight, norm_weight, eps)
     # stable descending sort: equal logits keep increasing index order
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]

@@ -13,13 +13,14 @@ from typing import Optional
 
 import torch
 
+from kangaroo_kernels.types import Tree
+
 __all__ = ["build_tree_ref"]
 
 
 def build_tree_ref(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None):
     """Reference of kangaroo_kernels.build_tree. Returns Tree(depth, mask, first_child, next_sibling,
     root_first_child, parents) on the device of `parents` (parents as int32, unchanged)."""
-    from kangaroo_kernels.tree import Tree
 
     B, N = parents.shape
     W = (N + 31) // 32

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from kangaroo_kernels.types import Accepted
+
 __all__ = ["verify_greedy_ref"]
 
 
@@ -22,7 +24,6 @@ def verify_greedy_ref(draft_tokens: torch.Tensor, target: torch.Tensor, *, paren
 
     Returns Accepted(accept_len [B] i32, path [B, N+1] i32, tokens [B, N+1] i32), -1 padded.
     """
-    from kangaroo_kernels.verify_greedy import Accepted
 
     B, N = draft_tokens.shape
     dev = draft_tokens.device

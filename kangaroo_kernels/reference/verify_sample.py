@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kangaroo_kernels.types import Accepted
+
 __all__ = ["verify_sample_ref", "filtered_probs_ref", "philox_uniforms", "philox4x32_10", "sample_exp_ref"]
 
 # float32 constants of sample_exp (exact Python floats)
@@ -177,8 +179,6 @@ def verify_sample_ref(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *
 
     Returns Accepted(accept_len [B] i32, path [B, N+1] i32, tokens [B, N+1] i32), -1 padded.
     """
-    from kangaroo_kernels.verify_greedy import Accepted
-
     B, N = draft_tokens.shape
     dev = draft_tokens.device
     if uniforms is None:

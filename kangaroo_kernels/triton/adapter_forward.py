@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kangaroo_kernels.reference.adapter_forward import rope_inv_freq_ref
+from kangaroo_kernels.rope import rope_inv_freq
 
 
 @triton.jit
@@ -179,12 +179,12 @@ def _gemv_blocks(B: int):
 @functools.lru_cache(maxsize=None)
 def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     # built on first use for this device (keep that first call outside CUDA-graph capture)
-    return rope_inv_freq_ref(head_dim, theta, device)
+    return rope_inv_freq(head_dim, theta, device=device)[0]
 
 
 def adapter_forward_triton(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cache, v_cache, cache_lens,
                            positions, active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
-    """Launches the kernels on checked arguments (kangaroo_kernels.adapter_forward._prepare); out is written."""
+    """Launches the kernels on checked arguments (kangaroo_kernels.ops.adapter_forward._prepare); out is written."""
     from kangaroo_kernels.triton.append_attention import append_attention_triton
 
     B, D = h.shape

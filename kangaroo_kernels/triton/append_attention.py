@@ -206,7 +206,7 @@ def default_num_splits(B: int, Hk: int, rows: int, Dh: int, S: int, device: torc
 
 def append_attention_triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
                             rope_cos_sin, sm_scale, num_splits, out):
-    """Launches the kernels on checked arguments (kangaroo_kernels.append_attention._prepare); out is written."""
+    """Launches the kernels on checked arguments (kangaroo_kernels.ops.append_attention._prepare); out is written."""
     B, T, Hq, Dh = q.shape
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hk

@@ -306,7 +306,7 @@ def _merge_rows(B: int, chunk: int, device: torch.device) -> int:
 
 def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token, conf,
                         active_out, token_prob, probs):
-    """Launches the kernels on checked arguments (kangaroo_kernels.lm_head_exit._prepare_exit); outputs written,
+    """Launches the kernels on checked arguments (kangaroo_kernels.ops.lm_head_exit._prepare_exit); outputs written,
     offset advanced by 1 when sampling (inv_t > 0)."""
     B, D = hidden.shape
     V = weight.shape[0]
@@ -342,7 +342,7 @@ def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, thres
 
 
 def lm_head_topk_triton(hidden, weight, norm_weight, k, eps, tokens, logprobs):
-    """Launches the kernels on checked arguments (kangaroo_kernels.lm_head_exit._prepare_topk); outputs written."""
+    """Launches the kernels on checked arguments (kangaroo_kernels.ops.lm_head_exit._prepare_topk); outputs written."""
     B, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

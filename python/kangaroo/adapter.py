@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kangaroo.model import ModelConfig, rms_norm, rope_inv_freq
+from kangaroo.model import ModelConfig, rms_norm
+from kangaroo_kernels.rope import make_rope_cos_sin
 
 __all__ = ["KangarooAdapter", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
 
@@ -119,10 +120,9 @@ class KangarooAdapter(nn.Module):
     # ------------------------------------------------------------------ training forward
     def rope(self, position_ids: torch.Tensor):
         """cos, sin [B,T,Dh] fp32 at position_ids (HF's rotary embedding maths)."""
-        inv, scale = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
-        ang = position_ids.float()[..., None] * inv.to(position_ids.device)
-        emb = torch.cat([ang, ang], dim=-1)
-        return emb.cos() * scale, emb.sin() * scale
+        cos, sin = make_rope_cos_sin(position_ids, self.head_dim, self.rope_theta, scaling=self.rope_scaling,
+                                     dtype=torch.float32).chunk(2, dim=-1)
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
     def forward(self, h: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -155,7 +155,7 @@ class KangarooAdapter(nn.Module):
     # ------------------------------------------------------------------ decode path
     def weights(self):
         """kangaroo_kernels.AdapterWeights views of the parameters (detached) for adapter_forward."""
-        from kangaroo_kernels.adapter_forward import AdapterWeights
+        from kangaroo_kernels.types import AdapterWeights
 
         a = self.self_attn
         d = lambda t: None if t is None else t.detach()  # noqa: E731
@@ -169,7 +169,7 @@ class KangarooAdapter(nn.Module):
                 apply_out_norm: bool = True) -> torch.Tensor:
         """The adapter over a block h[B,T,D] appended to its cache k/v_cache[B,Hk,S,Dh] at cache_lens (not
         advanced), causal inside the block; the same maths as adapter_forward (T = 1) through append_attention."""
-        from kangaroo_kernels.append_attention import append_attention
+        from kangaroo_kernels.ops.append_attention import append_attention
 
         B, T, D = h.shape
         Hq, Hk, Dh = self.num_heads, self.num_kv_heads, self.head_dim

@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from kangaroo_kernels.adapter_forward import adapter_forward
-from kangaroo_kernels.lm_head_exit import lm_head_exit, lm_head_topk
+from kangaroo_kernels.ops.adapter_forward import adapter_forward
+from kangaroo_kernels.ops.lm_head_exit import lm_head_exit, lm_head_topk
 
 __all__ = ["draft_head", "draft_topk", "catch_up", "draft_chain", "draft_tree"]
 

@@ -67,7 +67,7 @@ class DecodeState:
                  gamma: int, tree: bool, topk: int, threshold: float, sibling_threshold: float, temperature: float,
                  top_k: int, top_p: float, seeds: Optional[torch.Tensor], eos: Optional[Sequence[int]],
                  max_new: int, autoregressive: bool = False):
-        from kangaroo_kernels.verify_greedy import Accepted
+        from kangaroo_kernels.types import Accepted
 
         c = model.config
         dev, dt = model.device, model.dtype
@@ -111,7 +111,7 @@ class DecodeState:
             self.seed = seeds.to(dev)
             self.offset = torch.zeros(B, dtype=torch.int64, device=dev)
         if tree and not autoregressive:
-            from kangaroo_kernels.tree import build_tree
+            from kangaroo_kernels.ops.tree import build_tree
 
             K = topk
             ns = N - gamma

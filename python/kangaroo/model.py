@@ -6,9 +6,9 @@ roundings (fp32 RMSNorm statistics, rotate-half RoPE with the checkpoint's rope 
 bias, tied or untied LM head).
 
 Cache convention (used by the decoder): every token at sequence position p has its K/V at cache slot p of its row,
-in every layer; `KVCache.lens[b]` is the number of committed slots of row b. Layers [a, b) can be run on any hidden
-states (`forward_layers`), which is how the decoder runs the shallow part (layers 0..exit_layer-1) and the deep part
-(exit_layer..L-1) separately; the hidden state after `exit_layer` layers is "the layer-l hidden state".
+in every layer; the caller's cache_lens[b] is the number of committed slots of row b. Layers [a, b) can be run on any
+hidden states (`forward_layers`), which is how the decoder runs the shallow part (layers 0..exit_layer-1) and the deep
+part (exit_layer..L-1) separately; the hidden state after `exit_layer` layers is "the layer-l hidden state".
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import dataclasses
 import glob
 import hashlib
 import json
-import math
 import os
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from kangaroo_kernels.append_attention import append_attention
+from kangaroo_kernels.ops.append_attention import append_attention
 from kangaroo_kernels.reference.adapter_forward import rms_norm_ref as rms_norm  # HF LlamaRMSNorm rounding
+from kangaroo_kernels.rope import make_rope_cos_sin
 
-__all__ = ["ModelConfig", "KVCache", "LlamaModel", "rms_norm", "rope_inv_freq", "rope_table", "fingerprint_of"]
+__all__ = ["ModelConfig", "KVCache", "LlamaModel", "rms_norm", "fingerprint_of"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -110,37 +110,6 @@ def rope_settings(cfg):
     return float(theta), params
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[Dict[str, Any]] = None):
-    """HF's inverse frequencies (fp32 [head_dim/2]) and attention scaling for default, linear and llama3 RoPE."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if not scaling:
-        return inv, 1.0
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        return inv / float(scaling["factor"]), 1.0
-    if kind == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-        old = float(scaling["original_max_position_embeddings"])
-        low_wl, high_wl = old / low, old / high
-        wavelen = 2 * math.pi / inv
-        out = torch.where(wavelen > low_wl, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * out / factor + smooth * out
-        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-        return torch.where(medium, smoothed, out), 1.0
-    raise NotImplementedError(f"rope_type {kind!r} is not supported by kangaroo's forward (default, linear, llama3)")
-
-
-def rope_table(max_pos: int, head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
-    """fp32 [max_pos, head_dim] = cat(cos, sin) of position * inv_freq, computed in fp32 as HF does (the
-    rope_cos_sin table of append_attention / adapter_forward)."""
-    inv, scale = rope_inv_freq(head_dim, theta, scaling)
-    ang = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv[None, :]
-    table = torch.cat([ang.cos(), ang.sin()], dim=-1) * scale
-    return table.to(device)
-
-
 def fingerprint_of(lm_head_weight: torch.Tensor) -> str:
     """A hash of the LM head that ties an adapter to its base model. Independent of the load dtype (values are
     rounded to bf16 first) and of the device; it reads an evenly spaced subset of at most 1024 rows."""
@@ -155,11 +124,11 @@ def fingerprint_of(lm_head_weight: torch.Tensor) -> str:
 
 @dataclasses.dataclass
 class KVCache:
-    """Static cache: k, v [layers, B, Hk, S, Dh]; lens [B] int32 (committed slots per row)."""
+    """Static cache: k, v [layers, B, Hk, S, Dh]. The committed lengths live with the caller (one cache_lens [B]
+    for all layers: the decoder's)."""
 
     k: torch.Tensor
     v: torch.Tensor
-    lens: torch.Tensor
 
     @property
     def max_len(self) -> int:
@@ -240,15 +209,16 @@ class LlamaModel:
         n = c.num_hidden_layers if num_layers is None else num_layers
         shape = (n, batch_size, c.num_key_value_heads, max_len, c.head_dim)
         return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(batch_size, dtype=torch.int32, device=self.device))
+                       torch.zeros(shape, dtype=self.dtype, device=self.device))
 
     def rope_cos_sin(self, max_pos: int) -> torch.Tensor:
         """The fp32 [>= max_pos, Dh] RoPE table (cached, grown on demand)."""
         if self._rope is None or self._rope.shape[0] < max_pos:
             c = self.config
             n = max(max_pos, 256)
-            self._rope = rope_table(n, c.head_dim, c.rope_theta, c.rope_scaling, device=self.device)
+            # HF's fp32 rounding, on the CPU as HF computes it
+            self._rope = make_rope_cos_sin(n, c.head_dim, c.rope_theta, scaling=c.rope_scaling,
+                                           dtype=torch.float32).to(self.device)
         return self._rope
 
     # ------------------------------------------------------------------ forward pieces
@@ -289,28 +259,6 @@ class LlamaModel:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head; fp32 logits."""
         return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
-
-    def forward(self, tokens: torch.Tensor, cache: KVCache, cache_lens: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None, *, exit_layer: Optional[int] = None,
-                active=None, tree_mask=None):
-        """All layers on tokens[B,T] appended at cache_lens (default cache.lens; not advanced).
-        Returns (logits [B,T,V] fp32, layer-exit_layer hidden states or None)."""
-        cache_lens = cache.lens if cache_lens is None else cache_lens
-        B, T = tokens.shape
-        if positions is None:
-            positions = cache_lens[:, None].long() + torch.arange(T, device=tokens.device)
-        x = self.embed(tokens)
-        L = self.config.num_hidden_layers
-        mid = None
-        if exit_layer is not None:
-            x = self.forward_layers(x, 0, exit_layer, cache, cache_lens, positions, tree_mask=tree_mask,
-                                    active=active)
-            mid = x
-            x = self.forward_layers(x, exit_layer, L, cache, cache_lens, positions, tree_mask=tree_mask,
-                                    active=active)
-        else:
-            x = self.forward_layers(x, 0, L, cache, cache_lens, positions, tree_mask=tree_mask, active=active)
-        return self.logits(x), mid
 
 
 # ---------------------------------------------------------------------- weight loading

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from kangaroo_kernels.compact_kv import compact_kv
-from kangaroo_kernels.verify_greedy import verify_greedy
-from kangaroo_kernels.verify_sample import verify_sample
+from kangaroo_kernels.ops.compact_kv import compact_kv
+from kangaroo_kernels.ops.verify_greedy import verify_greedy
+from kangaroo_kernels.ops.verify_sample import verify_sample
 
 __all__ = ["verify_chain", "verify_tree", "decide", "commit", "autoregressive_step"]
 

@@ -6,33 +6,15 @@ drafting; the [B, V] logits are never written. CPU tensors run the reference; CU
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from kangaroo_kernels import _checks
 from kangaroo_kernels.reference.lm_head_exit import inv_temperature, lm_head_exit_inv_t_ref, lm_head_topk_ref
+from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
-__all__ = ["LmHeadExit", "LmHeadTopk", "lm_head_exit", "lm_head_topk"]
-
-
-class LmHeadExit(NamedTuple):
-    """Result of lm_head_exit. token [B] int32, conf [B] fp32 (max softmax of the untempered logits), active [B]
-    bool (active_out = active & (conf >= threshold)), token_prob [B] fp32 (the draft probability of token under
-    softmax(logits / T); conf when greedy), probs [B, V] fp32 or None. `token, conf, active = res[:3]`."""
-
-    token: torch.Tensor
-    conf: torch.Tensor
-    active: torch.Tensor
-    token_prob: torch.Tensor
-    probs: Optional[torch.Tensor] = None
-
-
-class LmHeadTopk(NamedTuple):
-    """Result of lm_head_topk: tokens [B, k] int32 and logprobs [B, k] fp32, sorted descending."""
-
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
+__all__ = ["lm_head_exit", "lm_head_topk"]
 
 
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")

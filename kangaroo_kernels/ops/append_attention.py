@@ -10,13 +10,9 @@ from typing import Optional
 import torch
 
 from kangaroo_kernels import _checks
-from kangaroo_kernels.reference.append_attention import (
-    apply_rope_ref,
-    rope_cos_sin_ref,
-    tree_visible_ref,
-)
+from kangaroo_kernels.reference.append_attention import apply_rope_ref, tree_visible_ref
 
-__all__ = ["append_attention", "make_rope_cos_sin"]
+__all__ = ["append_attention"]
 
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
 # num_splits: 0 lets the kernel choose (from B, Hk, T and S, never from cache_lens values).
@@ -95,19 +91,6 @@ _lib.impl("append_attention", _append_attention_cuda, "CUDA")
 def _append_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
                            rope_cos_sin, sm_scale, num_splits, out):
     return None
-
-
-def make_rope_cos_sin(max_pos: int, head_dim: int, base: float = 10000.0, device=None,
-                      inv_freq: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The rope_cos_sin table append_attention takes: fp32 [max_pos, head_dim] = cat(cos, sin) of
-    position * inv_freq[i], i < head_dim/2 (HF rotate-half RoPE). inv_freq defaults to base^(-2i/head_dim);
-    pass a model's own (e.g. HF rotary_emb.inv_freq, which includes Llama-3 rope scaling) to match it."""
-    if inv_freq is None:
-        return rope_cos_sin_ref(max_pos, head_dim, base, device)
-    if inv_freq.shape != (head_dim // 2,):
-        raise ValueError(f"inv_freq must have shape [head_dim/2 = {head_dim // 2}], got {tuple(inv_freq.shape)}")
-    ang = torch.arange(max_pos, dtype=torch.float64, device=inv_freq.device)[:, None] * inv_freq.double()[None]
-    return torch.cat([ang.cos(), ang.sin()], dim=-1).to(device=device or inv_freq.device, dtype=torch.float32)
 
 
 def _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, sm_scale, positions, rope_cos_sin,

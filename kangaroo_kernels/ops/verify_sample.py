@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from kangaroo_kernels import _checks, _ext
-from kangaroo_kernels.verify_greedy import Accepted
+from kangaroo_kernels.types import Accepted
 
 __all__ = ["verify_sample"]
 

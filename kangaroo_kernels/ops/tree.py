@@ -5,30 +5,14 @@ Native op (C++ CPU twin, CUDA kernel: csrc/include/kangaroo/tree.cuh); semantics
 kangaroo_kernels/reference/tree.py.
 """
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from kangaroo_kernels import _checks, _ext
+from kangaroo_kernels.types import FlashInferMask, SGLangTree, Tree
 
-__all__ = ["Tree", "build_tree", "FlashInferMask", "tree_to_flashinfer_mask", "SGLangTree", "tree_to_sglang"]
-
-
-class Tree(NamedTuple):
-    """A batch of draft trees of N nodes (all int32).
-
-    depth [B, N]: 1 for children of the root, -1 for padding. mask [B, N, ceil(N/32)]: bit i % 32 of word i // 32
-    of row j is set iff node i is an ancestor of j or i == j (the tree_mask of append_attention).
-    first_child / next_sibling [B, N] and root_first_child [B]: children in increasing index order, -1 when none.
-    parents [B, N]: the parent indices the tree was built from.
-    """
-
-    depth: torch.Tensor
-    mask: torch.Tensor
-    first_child: torch.Tensor
-    next_sibling: torch.Tensor
-    root_first_child: torch.Tensor
-    parents: torch.Tensor
+__all__ = ["build_tree", "tree_to_flashinfer_mask", "tree_to_sglang"]
 
 
 _OP = None
@@ -108,14 +92,6 @@ def _unpack_mask(mask: torch.Tensor, N: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :N].bool()
 
 
-class FlashInferMask(NamedTuple):
-    """A tree's attention mask in FlashInfer's custom-mask layout (see tree_to_flashinfer_mask)."""
-
-    custom_mask: torch.Tensor         # bool [sum_b N * (prefix_lens[b] + N)]
-    packed_custom_mask: torch.Tensor  # uint8 [mask_indptr[-1]]
-    mask_indptr: torch.Tensor         # int32 [B + 1], byte offsets of each request's segment
-
-
 def _flat_mask(anc: torch.Tensor, prefix: Sequence[int], N: int, pad_to_bytes: bool) -> torch.Tensor:
     """Request b's [N, prefix[b] + N] bool mask, row-major, all requests concatenated (each segment padded to a
     whole byte when pad_to_bytes). Index arithmetic only: no data-dependent shapes, no device sync."""
@@ -184,15 +160,6 @@ def tree_to_flashinfer_mask(tree: Tree, prefix_lens: Union[int, Sequence[int], t
         nbytes.append(nbytes[-1] + (N * (p + N) + 7) // 8)
     indptr = torch.tensor(nbytes, dtype=torch.int32, device=anc.device)
     return FlashInferMask(custom, packed, indptr)
-
-
-class SGLangTree(NamedTuple):
-    """A tree in the layout of SGLang's EAGLE verification (all int64 [B, N+1]; see tree_to_sglang)."""
-
-    candidates: torch.Tensor
-    retrive_index: torch.Tensor
-    retrive_next_token: torch.Tensor
-    retrive_next_sibling: torch.Tensor
 
 
 def tree_to_sglang(tree: Tree, draft_tokens: torch.Tensor,

@@ -3,96 +3,15 @@ step, with its own static KV cache. CPU tensors run the reference; CUDA tensors 
 (kangaroo_kernels/triton/adapter_forward.py), whose attention is append_attention's kernel.
 """
 
-from typing import Mapping, NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from kangaroo_kernels import _checks
 from kangaroo_kernels.reference.adapter_forward import adapter_forward_ref
+from kangaroo_kernels.types import AdapterWeights
 
-__all__ = ["AdapterWeights", "adapter_forward"]
-
-
-class AdapterWeights(NamedTuple):
-    """The adapter's parameters, all in the hidden states' dtype: norm_in[D], wq[Hq*Dh, D], wk/wv[Hk*Dh, D],
-    wo[D, Hq*Dh], norm_out[D], optional q/k/v biases (Qwen2: all three or none). wq/wk/wv may be views of one
-    fused [(Hq + 2 Hk) * Dh, D] matrix (see from_wqkv): the kernel reads them in one launch either way."""
-
-    norm_in: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
-    norm_out: torch.Tensor
-    num_heads: int
-    num_kv_heads: int
-    bq: Optional[torch.Tensor] = None
-    bk: Optional[torch.Tensor] = None
-    bv: Optional[torch.Tensor] = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.wq.shape[0] // self.num_heads
-
-    @classmethod
-    def from_wqkv(cls, norm_in, wqkv, wo, norm_out, num_heads: int, num_kv_heads: int,
-                  bqkv: Optional[torch.Tensor] = None) -> "AdapterWeights":
-        """Splits a fused wqkv[(Hq + 2 Hk) * Dh, D] (and bqkv) into row views; no copy."""
-        if num_heads < 1 or num_kv_heads < 1 or wqkv.dim() != 2 or wqkv.shape[0] % (num_heads + 2 * num_kv_heads):
-            raise ValueError(f"wqkv must be [(Hq + 2 Hk) * Dh, D] with Hq={num_heads}, Hk={num_kv_heads}, "
-                             f"got shape {tuple(wqkv.shape)}")
-        dh = wqkv.shape[0] // (num_heads + 2 * num_kv_heads)
-        nq, nk = num_heads * dh, num_kv_heads * dh
-
-        def split(t):
-            return t[:nq], t[nq:nq + nk], t[nq + nk:]
-
-        wq, wk, wv = split(wqkv)
-        bq, bk, bv = split(bqkv) if bqkv is not None else (None, None, None)
-        return cls(norm_in, wq, wk, wv, wo, norm_out, num_heads, num_kv_heads, bq, bk, bv)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], num_heads: int,
-                        num_kv_heads: Optional[int] = None, *, prefix: str = "") -> "AdapterWeights":
-        """From HF-style names under `prefix`: input_layernorm.weight, [self_attn.]{q,k,v,o}_proj.weight (or a
-        fused [self_attn.]qkv_proj.weight), optional q/k/v biases, and the out norm as norm.weight /
-        post_layernorm.weight / norm_out.weight (norm_in.weight is accepted for the input norm)."""
-        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-
-        def get(*names, required=True):
-            for n in names:
-                for key in (n, "self_attn." + n):
-                    if key in sd:
-                        return sd[key]
-            if required:
-                raise ValueError(f"state_dict has none of {list(names)} (prefix {prefix!r}); keys: {sorted(sd)}")
-            return None
-
-        norm_in = get("input_layernorm.weight", "norm_in.weight")
-        norm_out = get("norm.weight", "post_layernorm.weight", "norm_out.weight")
-        wo = get("o_proj.weight")
-        wqkv = get("qkv_proj.weight", required=False)
-        if wqkv is not None:
-            return cls.from_wqkv(norm_in, wqkv, wo, norm_out, num_heads, num_kv_heads,
-                                 get("qkv_proj.bias", required=False))
-        return cls(norm_in, get("q_proj.weight"), get("k_proj.weight"), get("v_proj.weight"), wo, norm_out,
-                   num_heads, num_kv_heads, get("q_proj.bias", required=False), get("k_proj.bias", required=False),
-                   get("v_proj.bias", required=False))
-
-    @classmethod
-    def from_module(cls, module, num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
-                    *, prefix: str = "") -> "AdapterWeights":
-        """From an nn.Module-like object with state_dict() (names as in from_state_dict); head counts default to
-        module.config.num_attention_heads / num_key_value_heads when the module has a config."""
-        cfg = getattr(module, "config", None)
-        if num_heads is None:
-            num_heads = getattr(cfg, "num_attention_heads", None)
-            if num_heads is None:
-                raise ValueError("num_heads is required: the module has no config.num_attention_heads")
-        if num_kv_heads is None:
-            num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
-        return cls.from_state_dict(module.state_dict(), num_heads, num_kv_heads, prefix=prefix)
+__all__ = ["adapter_forward"]
 
 
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
@@ -107,7 +26,7 @@ def _adapter_forward_cpu(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cac
                          active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
     Hk, Dh = k_cache.shape[1], k_cache.shape[3]
     w = AdapterWeights(norm_in, wq, wk, wv, wo, norm_out, wq.shape[0] // Dh, Hk, bq, bk, bv)
-    from kangaroo_kernels.append_attention import _append_attention_cpu_ref_signature
+    from kangaroo_kernels.ops.append_attention import _append_attention_cpu_ref_signature
 
     out.copy_(adapter_forward_ref(h, w, k_cache, v_cache, cache_lens, positions, active=active,
                                   rope_theta=rope_theta, rope_cos_sin=rope_cos_sin, eps=eps,

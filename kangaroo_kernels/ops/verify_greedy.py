@@ -4,26 +4,14 @@ Native op (C++ CPU twin, CUDA kernels: csrc/include/kangaroo/verify_greedy.cuh);
 kangaroo_kernels/reference/verify_greedy.py.
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from kangaroo_kernels import _checks, _ext
+from kangaroo_kernels.types import Accepted, Tree
 
-__all__ = ["Accepted", "verify_greedy"]
-
-
-class Accepted(NamedTuple):
-    """Result of a verification step (all int32, -1 padded).
-
-    accept_len [B]: accepted draft nodes. path [B, N+1]: path[b, :accept_len[b]] are the accepted node indices,
-    root to leaf (the last column is always -1). tokens [B, N+1]: tokens[b, :accept_len[b] + 1] are the accepted
-    drafts followed by the target's correction or bonus token.
-    """
-
-    accept_len: torch.Tensor
-    path: torch.Tensor
-    tokens: torch.Tensor
+__all__ = ["verify_greedy"]
 
 
 _OP = None
@@ -90,8 +78,6 @@ def verify_greedy(draft_tokens: torch.Tensor, target: torch.Tensor, *, parents: 
     if tree is not None:
         if parents is not None:
             raise ValueError("pass parents or tree, not both")
-        from kangaroo_kernels.tree import Tree
-
         if not isinstance(tree, Tree):
             raise ValueError(f"tree must be a Tree from build_tree, got {type(tree).__name__}")
         _checks.check_tensor("tree.parents", tree.parents, dtypes=(torch.int32,), shape=(B, N), device=dev,
