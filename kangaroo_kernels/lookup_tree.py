@@ -17,11 +17,12 @@ Design note.
   base unchanged, so a caller with a fixed layout of N nodes gets N + M nodes with the lookup at N.. N + M - 1.
   `source` marks each node (1: base drafter, 2: lookup, 3: both) so the decoder can count acceptances by
   source from verify's path: accepted node x came from the lookup iff source[x] & 2.
-  Cost: pure torch, static shapes, no host sync. Chain: O(B·min(N, M)) elementwise work, a handful of kernels.
-  Tree: the walk is done for all nodes at once: depth and "every ancestor-or-self carries the lookup token of
-  its depth and is the first sibling with its token" by pointer jumping (ceil(log2 N) rounds of gathers), plus
-  an O(B·N²) sibling comparison and an O(B·M·N) selection; N and M are tens, so this is a few dozen tiny kernels
-  (capture them in the decoder's CUDA graph).
+  Cost: pure torch, static shapes, no host sync. Chain: O(B·min(N, M)) elementwise work by cumulative products,
+  ~40 small ATen ops. Tree: the walk is done for all nodes at once: depth, and "every ancestor-or-self carries
+  the lookup token of its depth and is the first sibling with its token", by pointer jumping (ceil(log2 N)
+  rounds of gathers), plus an O(B·N²) sibling comparison; ~140 small ops at N = 12, M = 8 (counted with the
+  profiler). On CUDA they belong in the decoder's captured graph (or under torch.compile, which traces the
+  function with fullgraph=True), not in eager launches.
 """
 
 from typing import NamedTuple, Optional
@@ -51,7 +52,8 @@ class LookupTree(NamedTuple):
 def _validate(draft, look, n_look, parents) -> None:
     B, N = draft.shape
     M = look.shape[1]
-    checks = [(draft < -1).any(), (look < -1).any()]
+    top = 2**31 - 1  # ids are narrowed to int32: an int64 id above it must not wrap
+    checks = [((draft < -1) | (draft > top)).any(), ((look < -1) | (look > top)).any()]
     checks.append(((n_look < 0) | (n_look > M)).any() if n_look is not None else
                   torch.zeros((), dtype=torch.bool, device=draft.device))
     if parents is not None:
@@ -59,9 +61,9 @@ def _validate(draft, look, n_look, parents) -> None:
         checks.append(((parents < -1) | (parents >= i)).any())
     flags = torch.stack(checks).tolist()
     if flags[0]:
-        raise ValueError("draft [B, N] must hold token ids >= -1 (-1 = absent node)")
+        raise ValueError("draft [B, N] must hold token ids in [-1, 2^31) (-1 = absent node)")
     if flags[1]:
-        raise ValueError("look [B, M] must hold token ids >= -1 (-1 = padding)")
+        raise ValueError("look [B, M] must hold token ids in [-1, 2^31) (-1 = padding)")
     if flags[2]:
         raise ValueError(f"n_look [B] must be in [0, M = {M}], got {n_look.tolist()}")
     if parents is not None and flags[3]:
@@ -83,8 +85,8 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
     chain, node i under node i - 1. look [B, M] int32/int64 and n_look [B] (optional): ngram_lookup's tokens and
     n; the live lookup is the longest prefix of entries >= 0 and < n_look[b]. Returns LookupTree (int32, on
     draft's device); `out`: a LookupTree of buffers ([B, N+M] x 3, [B], [B, M]) written in place.
-    Validation (validate=None: unless capturing a CUDA graph; it syncs): ids >= -1, n_look in [0, M], parents
-    topological. Without it, a base node whose parent is out of range is never shared (as verify_greedy never
+    Validation (validate=None: unless capturing a CUDA graph; it syncs): ids in [-1, 2^31), n_look in [0, M],
+    parents topological. Without it, a base node whose parent is out of range is never shared (as verify_greedy never
     reaches it).
     """
     _checks.check_tensor("draft", draft, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
@@ -108,29 +110,29 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
     if _checks.validating(validate):
         _validate(draft, look, n_look, parents)
 
-    j = torch.arange(M, device=dev)
-    lk = look.long()
-    live = lk >= 0
+    i32 = torch.int32
+    j = torch.arange(M, device=dev, dtype=i32)
+    live = look >= 0
     if n_look is not None:
-        live &= j < n_look.long()[:, None]
-    live = live.long().cumprod(1).bool()  # the live lookup ends at its first absent entry
-    lk = torch.where(live, lk, -1)
-    d = draft.long()
-    i = torch.arange(N, device=dev)
+        live &= j < n_look[:, None]
+    live = torch.cumprod(live, 1, dtype=i32) > 0  # the live lookup ends at its first absent entry
+    i = torch.arange(N, device=dev, dtype=i32)
     if parents is None:
         base_par = (i - 1).expand(B, N)
         K = min(N, M)
-        # chain node k is shared iff draft[:k+1] == look[:k+1] on live, present entries
-        hit = (d[:, :K] >= 0) & (d[:, :K] == lk[:, :K])
-        shared_k = hit.long().cumprod(1)
-        n_shared = shared_k.sum(1)
-        shared_nodes = torch.where(j < n_shared[:, None], j, -1)
-        on_look = torch.zeros((B, N), dtype=torch.bool, device=dev)
-        on_look[:, :K] = shared_k.bool()
+        # chain node k is shared iff draft[:k+1] == look[:k+1] on live entries (live ids are >= 0)
+        hit = (draft[:, :K] == look[:, :K]) & live[:, :K]
+        n_shared = torch.cumprod(hit, 1, dtype=i32).sum(1, dtype=i32)
+        on_look = i < n_shared[:, None]
+        last_shared = n_shared - 1  # the chain node where the prefix last agreed (-1: the root)
+        shared_nodes = j.expand(B, M)
     else:
         base_par = parents
+        d = draft.long()
+        lk = torch.where(live, look.long(), -1)
         par = parents.long()
-        par_ok = (par >= -1) & (par < i)
+        il = i.long()
+        par_ok = (par >= -1) & (par < il)
         par = torch.where(par_ok, par, -1)
         rounds = max(0, (N - 1).bit_length())
         # depth by pointer jumping
@@ -140,8 +142,8 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
             has = jump >= 0
             depth, jump = depth + torch.where(has, _gather(depth, jump), 0), torch.where(has, _gather(jump, jump), -1)
         # a sibling with the same token and a lower index is the one the verifier (and the walk) takes
-        same = (parents.long()[:, :, None] == parents.long()[:, None, :]) & (d[:, :, None] == d[:, None, :])
-        dominated = (same & par_ok[:, None, :] & (i[None, :] < i[:, None])[None]).any(2)
+        same = (par[:, :, None] == par[:, None, :]) & (d[:, :, None] == d[:, None, :])
+        dominated = (same & par_ok[:, None, :] & (il[None, :] < il[:, None])[None]).any(2)
         want = _gather(lk, (depth - 1).clamp(max=M - 1))  # the lookup token of the node's depth
         ok = (d >= 0) & par_ok & ~dominated & (depth <= M) & (d == want)
         # shared iff ok on every ancestor-or-self: AND along the parent chain by pointer jumping
@@ -150,20 +152,22 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
             has = jump >= 0
             ok, jump = ok & (~has | _gather(ok, jump)), torch.where(has, _gather(jump, jump), -1)
         on_look = ok
-        n_shared = torch.where(on_look, depth, 0).amax(1) if N > 0 else torch.zeros(B, dtype=torch.long,
-                                                                                   device=dev)
-        sel = on_look[:, None, :] & (depth[:, None, :] == (j + 1)[None, :, None])  # [B, M, N]: one node or none
-        shared_nodes = torch.where(sel.any(2), sel.long().argmax(2) if N > 0 else 0, -1)
-    private = live & (j >= n_shared[:, None])
-    last_shared = torch.where(n_shared > 0, _gather(shared_nodes, (n_shared - 1)[:, None])[:, 0], -1)
-    look_par = torch.where(j == n_shared[:, None], last_shared[:, None], N + j - 1)
+        # the shared nodes have distinct depths 1..n_shared: lookup token depth - 1 is that node (slot M: others)
+        slots = torch.full((B, M + 1), -1, dtype=torch.long, device=dev)
+        slots.scatter_(1, torch.where(on_look, depth - 1, M), il.expand(B, N))
+        shared_nodes = slots[:, :M].to(i32)
+        n_shared = (shared_nodes >= 0).sum(1, dtype=i32)
+        last_shared = torch.gather(shared_nodes, 1, (n_shared - 1).clamp(min=0)[:, None].long())[:, 0]
+        last_shared = torch.where(n_shared > 0, last_shared, -1)
+    ns = n_shared[:, None]
+    private = live & (j >= ns)
+    look_par = torch.where(j == ns, last_shared[:, None], N - 1 + j)
     res = LookupTree(
-        torch.cat([draft.to(torch.int32), torch.where(private, lk, -1).to(torch.int32)], 1),
-        torch.cat([base_par.to(torch.int32), torch.where(private, look_par, -1).to(torch.int32)], 1),
-        torch.cat([((d >= 0).long() | on_look.long() << 1).to(torch.int32), (private.long() << 1).to(torch.int32)],
-                  1),
-        n_shared.to(torch.int32),
-        torch.where(j < n_shared[:, None], shared_nodes, torch.where(private, N + j, -1)).to(torch.int32),
+        torch.cat([draft.to(i32), torch.where(private, look, -1).to(i32)], 1),
+        torch.cat([base_par.to(i32), torch.where(private, look_par, -1)], 1),
+        torch.cat([(draft >= 0).to(i32) + 2 * on_look.to(i32), 2 * private.to(i32)], 1),
+        n_shared,
+        torch.where(j < ns, shared_nodes, torch.where(private, N + j, -1)),
     )
     if out is None:
         return res

@@ -248,6 +248,8 @@ def test_merge_bad_inputs(device):
         ("look", dict(look=look.float())),
         ("look", dict(look=t32([[5, 9], [1, 1]], device))),
         ("look", dict(look=t32([[-3, 9]], device))),
+        ("look", dict(look=torch.tensor([[5, 2**32 + 5]], device=device))),  # would wrap to 5 in int32
+        ("draft", dict(draft=torch.tensor([[5, 6, 2**31]], device=device))),
         ("look", dict(look=torch.zeros((1, 0), dtype=torch.int32, device=device))),
         ("n_look", dict(n_look=t32([3], device))),
         ("n_look", dict(n_look=t32([1, 1], device))),
