@@ -29,6 +29,9 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
   m.def(
       "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_lens, Tensor path, "
       "Tensor accept_len) -> ()");
+  // N-gram lookup (the hybrid drafter's lookup branch). history[B,S] int32/int64, lens[B] int32; writes
+  // tokens[B,M] int32 (-1 padded) and n[B] int32. Semantics: csrc/include/kangaroo/ngram_lookup.cuh.
+  m.def("ngram_lookup(Tensor history, Tensor lens, int n_min, int n_max, Tensor(a!) tokens, Tensor(b!) n) -> ()");
   // True when the CUDA kernels were compiled into this library.
   m.def("has_cuda_kernels() -> bool");
 }

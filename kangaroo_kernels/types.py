@@ -7,7 +7,8 @@ from typing import Mapping, NamedTuple, Optional
 
 import torch
 
-__all__ = ["Accepted", "Tree", "FlashInferMask", "SGLangTree", "LmHeadExit", "LmHeadTopk", "AdapterWeights"]
+__all__ = ["Accepted", "Tree", "FlashInferMask", "SGLangTree", "LmHeadExit", "LmHeadTopk", "AdapterWeights",
+           "NgramMatch", "LookupTree"]
 
 
 class Accepted(NamedTuple):
@@ -156,3 +157,26 @@ class AdapterWeights(NamedTuple):
         if num_kv_heads is None:
             num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
         return cls.from_state_dict(module.state_dict(), num_heads, num_kv_heads, prefix=prefix)
+
+
+class NgramMatch(NamedTuple):
+    """Result of ngram_lookup (int32). tokens [B, M]: tokens[b, :n[b]] is the continuation, the rest -1.
+    n [B]: its length (0: no match)."""
+
+    tokens: torch.Tensor
+    n: torch.Tensor
+
+
+class LookupTree(NamedTuple):
+    """The merged draft tree (int32), N base nodes then M lookup slots.
+
+    tokens [B, N+M] (-1: absent, never accepted), parents [B, N+M] (-1: child of the root; topological),
+    source [B, N+M] bit flags (1: present base node, 2: on the lookup branch), n_shared [B] (lookup tokens that
+    are base nodes), lookup_nodes [B, M] (the node of lookup token j, -1 past the live lookup).
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    source: torch.Tensor
+    n_shared: torch.Tensor
+    lookup_nodes: torch.Tensor

@@ -27,7 +27,7 @@ def test_import_is_cheap_and_does_not_touch_cuda():
 
 def test_native_ops_registered():
     _ext.ops()
-    for name in ("build_tree", "verify_greedy", "verify_sample", "compact_kv"):
+    for name in ("build_tree", "verify_greedy", "verify_sample", "compact_kv", "ngram_lookup"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kangaroo_kernels::{name}", "CPU"), name
 
 
@@ -39,7 +39,7 @@ def test_cuda_kernels_compiled_when_nvcc_was_present():
         assert info["WITH_CUDA"], f"nvcc and a CUDA torch are here but the build skipped CUDA: {info}"
     assert kk.has_cuda_kernels() == info["WITH_CUDA"]
     if info["WITH_CUDA"]:
-        for name in ("build_tree", "verify_greedy", "verify_sample", "compact_kv"):
+        for name in ("build_tree", "verify_greedy", "verify_sample", "compact_kv", "ngram_lookup"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kangaroo_kernels::{name}", "CUDA"), name
 
 
@@ -54,7 +54,8 @@ def test_op_names_stay_functions_after_submodule_import():
 
     import kangaroo_kernels
 
-    for name in ("adapter_forward", "append_attention", "compact_kv", "verify_greedy", "verify_sample"):
+    for name in ("adapter_forward", "append_attention", "compact_kv", "verify_greedy", "verify_sample",
+                 "ngram_lookup"):
         mod = importlib.import_module(f"kangaroo_kernels.ops.{name}")
         assert callable(getattr(kangaroo_kernels, name)), name
         assert getattr(kangaroo_kernels, name) is getattr(mod, name)

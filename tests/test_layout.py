@@ -42,6 +42,8 @@ calls = {
                                                            rope_cos_sin=cs),
     "apply_rope_ref": lambda: R.apply_rope_ref(q, lens[:, None], cs),
     "adapter_forward_ref": lambda: R.adapter_forward_ref(h, aw, kc.clone(), vc.clone(), lens, lens),
+    "ngram_lookup_ref": lambda: R.ngram_lookup_ref(torch.tensor([[1, 2, 1, 2, 1], [3, 3, 3, 0, 0]]), lens + 1, 1, 2, 3),
+    "merge_lookup_tree_ref": lambda: R.merge_lookup_tree_ref(draft, torch.tensor([[draft[0, 0].item(), 5], [-1, -1]])),
 }
 missing = sorted(set(R.__all__) - set(calls))
 assert not missing, f"reference functions this test does not call: {missing}"

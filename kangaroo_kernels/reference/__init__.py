@@ -6,7 +6,7 @@ so `from kangaroo_kernels.reference import verify_greedy_ref` works for every op
 
 import importlib
 
-_MODULES = ("tree", "verify_greedy", "verify_sample", "compact_kv", "lm_head_exit",
+_MODULES = ("tree", "verify_greedy", "verify_sample", "compact_kv", "ngram_lookup", "lookup_tree", "lm_head_exit",
             "append_attention", "adapter_forward")
 
 __all__ = []
