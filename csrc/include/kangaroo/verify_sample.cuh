@@ -18,6 +18,10 @@
 // prefix(r)_i > u_N * n (largest i with r_i > 0 if rounding leaves none). Every sum is in fp64, so the three
 // implementations differ only by the summation order (~1e-16 relative). A row with a NaN, a +inf, or no finite
 // value emits -1 and ends the walk.
+// Per-row settings (temperature_rows / top_k_rows / top_p_rows, [B]) replace the scalars row by row; a row with
+// T <= 0 is greedy: its target is one-hot at the first argmax of the raw row, so the same walk is exact greedy
+// verification. probs: the row holds probabilities, z_i = p_i and e_i = p_i (no exp, zeros stay zeros); a
+// negative entry or no positive one makes the row invalid.
 #pragma once
 
 #include <cstdint>
