@@ -4,7 +4,6 @@ Native op (C++ CPU twin, CUDA kernel with one CTA per batch row); the exact sema
 with the reference, are in kangaroo_kernels/reference/verify_sample.py.
 """
 
-import functools
 import math
 import numbers
 from typing import Optional, Union
@@ -23,11 +22,18 @@ def _verify_sample_fake(draft_tokens, target_logits, draft_probs, parents, unifo
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_OP = None
+
+
 def _op():
-    ops = _ext.ops()
-    torch.library.register_fake("kangaroo_kernels::verify_sample", _verify_sample_fake)
-    return ops.verify_sample
+    # a module global, not functools.lru_cache: once loaded, torch.compile reads it as a constant (it cannot trace
+    # the first call, which loads the library and registers the fake: run the op once eagerly before compiling)
+    global _OP
+    if _OP is None:
+        ops = _ext.ops()
+        torch.library.register_fake("kangaroo_kernels::verify_sample", _verify_sample_fake)
+        _OP = ops.verify_sample
+    return _OP
 
 
 def _unexpanded(t: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,7 @@ def _flashinfer_loop(dp, di, tp, s):
 
 def test_counters_and_stream_match_flashinfer_loop(device):
     """Tokens and both counters equal the emulated FlashInfer loop on the documented per-row stream (seed +
-    b * 0x9E3779B97F4A7C15, counters offset + j), including the re-test of positions after a rejection."""
+    b * 0x9E3779B9, counters offset + j), including the re-test of positions after a rejection."""
     gen = torch.Generator().manual_seed(5)
     B, N, V = 40, 5, 60
     logits = torch.randn(B, N + 1, V, generator=gen)
@@ -150,7 +150,7 @@ def test_counters_and_stream_match_flashinfer_loop(device):
 
 def test_seed_contract(device):
     """One batch seed: rows draw their own streams (identical rows differ), row b equals a one-row call keyed
-    seed + b * golden; the same seed/offset repeats, another offset differs; a [B] seed tensor keys row b by
+    seed + b * 0x9E3779B9; the same seed/offset repeats, another offset differs; a [B] seed tensor keys row b by
     seed[b]; a generator reproduces."""
     B, N, V = 64, 2, 16
     tp = torch.full((B, N + 1, V), 1.0 / V, device=device)

@@ -10,7 +10,9 @@ import torch
 _M32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: spreads one seed into per-row Philox keys
+# spreads one seed into per-row Philox keys; a 32-bit multiplier: torch.compile's CPU backend (torch 2.14)
+# miscompiled the product with the 64-bit golden ratio 0x9E3779B97F4A7C15 into a crashing kernel
+_GOLDEN = 0x9E3779B9
 
 
 def _mulhilo(a: torch.Tensor, m: int):
@@ -39,8 +41,8 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, n: int) -> torch.T
 
 
 def per_row_seeds(seed: torch.Tensor, B: int) -> torch.Tensor:
-    """[B] int64 Philox keys from one seed (a [1] or [B] tensor): row b gets seed + b * 0x9E3779B97F4A7C15
-    (mod 2^64), so one batch seed gives every row its own stream (rows with equal keys would draw alike)."""
+    """[B] int64 Philox keys from one seed (a [1] tensor): row b gets seed + b * 0x9E3779B9 (mod 2^64), so one
+    batch seed gives every row its own stream (rows with equal keys would draw alike)."""
     rows = torch.arange(B, dtype=torch.int64, device=seed.device)
     return seed.to(torch.int64).expand(B) + rows * _GOLDEN
 

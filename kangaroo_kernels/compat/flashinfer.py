@@ -11,7 +11,7 @@ Same signature, outputs and in-place counters. What is FlashInfer's and what is 
   (FlashInfer's alignment metric, which ignores that sampling stops at pos).
 - RNG contract: one seed and one offset for the batch (ints, or int64 tensors of length 1 or B), row b drawing
   its own stream s_0, s_1, ... in FlashInfer's order (tests of 0..pos, re-tests of pos..N-1, the final sample)
-  from Philox4x32-10 keyed by seed + b * 0x9E3779B97F4A7C15 at counters offset + j (a [B] seed tensor keys
+  from Philox4x32-10 keyed by seed + b * 0x9E3779B9 at counters offset + j (a [B] seed tensor keys
   row b by seed[b] itself). FlashInfer draws from curand's Philox with
   subsequence b: the same structure, not the same bits. Like FlashInfer, explicit seed/offset are not advanced:
   the caller moves offset by N + 1 between calls. With neither, seed and offset come from `generator` (or
