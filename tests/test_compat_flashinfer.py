@@ -222,3 +222,30 @@ def test_emitted_tokens_follow_target_and_counter_rates(device):
     stat, thr, off = _chi2(broken[:, 0].cpu(), pe)
     assert stat >= thr or off > 0, f"the planted bug passed ({stat:.1f} < {thr:.1f})"
     assert math.isfinite(stat)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_with_tensor_seed_offset():
+    """With seed/offset tensors the wrapper captures in a CUDA graph (no host sync); a replay after the caller
+    moves offset equals an eager call at that offset."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(8)
+    B, N, V = 8, 4, 300
+    tp = torch.softmax(torch.randn(B, N + 1, V, generator=gen), -1).to(dev)
+    dp = torch.softmax(torch.randn(B, N, V, generator=gen), -1).to(dev)
+    di = torch.randint(0, V, (B, N), generator=gen).to(dev)
+    seed = torch.tensor([5], device=dev)
+    offset = torch.tensor([0], device=dev)
+    acc = torch.zeros(B, dtype=torch.int32, device=dev)
+    em = torch.zeros(B, dtype=torch.int32, device=dev)
+    chain_speculative_sampling(dp, di, tp, acc, em, seed=seed, offset=offset)  # warm-up
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, _, _ = chain_speculative_sampling(dp, di, tp, acc, em, seed=seed, offset=offset)
+    for off in (0, N + 2, 3 * (N + 2)):
+        offset.fill_(off)
+        acc.zero_()
+        em.zero_()
+        g.replay()
+        want, w_acc, w_em = chain_speculative_sampling(dp, di, tp, seed=5, offset=off)
+        assert torch.equal(out, want) and torch.equal(acc, w_acc) and torch.equal(em, w_em)

@@ -838,3 +838,38 @@ def test_per_row_settings_emit_each_rows_target(device, probs, target_is_probs):
         stat, thr, off = _chi2(btoks[g_of == gi], ps[gi])
         failed.append(stat >= thr or off > 0)
     assert all(failed), f"the planted bug passed the per-row check of some group: {failed}"
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_with_per_row_settings():
+    """Per-row temperature (greedy rows included) / top_k / top_p tensors and a probs target, captured in a CUDA
+    graph: every replay equals the reference on the advanced offsets, with new settings written into the same
+    tensors between replays (read on the device, not baked into the graph)."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(13)
+    B, N, V = 6, 5, 700
+    draft, logits, q, parents, _ = _make_case(B, N, V, True, True, gen, ragged=False)
+    t, k, p = _row_settings_case(B, gen)
+    probs = _as_probs(logits)
+    d_, pr_, q_, p_ = _to(dev, draft, probs, q, parents)
+    t_, k_, pp_ = (t > 0).float().to(dev), k.to(dev), p.to(dev)
+    seed = torch.arange(B, device=dev) * 3 + 1
+    offset = torch.zeros(B, dtype=torch.int64, device=dev)
+    kw = dict(draft_probs=q_, parents=p_, target_is_probs=True)
+    verify_sample(d_, pr_, seed=seed, offset=offset, temperature=t_, top_k=k_, top_p=pp_, **kw)  # warm-up
+    offset.zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = verify_sample(d_, pr_, seed=seed, offset=offset, temperature=t_, top_k=k_, top_p=pp_, validate=False,
+                            **kw)
+    offset.zero_()
+    for r in range(3):
+        if r == 2:  # new per-row settings in place
+            t_.copy_(1 - t_)
+            k_.fill_(3)
+        g.replay()
+        torch.cuda.synchronize()
+        want = verify_sample_ref(draft, probs, draft_probs=q, parents=parents, temperature=t_.cpu(),
+                                 top_k=k_.cpu(), top_p=pp_.cpu(), target_is_probs=True,
+                                 uniforms=philox_uniforms(seed.cpu(), torch.full((B,), r * (N + 1)), N + 1))
+        _assert_same(out, want)
