@@ -20,10 +20,13 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "Tensor(a!) accept_len, Tensor(b!) path, Tensor(c!) tokens) -> ()");
   // Lossless speculative sampling. draft_probs[B,N,V] or None (one-hot drafts);
   // randomness from uniforms[B,N+1] or Philox(seed[B], offset[B]) (offset advanced in place).
+  // Per-row settings temperature_rows[B] f32 (<= 0: greedy row), top_k_rows[B] i32, top_p_rows[B] f32
+  // override the scalars; probs: target_logits holds probabilities.
   m.def(
       "verify_sample(Tensor draft_tokens, Tensor target_logits, Tensor? draft_probs, "
       "Tensor? parents, Tensor? uniforms, Tensor? seed, Tensor(d!)? offset, float temperature, "
-      "int top_k, float top_p, Tensor(a!) accept_len, Tensor(b!) path, Tensor(c!) tokens) -> ()");
+      "int top_k, float top_p, Tensor(a!) accept_len, Tensor(b!) path, Tensor(c!) tokens, "
+      "Tensor? temperature_rows=None, Tensor? top_k_rows=None, Tensor? top_p_rows=None, bool probs=False) -> ()");
   // KV compaction after tree verification, all layers in one launch.
   // k_cache/v_cache [L,B,Hk,S,Dh]; tree node j lives at cache_lens[b] + j.
   m.def(

@@ -21,7 +21,10 @@ VerifySampleParams verify_sample_params(const at::Tensor& draft_tokens, const at
                                         const std::optional<at::Tensor>& uniforms,
                                         const std::optional<at::Tensor>& seed,
                                         const std::optional<at::Tensor>& offset, double temperature, int64_t top_k,
-                                        double top_p, at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens);
+                                        double top_p, at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens,
+                                        const std::optional<at::Tensor>& temperature_rows,
+                                        const std::optional<at::Tensor>& top_k_rows,
+                                        const std::optional<at::Tensor>& top_p_rows, bool probs);
 
 namespace {
 
@@ -29,9 +32,13 @@ void verify_sample_cuda(const at::Tensor& draft_tokens, const at::Tensor& target
                         const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& parents,
                         const std::optional<at::Tensor>& uniforms, const std::optional<at::Tensor>& seed,
                         const std::optional<at::Tensor>& offset, double temperature, int64_t top_k, double top_p,
-                        at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens) {
+                        at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens,
+                        const std::optional<at::Tensor>& temperature_rows,
+                        const std::optional<at::Tensor>& top_k_rows, const std::optional<at::Tensor>& top_p_rows,
+                        bool probs) {
   VerifySampleParams p = verify_sample_params(draft_tokens, target_logits, draft_probs, parents, uniforms, seed,
-                                               offset, temperature, top_k, top_p, accept_len, path, tokens);
+                                               offset, temperature, top_k, top_p, accept_len, path, tokens,
+                                               temperature_rows, top_k_rows, top_p_rows, probs);
   const int64_t B = p.B, V = p.V;
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
   if (B == 0) return;

@@ -479,3 +479,80 @@ def test_bad_topk_inputs_raise_value_error(fn):
         fn(h, w, 2, out=LmHeadTopk(torch.empty(2, 2, dtype=torch.int32), torch.empty(2, 3)))
     with pytest.raises(ValueError, match=r"^norm_weight\b"):
         fn(h, w, 2, norm_weight=nw.bfloat16())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-row temperature (serving batches): greedy rows mixed with sampled ones in one call
+
+
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_per_row_temperature_matches_reference_and_scalar_calls(fn, tdev):
+    """[B] temperatures (0 = greedy) equal the reference, and every row equals a one-row call with its own
+    temperature as a scalar (greedy rows: temperature None, the argmax with token_prob = conf)."""
+    B, V, D = 6, 500, 48
+    h, w, nw = _inputs(B, V, D, torch.float32, seed=21, scale=2.0)
+    t = torch.tensor([0.0, 0.7, 1.3, 0.0, 1.0, 0.5])
+    seed = torch.arange(B, dtype=torch.int64) * 31 + 2
+    offset = torch.tensor([0, 5, 2 ** 33, 7, 1, 3], dtype=torch.int64)
+    logits = lm_head_logits_ref(h, w, nw)
+    for b in range(B):
+        if t[b] > 0:
+            assert float(_score_margin(logits[b:b + 1], seed[b:b + 1], offset[b:b + 1], float(t[b])).min()) > 1e-4
+    off_dev = offset.to(tdev, copy=True)
+    res = fn(h.to(tdev), w.to(tdev), 0.01, norm_weight=nw.to(tdev), temperature=t.to(tdev), seed=seed.to(tdev),
+             offset=off_dev, return_probs=True)
+    ref_off = offset.clone()
+    ref = lm_head_exit_ref(h, w, 0.01, norm_weight=nw, temperature=t, seed=seed, offset=ref_off, return_probs=True)
+    _check_exit(res, ref, 1e-5)
+    assert torch.equal(off_dev.cpu(), offset + 1) and torch.equal(ref_off, offset + 1)
+    greedy = t == 0
+    assert torch.equal(ref.token[greedy], logits[greedy].argmax(-1).to(torch.int32))
+    assert torch.equal(ref.token_prob[greedy], ref.conf[greedy])
+    for b in range(B):
+        kw = dict(temperature=float(t[b]), seed=seed[b:b + 1].to(tdev), offset=offset[b:b + 1].to(tdev, copy=True)) \
+            if t[b] > 0 else {}
+        one = fn(h[b:b + 1].to(tdev), w.to(tdev), 0.01, norm_weight=nw.to(tdev), return_probs=True, **kw)
+        assert int(one.token[0]) == int(res.token[b]), b
+        torch.testing.assert_close(one.token_prob.cpu()[0], res.token_prob.cpu()[b], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(one.probs.cpu()[0], res.probs.cpu()[b], rtol=1e-5, atol=1e-7)
+
+
+def test_per_row_temperature_chi_squared(tdev):
+    """One launch, one hidden state, four groups of 1536 rows with temperatures 0.5, 1.0, 2.0 and 0 (greedy): each
+    sampled group follows its own softmax(logits / T) (chi-squared), the greedy group is all argmax. Planted
+    bug: the same launch with the first group's temperature as a scalar (per-row values ignored) must fail the
+    other groups' checks."""
+    V, D, R = 24, 16, 1536
+    temps = [0.5, 1.0, 2.0, 0.0]
+    h, w, _ = _inputs(1, V, D, torch.float32, seed=3, scale=1.5)
+    n = R * len(temps)
+    hx = h.expand(n, D)
+    group = torch.arange(n) // R
+    t = torch.tensor(temps)[group]
+    seed = torch.arange(n, dtype=torch.int64) + 1000
+    res = _lm_head_exit_triton(hx.to(tdev), w.to(tdev), 0.0, temperature=t.to(tdev), seed=seed.to(tdev),
+                               offset=torch.zeros(n, dtype=torch.int64, device=tdev))
+    tok = res.token.cpu()
+    logits = lm_head_logits_ref(h, w)[0].double()
+    for g, T in enumerate(temps):
+        sel = tok[group == g]
+        if T == 0:
+            assert bool((sel == int(logits.argmax())).all())
+            continue
+        p = torch.softmax(logits / T, -1)
+        stat, df = _chi2_stat(sel, p)
+        assert stat < _chi2_threshold(df), f"T={T}: chi2 {stat:.1f} >= {_chi2_threshold(df):.1f}"
+    broken = _lm_head_exit_triton(hx.to(tdev), w.to(tdev), 0.0, temperature=temps[0], seed=seed.to(tdev),
+                                  offset=torch.zeros(n, dtype=torch.int64, device=tdev)).token.cpu()
+    for g, T in enumerate(temps[1:3], start=1):
+        stat, df = _chi2_stat(broken[group == g], torch.softmax(logits / T, -1))
+        assert stat >= _chi2_threshold(df), f"the planted bug passed group T={T} ({stat:.1f})"
+    assert not bool((broken[group == 3] == int(logits.argmax())).all())
+
+
+def test_per_row_temperature_bad_inputs():
+    h, w, _ = _inputs(2, 10, 8, torch.float32)
+    for bad_t in (torch.zeros(3), torch.zeros(2, dtype=torch.int32), torch.tensor([0.5, -1.0]),
+                  torch.tensor([0.5, float("nan")]), torch.tensor([1e-45, 1.0])):
+        with pytest.raises(ValueError, match="temperature"):
+            lm_head_exit(h, w, 0.5, temperature=bad_t, seed=torch.zeros(2, dtype=torch.int64))

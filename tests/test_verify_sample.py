@@ -656,3 +656,220 @@ def test_tree_emits_target_distribution(device, probs):
     broken = _sample_root(p0, qd, draft, u, bug="resample_target")
     stat, thr, off = _chi2(broken, p0)
     assert stat >= thr or off > 0, f"the planted bug passed the chi-squared check ({stat:.1f} < {thr:.1f})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-row sampling settings (serving batches), greedy rows in the same call, probabilities as the target
+
+def _row_settings_case(B, gen):
+    """[B] temperature (about a third 0: greedy rows), top_k (0, 1, 5, V-ish) and top_p tensors."""
+    t = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.5])[torch.randint(0, 6, (B,), generator=gen)]
+    k = torch.tensor([0, 0, 5, 50, 1])[torch.randint(0, 5, (B,), generator=gen)].to(torch.int32)
+    p = torch.tensor([1.0, 0.9, 0.5, 1.0])[torch.randint(0, 4, (B,), generator=gen)]
+    return t, k, p
+
+
+def _as_probs(logits):
+    """Probabilities with exact zeros (a top-k-renormalised softmax, as engines hold them)."""
+    pr = torch.softmax(logits.float(), -1)
+    kth = pr.topk(min(7, pr.shape[-1]), -1).values[..., -1:]
+    pr = torch.where(pr >= kth, pr, torch.zeros_like(pr))
+    return pr / pr.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("probs", [False, True], ids=["onehot", "q"])
+@pytest.mark.parametrize("target_is_probs", [False, True], ids=["logits", "probs"])
+def test_per_row_settings_match_reference(device, tree, probs, target_is_probs):
+    """[B] temperature/top_k/top_p (greedy rows mixed in) equal the reference bit for bit, and each sampled row
+    equals a one-row call with that row's settings as scalars."""
+    gen = torch.Generator().manual_seed(40 + 4 * tree + 2 * probs + target_is_probs)
+    for V in (7, 1000):
+        B = 9
+        N = int(torch.randint(1, 20 if tree else 8, (1,), generator=gen))
+        draft, logits, q, parents, u = _make_case(B, N, V, tree, probs, gen)
+        t, k, p = _row_settings_case(B, gen)
+        if target_is_probs:
+            logits, t = _as_probs(logits), (t > 0).float()
+        kw = dict(draft_probs=q, parents=parents, target_is_probs=target_is_probs)
+        want = verify_sample_ref(draft, logits, uniforms=u, temperature=t, top_k=k, top_p=p, **kw)
+        d_, l_, q_, p_, u_, t_, k_, pp_ = _to(device, draft, logits, q, parents, u, t, k, p)
+        got = verify_sample(d_, l_, uniforms=u_, temperature=t_, top_k=k_, top_p=pp_,
+                            **{**kw, "draft_probs": q_, "parents": p_})
+        _assert_same(got, want)
+        for b in range(B):
+            if not t[b] > 0:
+                continue
+            one = lambda x: None if x is None else x[b:b + 1]  # noqa: E731
+            single = verify_sample(one(d_), one(l_), uniforms=one(u_), draft_probs=one(q_), parents=one(p_),
+                                   temperature=float(t[b]), top_k=int(k[b]), top_p=float(p[b]),
+                                   target_is_probs=target_is_probs)
+            for name in ("accept_len", "path", "tokens"):
+                assert torch.equal(getattr(single, name)[0].cpu(), getattr(got, name)[b].cpu()), (b, name)
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("probs", [False, True], ids=["onehot", "q"])
+def test_greedy_rows_equal_verify_greedy(device, tree, probs):
+    """temperature 0 rows inside a sampling call give exactly verify_greedy's result, whatever the uniforms,
+    the draft_probs and the other rows' settings are."""
+    from kangaroo_kernels.ops.verify_greedy import verify_greedy
+
+    gen = torch.Generator().manual_seed(50 + 2 * tree + probs)
+    B, N, V = 8, 12, 300
+    draft, logits, q, parents, u = _make_case(B, N, V, tree, probs, gen)
+    t = torch.tensor([0.0, 0.8] * (B // 2))
+    d_, l_, q_, p_, u_, t_ = _to(device, draft, logits, q, parents, u, t)
+    got = verify_sample(d_, l_, uniforms=u_, draft_probs=q_, parents=p_, temperature=t_, top_k=20, top_p=0.9)
+    want = verify_greedy(d_, l_, parents=p_)
+    g = t == 0
+    for name in ("accept_len", "path", "tokens"):
+        assert torch.equal(getattr(got, name).cpu()[g], getattr(want, name).cpu()[g]), name
+    assert int(want.accept_len.cpu()[g].sum()) > 0  # the drafts are often accepted: not a vacuous check
+
+
+def test_probs_target_keeps_zeros(device):
+    """target_is_probs: tokens with probability exactly 0 are never emitted (no log round trip), even with
+    uniforms next to 1 and rejected drafts; denormal probabilities stay sampleable."""
+    B, V = 64, 50
+    pr = torch.zeros(B, 2, V)
+    pr[:, :, 3] = 0.5
+    pr[:, :, 4] = 0.5 - 1e-39
+    pr[:, :, 5] = 1e-39  # denormal in fp32: a log would survive, an exp(log) might not
+    draft = torch.full((B, 1), 7, dtype=torch.int64)  # probability 0: always rejected
+    u = torch.rand(B, 2, generator=torch.Generator().manual_seed(9)).clamp(2 ** -24, 1 - 2 ** -24)
+    u[:, 1] = torch.linspace(2 ** -24, 1 - 2 ** -24, B)
+    got = verify_sample(*_to(device, draft, pr), uniforms=u.to(device), target_is_probs=True)
+    want = verify_sample_ref(draft, pr, uniforms=u, target_is_probs=True)
+    _assert_same(got, want)
+    toks = got.tokens[:, 0].cpu()
+    assert bool((got.accept_len.cpu() == 0).all())
+    assert set(toks.tolist()) <= {3, 4, 5} and {3, 4} <= set(toks.tolist())
+
+
+def test_per_row_bad_inputs_raise_value_errors(device):
+    B, N, V = 2, 3, 11
+    d = torch.zeros(B, N, dtype=torch.int32, device=device)
+    lg = torch.zeros(B, N + 1, V, device=device)
+    u = torch.full((B, N + 1), 0.5, device=device)
+
+    def bad(match, **kw):
+        with pytest.raises(ValueError, match=match):
+            verify_sample(d, lg, uniforms=u, **kw)
+
+    bad("temperature", temperature=torch.zeros(B + 1, device=device))
+    bad("temperature", temperature=torch.zeros(B, dtype=torch.int32, device=device))
+    bad("temperature", temperature=torch.tensor([0.5, -1.0], device=device))
+    bad("temperature", temperature=torch.tensor([0.5, float("nan")], device=device))
+    bad("top_k", top_k=torch.zeros(B, device=device))
+    bad("top_k", top_k=torch.tensor([1, -1], device=device))
+    bad("top_p", top_p=torch.tensor([0.5, 0.0], device=device))
+    bad("top_p", top_p=torch.tensor([0.5, 1.5], device=device))
+    bad("temperature", temperature=0.7, target_is_probs=True)
+    bad("temperature", temperature=torch.tensor([0.0, 0.7], device=device), target_is_probs=True)
+    from kangaroo_kernels.ops.verify_sample import _op
+
+    outs = (torch.empty(B, dtype=torch.int32, device=device), torch.empty(B, N + 1, dtype=torch.int32,
+                                                                          device=device),
+            torch.empty(B, N + 1, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="top_k"):
+        _op()(d, lg, None, None, u, None, None, 1.0, 0, 1.0, *outs, None, torch.zeros(B, device=device), None)
+    with pytest.raises(ValueError, match="temperature"):
+        _op()(d, lg, None, None, u, None, None, 1.0, 0, 1.0, *outs, torch.zeros(B + 1, device=device))
+
+
+V_ROWS = 512
+# (temperature, top_k, top_p) per group of rows in one call; the last group is greedy
+ROW_GROUPS = [(0.7, 0, 1.0), (1.0, 40, 1.0), (1.4, 0, 0.8), (1.0, 0, 1.0), (0.0, 0, 1.0)]
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["onehot", "q"])
+@pytest.mark.parametrize("target_is_probs", [False, True], ids=["logits", "probs"])
+def test_per_row_settings_emit_each_rows_target(device, probs, target_is_probs):
+    """One call, one shared target row, five groups of rows with different settings (one greedy): each group's
+    first emitted token follows its own filtered target (chi-squared, >= 12 V trials a group) and its acceptance
+    rate is its own p(d) or sum min(p, q). Planted bug: the same call with the first group's settings as scalars
+    (per-row values ignored) must fail the check of the other groups."""
+    gen = torch.Generator().manual_seed(60 + 2 * probs + target_is_probs)
+    logits = torch.randn(V_ROWS, generator=gen) * 1.5
+    groups = ROW_GROUPS
+    if target_is_probs:  # probs are taken as given: the groups differ by their filters only
+        logits = torch.softmax(logits, -1)
+        logits[torch.randperm(V_ROWS, generator=gen)[:40]] = 0.0
+        groups = [(1.0, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.6), (1.0, 5, 0.9), (0.0, 0, 1.0)]
+    rows = torch.stack([logits, torch.randn(V_ROWS, generator=gen)])
+    ps = [filtered_probs_ref(logits[None], t, k, p, probs=target_is_probs)[0] for t, k, p in groups]
+    d0 = int(torch.argsort(ps[0], descending=True)[3])  # a likely token that is not the argmax
+    R = 12 * V_ROWS
+    B = R * len(groups)
+    g_of = torch.arange(B) // R
+    t = torch.tensor([g[0] for g in groups])[g_of]
+    k = torch.tensor([g[1] for g in groups], dtype=torch.int32)[g_of]
+    p = torch.tensor([g[2] for g in groups])[g_of]
+    kw = dict(validate=False, target_is_probs=target_is_probs)
+    if probs:
+        base = torch.log(logits.clamp_min(1e-30)) if target_is_probs else logits
+        qrow = torch.softmax(base + 0.7 * torch.randn(V_ROWS, generator=gen), -1)
+        draft = torch.multinomial(qrow, B, replacement=True, generator=gen)[:, None]
+        kw["draft_probs"] = qrow.to(device)[None, None].expand(B, 1, V_ROWS)
+    else:
+        draft = torch.full((B, 1), d0)
+    target = rows.to(device)[None].expand(B, 2, V_ROWS)
+    seed = torch.arange(B, dtype=torch.int64, device=device) * 7919 + 5
+    out = verify_sample(draft.to(device), target, seed=seed, temperature=t.to(device), top_k=k.to(device),
+                        top_p=p.to(device), **kw)
+    toks, acc = out.tokens[:, 0].cpu(), out.accept_len.cpu()
+    for gi, pg in enumerate(ps):
+        sel = g_of == gi
+        what = f"group {gi} {groups[gi]}"
+        if groups[gi][0] == 0:
+            assert bool((toks[sel] == int(torch.argmax(logits))).all()), what
+            continue
+        _assert_follows(toks[sel], pg, what)
+        beta = float(torch.minimum(pg, qrow.double()).sum()) if probs else float(pg[d0])
+        _assert_rate(acc[sel] >= 1, beta, what + " acceptance")
+
+    # the planted bug: one scalar setting for the whole batch
+    t0, k0, p0 = groups[0]
+    broken = verify_sample(draft.to(device), target, seed=seed, temperature=t0, top_k=k0, top_p=p0, **kw)
+    btoks = broken.tokens[:, 0].cpu()
+    failed = []
+    for gi in range(1, len(groups)):
+        stat, thr, off = _chi2(btoks[g_of == gi], ps[gi])
+        failed.append(stat >= thr or off > 0)
+    assert all(failed), f"the planted bug passed the per-row check of some group: {failed}"
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_with_per_row_settings():
+    """Per-row temperature (greedy rows included) / top_k / top_p tensors and a probs target, captured in a CUDA
+    graph: every replay equals the reference on the advanced offsets, with new settings written into the same
+    tensors between replays (read on the device, not baked into the graph)."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(13)
+    B, N, V = 6, 5, 700
+    draft, logits, q, parents, _ = _make_case(B, N, V, True, True, gen, ragged=False)
+    t, k, p = _row_settings_case(B, gen)
+    probs = _as_probs(logits)
+    d_, pr_, q_, p_ = _to(dev, draft, probs, q, parents)
+    t_, k_, pp_ = (t > 0).float().to(dev), k.to(dev), p.to(dev)
+    seed = torch.arange(B, device=dev) * 3 + 1
+    offset = torch.zeros(B, dtype=torch.int64, device=dev)
+    kw = dict(draft_probs=q_, parents=p_, target_is_probs=True)
+    verify_sample(d_, pr_, seed=seed, offset=offset, temperature=t_, top_k=k_, top_p=pp_, **kw)  # warm-up
+    offset.zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = verify_sample(d_, pr_, seed=seed, offset=offset, temperature=t_, top_k=k_, top_p=pp_, validate=False,
+                            **kw)
+    offset.zero_()
+    for r in range(3):
+        if r == 2:  # new per-row settings in place
+            t_.copy_(1 - t_)
+            k_.fill_(3)
+        g.replay()
+        torch.cuda.synchronize()
+        want = verify_sample_ref(draft, probs, draft_probs=q, parents=parents, temperature=t_.cpu(),
+                                 top_k=k_.cpu(), top_p=pp_.cpu(), target_is_probs=True,
+                                 uniforms=philox_uniforms(seed.cpu(), torch.full((B,), r * (N + 1)), N + 1))
+        _assert_same(out, want)

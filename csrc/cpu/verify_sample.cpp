@@ -56,7 +56,10 @@ std::array<int64_t, 3> verify_sample_check_args(const at::Tensor& draft_tokens, 
                                                 const std::optional<at::Tensor>& seed,
                                                 const std::optional<at::Tensor>& offset, double temperature,
                                                 int64_t top_k, double top_p, const at::Tensor& accept_len,
-                                                const at::Tensor& path, const at::Tensor& tokens) {
+                                                const at::Tensor& path, const at::Tensor& tokens,
+                                                const std::optional<at::Tensor>& temperature_rows,
+                                                const std::optional<at::Tensor>& top_k_rows,
+                                                const std::optional<at::Tensor>& top_p_rows, bool probs) {
   TORCH_CHECK_VALUE(draft_tokens.dim() == 2, "draft_tokens must have shape [B, N], got ", shape_str(draft_tokens));
   TORCH_CHECK_VALUE(draft_tokens.scalar_type() == at::kInt, "draft_tokens must be int32");
   TORCH_CHECK_VALUE(draft_tokens.is_contiguous(), "draft_tokens must be contiguous");
@@ -106,6 +109,17 @@ std::array<int64_t, 3> verify_sample_check_args(const at::Tensor& draft_tokens, 
                     "temperature must be > 0 (use verify_greedy for T = 0), got ", temperature);
   TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0 (0: off), got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
+  const std::pair<const char*, const std::optional<at::Tensor>*> rows[] = {
+      {"temperature", &temperature_rows}, {"top_k", &top_k_rows}, {"top_p", &top_p_rows}};
+  for (const auto& r : rows) {
+    if (!r.second->has_value()) continue;
+    const at::Tensor& t = **r.second;
+    check_shape(r.first, t, {B}, "[B]");
+    TORCH_CHECK_VALUE(t.scalar_type() == (r.second == &top_k_rows ? at::kInt : at::kFloat), r.first,
+                      " per-row values must be ", r.second == &top_k_rows ? "int32" : "float32");
+    TORCH_CHECK_VALUE(t.is_contiguous(), r.first, " per-row values must be contiguous");
+    TORCH_CHECK_VALUE(t.device() == dev, r.first, " per-row values must be on ", dev);
+  }
   const std::pair<const char*, const at::Tensor*> outs[] = {{"accept_len", &accept_len}, {"path", &path},
                                                             {"tokens", &tokens}};
   for (const auto& o : outs) {
@@ -130,9 +144,13 @@ VerifySampleParams verify_sample_params(const at::Tensor& draft_tokens, const at
                                         const std::optional<at::Tensor>& uniforms,
                                         const std::optional<at::Tensor>& seed,
                                         const std::optional<at::Tensor>& offset, double temperature, int64_t top_k,
-                                        double top_p, at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens) {
+                                        double top_p, at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens,
+                                        const std::optional<at::Tensor>& temperature_rows,
+                                        const std::optional<at::Tensor>& top_k_rows,
+                                        const std::optional<at::Tensor>& top_p_rows, bool probs) {
   const auto [B, N, V] = verify_sample_check_args(draft_tokens, target_logits, draft_probs, parents, uniforms, seed,
-                                                  offset, temperature, top_k, top_p, accept_len, path, tokens);
+                                                  offset, temperature, top_k, top_p, accept_len, path, tokens,
+                                                  temperature_rows, top_k_rows, top_p_rows, probs);
   VerifySampleParams p;
   p.draft_tokens = draft_tokens.data_ptr<int32_t>();
   p.logits = target_logits.data_ptr();
@@ -157,6 +175,10 @@ VerifySampleParams verify_sample_params(const at::Tensor& draft_tokens, const at
   p.inv_t = 1.0f / static_cast<float>(temperature);
   p.top_k = static_cast<int>(std::min<int64_t>(top_k, V));
   p.top_p = top_p;
+  if (temperature_rows) p.temperature_rows = temperature_rows->data_ptr<float>();
+  if (top_k_rows) p.top_k_rows = top_k_rows->data_ptr<int32_t>();
+  if (top_p_rows) p.top_p_rows = top_p_rows->data_ptr<float>();
+  p.probs = probs;
   p.B = static_cast<int>(B);
   p.N = static_cast<int>(N);
   p.V = static_cast<int>(V);
@@ -215,21 +237,32 @@ bool mass_select(std::vector<std::pair<uint32_t, double>>& cand, double target, 
 }
 
 // Fills buf.r0 with the node's filtered target (unnormalised) and returns its mass S; false for an
-// invalid row (NaN, +inf, or no finite value).
+// invalid row (NaN, +inf, no finite value; with probs also a negative entry or no positive one).
 template <typename T>
-bool node_target(const T* row, int64_t V, float inv_t, int64_t top_k, double top_p, RowBuffers& buf, double* S) {
+bool node_target(const T* row, int64_t V, const RowSampling& rs, bool probs, RowBuffers& buf, double* S) {
   float* __restrict z = buf.z.data();
+  const float inv_t = rs.greedy ? 1.0f : rs.inv_t;
   float m = -INFINITY;
   bool bad = false;
   for (int64_t i = 0; i < V; ++i) {
-    z[i] = scaled_logit(static_cast<float>(row[i]), inv_t);
-    bad |= std::isnan(z[i]) || z[i] == INFINITY;
+    z[i] = node_value(static_cast<float>(row[i]), inv_t, probs);
+    bad |= std::isnan(z[i]) || z[i] == INFINITY || (probs && z[i] < 0.0f);
     m = std::max(m, z[i]);
   }
-  if (bad || !(m > -INFINITY)) return false;
-  float* __restrict e = buf.e.data();
-  for (int64_t i = 0; i < V; ++i) e[i] = sample_exp(sub_rn(z[i], m));
+  if (bad || !(probs ? m > 0.0f : m > -INFINITY)) return false;
   double* __restrict r0 = buf.r0.data();
+  if (rs.greedy) {  // one-hot at the first argmax
+    int64_t a = 0;
+    while (!(z[a] == m)) ++a;
+    std::fill(r0, r0 + V, 0.0);
+    r0[a] = 1.0;
+    *S = 1.0;
+    return true;
+  }
+  float* __restrict e = buf.e.data();
+  for (int64_t i = 0; i < V; ++i) e[i] = node_weight(z[i], m, probs);
+  const int64_t top_k = rs.top_k;
+  const double top_p = rs.top_p;
   double s = 0.0;
   if (!(top_k > 0 && top_k < V) && !(top_p < 1.0)) {
     for (int64_t i = 0; i < V; ++i) {
@@ -294,11 +327,12 @@ void sample_row(const VerifySampleParams& p, int64_t b, RowBuffers& buf) {
     return -1;
   };
   const T* logits = static_cast<const T*>(p.logits) + b * p.logits_stride_b;
+  const RowSampling rs = row_sampling(p, b);
 
   int64_t v = -1, accepted = 0;
   while (true) {
     double S;
-    if (!node_target(logits + (v + 1) * p.logits_stride_n, V, p.inv_t, p.top_k, p.top_p, buf, &S)) break;
+    if (!node_target(logits + (v + 1) * p.logits_stride_n, V, rs, p.probs, buf, &S)) break;
     const double* r = buf.r0.data();
     double n = S;
     int64_t acc_child = -1;
@@ -355,10 +389,12 @@ void verify_sample_cpu(const at::Tensor& draft_tokens, const at::Tensor& target_
                        const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& parents,
                        const std::optional<at::Tensor>& uniforms, const std::optional<at::Tensor>& seed,
                        const std::optional<at::Tensor>& offset, double temperature, int64_t top_k, double top_p,
-                       at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens) {
+                       at::Tensor& accept_len, at::Tensor& path, at::Tensor& tokens,
+                       const std::optional<at::Tensor>& temperature_rows, const std::optional<at::Tensor>& top_k_rows,
+                       const std::optional<at::Tensor>& top_p_rows, bool probs) {
   const VerifySampleParams p = verify_sample_params(draft_tokens, target_logits, draft_probs, parents, uniforms,
                                                      seed, offset, temperature, top_k, top_p, accept_len, path,
-                                                     tokens);
+                                                     tokens, temperature_rows, top_k_rows, top_p_rows, probs);
   const int64_t B = p.B, V = p.V;
   const auto dtype = target_logits.scalar_type();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {

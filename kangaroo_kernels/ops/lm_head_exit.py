@@ -6,7 +6,7 @@ drafting; the [B, V] logits are never written. CPU tensors run the reference; CU
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -22,16 +22,16 @@ _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
 _lib.define(
     "lm_head_exit(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, Tensor? active, Tensor? seed, "
     "Tensor(a!)? offset, float threshold, float eps, float inv_temperature, Tensor(b!) token, Tensor(c!) conf, "
-    "Tensor(d!) active_out, Tensor(e!) token_prob, Tensor(f!)? probs) -> ()")
+    "Tensor(d!) active_out, Tensor(e!) token_prob, Tensor(f!)? probs, Tensor? inv_temperature_rows=None) -> ()")
 _lib.define(
     "lm_head_topk(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, int k, float eps, Tensor(a!) tokens, "
     "Tensor(b!) logprobs) -> ()")
 
 
 def _lm_head_exit_cpu(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
-                      conf, active_out, token_prob, probs):
-    res = lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active, inv_t, seed, offset,
-                                 probs is not None)
+                      conf, active_out, token_prob, probs, inv_t_rows=None):
+    res = lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active,
+                                 inv_t if inv_t_rows is None else inv_t_rows, seed, offset, probs is not None)
     token.copy_(res.token)
     conf.copy_(res.conf)
     active_out.copy_(res.active)
@@ -74,7 +74,7 @@ _lib.impl("lm_head_topk", _lm_head_topk_cuda, "CUDA")
 
 @torch.library.register_fake("kangaroo_kernels::lm_head_exit", lib=_lib)
 def _lm_head_exit_fake(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
-                       conf, active_out, token_prob, probs):
+                       conf, active_out, token_prob, probs, inv_t_rows=None):
     return None
 
 
@@ -103,14 +103,27 @@ def _check_common(hidden, lm_head_weight, norm_weight, eps):
 
 
 def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed, offset,
-                  return_probs, out):
+                  return_probs, out, validate=None):
     """Checks every argument and returns the op's argument tuple (outputs last)."""
     B, D, V, dev = _check_common(hidden, lm_head_weight, norm_weight, eps)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
         raise ValueError(f"threshold must be a number (rows continue iff conf >= threshold), got {threshold!r}")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-                                    or not (math.isfinite(temperature) and temperature >= 0)):
-        raise ValueError(f"temperature must be None, 0 (greedy) or a finite number > 0, got {temperature!r}")
+    inv_t_rows = None
+    if isinstance(temperature, torch.Tensor):
+        _checks.check_tensor("temperature", temperature, dtypes=(torch.float32, torch.float64, torch.bfloat16,
+                                                                  torch.float16), shape=(B,), device=dev,
+                             expected=f"a number or [B={B}] (0: a greedy row)")
+        if _checks.validating(validate):
+            t = temperature.float()
+            if not bool((torch.isfinite(t) & (t >= 0) & ((t == 0) | torch.isfinite(1.0 / t))).all()):
+                raise ValueError("temperature rows must be finite, >= 0 (0: greedy) and not so small that 1 / T "
+                                 "overflows float32")
+        inv_t_rows = inv_temperature(temperature).contiguous()
+        temperature = 1.0  # the kernels sample; the rows carry the values
+    elif temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                                      or not (math.isfinite(temperature) and temperature >= 0)):
+        raise ValueError(f"temperature must be None, 0 (greedy), a finite number > 0 or a [B] tensor, got "
+                         f"{temperature!r}")
     inv_t = inv_temperature(temperature)
     if inv_t > 0 and not math.isfinite(inv_t):
         raise ValueError(f"temperature {temperature!r} is too small: 1 / T overflows float32")
@@ -152,12 +165,12 @@ def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, t
         elif out.probs is not None:
             raise ValueError("out.probs is given but return_probs is False")
     return (hidden, lm_head_weight, norm_weight, active, seed, offset, float(threshold), float(eps), inv_t,
-            *out[:4], out.probs), out
+            *out[:4], out.probs, inv_t_rows), out
 
 
 def lm_head_exit(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,
                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                 active: Optional[torch.Tensor] = None, temperature: Optional[float] = None,
+                 active: Optional[torch.Tensor] = None, temperature: Optional[Union[float, torch.Tensor]] = None,
                  seed: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                  return_probs: bool = False, out: Optional[LmHeadExit] = None,
                  validate: Optional[bool] = None) -> LmHeadExit:
@@ -173,11 +186,15 @@ def lm_head_exit(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: 
     Sampling randomness: Philox4x32-10 keyed by seed [B] int64 at counter offset [B] int64, which is advanced by 1
     in place (so CUDA-graph replays draw fresh numbers); without seed one is drawn from torch's default CPU
     generator (host work, not capturable). A row with a NaN or +inf logit gets conf NaN and exits.
-    out: a preallocated LmHeadExit (out.active may be `active` itself). validate: accepted for uniformity; this op
-    reads no device data on the host and every kernel access is bounded by the shapes.
+    temperature may be a [B] tensor (serving batches): row b samples with its own T_b, rows with T_b = 0 are greedy
+    in the same call (token = argmax, token_prob = conf, probs = softmax(logits)); seed/offset as for sampling, the
+    offset of every row advances by 1; read on the device (no host sync, capturable).
+    out: a preallocated LmHeadExit (out.active may be `active` itself). validate: checks per-row temperatures
+    (reads them: a host sync; skipped in graph capture); nothing else reads device data on the host, and every
+    kernel access is bounded by the shapes.
     """
     args, out = _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed,
-                              offset, return_probs, out)
+                              offset, return_probs, out, validate)
     if hidden.shape[0] > 0:
         torch.ops.kangaroo_kernels.lm_head_exit(*args)
     return out
@@ -190,7 +207,7 @@ def _lm_head_exit_triton(hidden, lm_head_weight, threshold, *, norm_weight=None,
     from kangaroo_kernels.triton.lm_head_exit import lm_head_exit_triton
 
     args, out = _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed,
-                              offset, return_probs, out)
+                              offset, return_probs, out, validate)
     if hidden.shape[0] > 0:
         lm_head_exit_triton(*args)
     return out

@@ -4,10 +4,9 @@ Native op (C++ CPU twin, CUDA kernel with one CTA per batch row); the exact sema
 with the reference, are in kangaroo_kernels/reference/verify_sample.py.
 """
 
-import functools
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -18,15 +17,23 @@ __all__ = ["verify_sample"]
 
 
 def _verify_sample_fake(draft_tokens, target_logits, draft_probs, parents, uniforms, seed, offset, temperature,
-                        top_k, top_p, accept_len, path, tokens):
+                        top_k, top_p, accept_len, path, tokens, temperature_rows=None, top_k_rows=None,
+                        top_p_rows=None, probs=False):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_OP = None
+
+
 def _op():
-    ops = _ext.ops()
-    torch.library.register_fake("kangaroo_kernels::verify_sample", _verify_sample_fake)
-    return ops.verify_sample
+    # a module global, not functools.lru_cache: once loaded, torch.compile reads it as a constant (it cannot trace
+    # the first call, which loads the library and registers the fake: run the op once eagerly before compiling)
+    global _OP
+    if _OP is None:
+        ops = _ext.ops()
+        torch.library.register_fake("kangaroo_kernels::verify_sample", _verify_sample_fake)
+        _OP = ops.verify_sample
+    return _OP
 
 
 def _unexpanded(t: torch.Tensor) -> torch.Tensor:
@@ -41,11 +48,20 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _row_setting(name, x, B, dev, *, integral):
+    """A sampling setting given as a [B] tensor: checked (metadata only) and cast to the op's dtype."""
+    kinds = _checks.INDEX_DTYPES if integral else (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    _checks.check_tensor(name, x, dtypes=kinds, shape=(B,), device=dev, expected=f"a number or [B={B}]")
+    return x.to(torch.int32 if integral else torch.float32).contiguous()
+
+
 def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
                   draft_probs: Optional[torch.Tensor] = None, parents: Optional[torch.Tensor] = None,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  temperature: Union[float, torch.Tensor] = 1.0, top_k: Union[int, torch.Tensor] = 0,
+                  top_p: Union[float, torch.Tensor] = 1.0,
                   uniforms: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
-                  offset: Optional[torch.Tensor] = None, out=None, validate: Optional[bool] = None) -> Accepted:
+                  offset: Optional[torch.Tensor] = None, target_is_probs: bool = False, out=None,
+                  validate: Optional[bool] = None) -> Accepted:
     """Accept a prefix of the drafts by rejection sampling against the (filtered) target; emit one more token.
 
     draft_tokens [B, N] int32/int64 (-1 = padding, never accepted); target_logits [B, N+1, V] fp32/bf16/fp16
@@ -53,13 +69,21 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     distribution each draft was sampled from (None: deterministic drafts, i.e. one-hot q); parents [B, N]
     (-1 = child of the root, topological; None = chain). The target is softmax(logits / temperature) with top-k
     then top-p applied as logit thresholds (ties kept; top_k = 0 and top_p = 1 mean off).
+    Per-row settings (serving batches): temperature [B] float (0 = a greedy row: a child is accepted iff its
+    token is the row's argmax and the final token is the argmax, as verify_greedy on rows without NaN/inf),
+    top_k [B] int, top_p [B] float, each independently a number or a tensor; read on the device (no host sync,
+    graph-safe). A scalar temperature must be > 0 (all-greedy batches: verify_greedy).
+    target_is_probs: target_logits holds probabilities [B, N+1, V] (FlashInfer / vLLM style; unnormalised
+    weights are fine) used as they are (no log/exp round trip, zeros stay zeros): temperature is then only the
+    greedy switch (1 = sample from the given probs, 0 = greedy); top-k/top-p are thresholds on the probs.
     Randomness: uniforms [B, N+1] fp32/fp64 in (0, 1) (column c tests child c, column N draws the final token),
     or Philox4x32-10 from seed [B] int64 and counter offset [B] int64, advanced by N+1 in place (so a replayed
     CUDA graph draws fresh numbers; offset defaults to zeros). With neither, seeds are drawn from torch's
     default CPU generator (host work, not capturable).
     Returns Accepted(accept_len [B] i32, path [B, N+1] i32, tokens [B, N+1] i32): path[b, :accept_len] are the
     accepted nodes, tokens[b, :accept_len+1] their tokens then the final one; -1 padded. A target row with a
-    NaN or +inf (or no finite value) reached by the walk emits -1 as its token.
+    NaN or +inf (or no finite value; with probs a negative entry or no positive one) reached by the walk emits
+    -1 as its token.
     """
     _checks.check_tensor("draft_tokens", draft_tokens, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
     B, N = draft_tokens.shape
@@ -69,13 +93,24 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     V = target_logits.shape[2]
     if V < 1:
         raise ValueError("target_logits must have V >= 1 (expected [B, N+1, V])")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+    temperature_rows = top_k_rows = top_p_rows = None
+    if isinstance(temperature, torch.Tensor):
+        temperature_rows, temperature = _row_setting("temperature", temperature, B, dev, integral=False), 1.0
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0 (use verify_greedy for T = 0), got {temperature}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+        raise ValueError(f"temperature must be a finite number > 0 or a [B] tensor (use verify_greedy for an "
+                         f"all-greedy batch), got {temperature}")
+    elif target_is_probs and temperature != 1.0:
+        raise ValueError(f"temperature must be 1 with target_is_probs (the probs are used as given), got "
+                         f"{temperature}")
+    if isinstance(top_k, torch.Tensor):
+        top_k_rows, top_k = _row_setting("top_k", top_k, B, dev, integral=True), 0
+    elif isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off) or a [B] tensor, got {top_k!r}")
+    if isinstance(top_p, torch.Tensor):
+        top_p_rows, top_p = _row_setting("top_p", top_p, B, dev, integral=False), 1.0
+    elif isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1: off) or a [B] tensor, got {top_p!r}")
     if draft_probs is not None:
         _checks.check_tensor("draft_probs", draft_probs, dtypes=(torch.float32,), shape=(B, N, V), device=dev,
                              expected=f"[B={B}, N={N}, V={V}] float32")
@@ -120,6 +155,16 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
             q = _unexpanded(draft_probs)
             if not bool(((q >= 0) & torch.isfinite(q)).all()):
                 raise ValueError("draft_probs must be finite and non-negative (expected [B, N, V] float32)")
+        if temperature_rows is not None:
+            t = temperature_rows
+            ok = ((t == 0) | (t == 1)) if target_is_probs else (torch.isfinite(t) & (t >= 0))
+            if not bool(ok.all()):
+                raise ValueError("temperature rows must be " + ("0 (greedy) or 1 with target_is_probs"
+                                                                if target_is_probs else "finite and >= 0 (0: greedy)"))
+        if top_k_rows is not None and not bool((top_k_rows >= 0).all()):
+            raise ValueError("top_k rows must be >= 0 (0: off)")
+        if top_p_rows is not None and not bool(((top_p_rows > 0) & (top_p_rows <= 1)).all()):
+            raise ValueError("top_p rows must lie in (0, 1] (1: off)")
 
     if uniforms is None and seed is None:
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (B,), dtype=torch.int64).to(dev)
@@ -136,5 +181,6 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     if draft_probs is not None:
         draft_probs = _last_dim_contiguous(draft_probs)
     _op()(draft_tokens, target_logits, draft_probs, parents, uniforms, seed, offset, float(temperature),
-          int(top_k), float(top_p), out.accept_len, out.path, out.tokens)
+          int(top_k), float(top_p), out.accept_len, out.path, out.tokens, temperature_rows, top_k_rows,
+          top_p_rows, bool(target_is_probs))
     return out

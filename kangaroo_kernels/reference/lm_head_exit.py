@@ -13,6 +13,9 @@ Semantics:
   g = -log(-log(u)), u = lm_head_uniforms_ref(seed, offset, V) (Philox4x32-10, see there); token_prob =
   softmax(z)[token]; conf stays the untempered max softmax (the exit rule). offset += 1 after the draw.
   Greedy rows report token_prob = conf.
+- Per-row temperature ([B] tensor): row b as above with its own T_b (inv_t_b = fl32(1 / T_b)); rows with T_b = 0
+  are greedy (token = argmax logits, token_prob = conf, probs = softmax(logits)) inside the same call. The
+  uniforms are drawn for every row and offset += 1 for every row.
 - probs (return_probs): softmax(z) (sampled) or softmax(logits) (greedy), fp32 [B, V].
 - A row whose logits hold a NaN or +inf (or are all -inf) gets conf NaN (so active_out False); its token is
   unspecified (in [0, V)) and its token_prob/probs are NaN or meaningless.
@@ -42,8 +45,12 @@ def lm_head_logits_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     return x.float() @ lm_head_weight.float().T
 
 
-def inv_temperature(temperature: Optional[float]) -> float:
-    """fl32(1 / T) as a Python float; 0.0 means greedy (T None or 0)."""
+def inv_temperature(temperature):
+    """fl32(1 / T) as a Python float (0.0 means greedy: T None or 0), or for a [B] tensor of temperatures the
+    [B] float32 tensor of fl32(1 / T_b) with 0 for the greedy rows (T_b <= 0)."""
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.float()
+        return torch.where(t > 0, 1.0 / t, torch.zeros_like(t))
     if temperature is None or temperature == 0:
         return 0.0
     with np.errstate(over="ignore", divide="ignore"):
@@ -83,10 +90,10 @@ def lm_head_uniforms_ref(seed: torch.Tensor, offset: torch.Tensor, V: int) -> to
 
 def lm_head_exit_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,
                      norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                     active: Optional[torch.Tensor] = None, temperature: Optional[float] = None,
+                     active: Optional[torch.Tensor] = None, temperature=None,
                      seed: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                      return_probs: bool = False):
-    """Reference of kangaroo_kernels.lm_head_exit (seed [B] int64 required when temperature > 0; offset [B] int64
+    """Reference of kangaroo_kernels.ops.lm_head_exit (seed [B] int64 required when temperature > 0; offset [B] int64
     defaults to zeros and is advanced by 1 in place when given). Returns LmHeadExit(token [B] i32, conf [B] f32,
     active [B] bool, token_prob [B] f32, probs [B, V] f32 or None)."""
     return lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active,
@@ -95,7 +102,8 @@ def lm_head_exit_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, thresho
 
 def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active, inv_t, seed, offset,
                            return_probs):
-    """lm_head_exit_ref with the temperature given as inv_t = fl32(1 / T) (0.0: greedy), as the op takes it."""
+    """lm_head_exit_ref with the temperature given as inv_t = fl32(1 / T) (0.0: greedy), as the op takes it, or as a
+    [B] float32 tensor of per-row values (0: a greedy row)."""
     B = hidden.shape[0]
     dev = hidden.device
     logits = lm_head_logits_ref(hidden, lm_head_weight, norm_weight, eps)
@@ -104,7 +112,11 @@ def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, 
     conf = 1.0 / torch.exp(logits - m).sum(dim=-1)
     act = active if active is not None else torch.ones(B, dtype=torch.bool, device=dev)
     active_out = act & (conf >= threshold)
-    if inv_t == 0.0:
+    rows = isinstance(inv_t, torch.Tensor)
+    if rows:
+        greedy = ~(inv_t.to(dev) > 0)
+        it = torch.where(greedy, torch.ones_like(inv_t), inv_t).to(dev)[:, None]
+    if not rows and inv_t == 0.0:
         token = logits.argmax(dim=-1)
         token_prob = conf.clone()
         probs = torch.softmax(logits, dim=-1) if return_probs else None
@@ -113,11 +125,14 @@ def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, 
             raise ValueError("seed [B] int64 is required when temperature > 0")
         off = offset if offset is not None else torch.zeros(B, dtype=torch.int64, device=dev)
         u = lm_head_uniforms_ref(seed, off, V)
-        z = logits * inv_t
+        z = logits * (it if rows else inv_t)
         g = -torch.log(-torch.log(u))
         token = (z + g).argmax(dim=-1)
         p = torch.softmax(z, dim=-1)
         token_prob = p.gather(1, token[:, None])[:, 0]
+        if rows:  # greedy rows: z = logits, so p = softmax(logits); their token is the argmax
+            token = torch.where(greedy, logits.argmax(dim=-1), token)
+            token_prob = torch.where(greedy, conf, token_prob)
         probs = p if return_probs else None
         if offset is not None:
             offset += 1

@@ -15,7 +15,13 @@ csrc/include/kangaroo/verify_sample.cuh):
   n <- sum r. A zero residual (e.g. p == q) ends the node and falls back to r0.
 - With no accepted child the final token is the smallest i with r_i > 0 and cumsum(r)_i > u[N] * n (the
   largest i with r_i > 0 if rounding leaves none).
-- A target row with a NaN or +inf, or with no finite value, emits -1 when the walk reaches it.
+- Per-row settings ([B] tensors) replace the scalars row by row; a row with temperature <= 0 is greedy: its
+  target is one-hot at the first argmax of the raw row, which makes the same walk exact greedy verification
+  (a child is accepted iff its token is the argmax; the final token is the argmax).
+- target_is_probs: the rows are probabilities (unnormalised weights are fine) used as they are: e = p, the
+  filters are thresholds on p; no exp/log round trip, so zeros stay zeros.
+- A target row with a NaN or +inf, or with no finite value (probs: a negative entry or no positive one),
+  emits -1 when the walk reaches it.
 - Randomness: uniforms[b, j] (child j's test; j = N: the final sample), or philox_uniforms(seed, offset, N + 1),
   after which offset += N + 1 in place.
 """
@@ -56,14 +62,24 @@ def _inv_temperature(temperature: float) -> float:
     return float(np.float32(1.0) / np.float32(temperature))
 
 
-def _filtered_mass(row: torch.Tensor, inv_t: float, top_k: int, top_p: float) -> Optional[torch.Tensor]:
-    """r0 [V] fp64 (the filtered target, unnormalised) of one target row; None for an invalid row."""
-    z = row.float() * inv_t
+def _filtered_mass(row: torch.Tensor, inv_t: float, top_k: int, top_p: float, probs: bool = False,
+                   greedy: bool = False) -> Optional[torch.Tensor]:
+    """r0 [V] fp64 (the filtered target, unnormalised) of one target row; None for an invalid row.
+
+    probs: the row holds probabilities (weights, used as they are: no exp, no log); greedy: one-hot at the first
+    argmax of the raw row."""
+    z = row.float() if (probs or greedy) else row.float() * inv_t
     m = z.max()
     if bool(torch.isnan(z).any()) or not bool(torch.isfinite(m)):
         return None
-    e = sample_exp_ref(z - m).double()
+    if probs and (bool((z < 0).any()) or not bool(m > 0)):
+        return None
     V = z.numel()
+    if greedy:
+        out = torch.zeros(V, dtype=torch.float64, device=z.device)
+        out[int(torch.argmax(z))] = 1.0
+        return out
+    e = z.double() if probs else sample_exp_ref(z - m).double()
     keep = torch.ones(V, dtype=torch.bool, device=z.device)
     if 0 < top_k < V:
         keep = z >= torch.topk(z, top_k).values[-1]
@@ -77,14 +93,39 @@ def _filtered_mass(row: torch.Tensor, inv_t: float, top_k: int, top_p: float) ->
     return torch.where(keep, e, torch.zeros_like(e))
 
 
+def _row_settings(B: int, V: int, temperature, top_k, top_p):
+    """Per-row (inv_t, top_k, top_p, greedy) from scalars or [B] tensors, as the native ops read them: a
+    temperature row <= 0 is greedy, top_k rows outside (0, V) and top_p rows >= 1 are off; tensor values are
+    taken in float32 / int32."""
+    def col(x, dtype):
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().to(dtype).tolist()
+        return [x] * B
+
+    out = []
+    for t, k, p in zip(col(temperature, torch.float32), col(top_k, torch.int32), col(top_p, torch.float32)):
+        if isinstance(temperature, torch.Tensor):
+            greedy = not (t > 0)
+            inv_t = 1.0 if greedy else _inv_temperature(t)
+        else:
+            greedy, inv_t = False, _inv_temperature(t)
+        k = int(k) if 0 < int(k) < V else 0
+        p = float(p) if float(p) < 1.0 else 1.0
+        out.append((inv_t, k, p, greedy))
+    return out
+
+
 def filtered_probs_ref(target_logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0) -> torch.Tensor:
-    """The filtered target distribution p (fp64, [..., V]) of every row; NaN rows give NaN."""
-    inv_t = _inv_temperature(temperature)
+                       top_p: float = 1.0, *, probs: bool = False) -> torch.Tensor:
+    """The filtered target distribution p (fp64, [..., V]) of every row; NaN rows give NaN.
+
+    temperature 0: one-hot at the first argmax (a greedy row); probs: target_logits holds probabilities."""
+    greedy = temperature == 0
+    inv_t = 1.0 if greedy else _inv_temperature(temperature)
     rows = target_logits.reshape(-1, target_logits.shape[-1])
     out = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
     for i in range(rows.shape[0]):
-        r0 = _filtered_mass(rows[i], inv_t, top_k, top_p)
+        r0 = _filtered_mass(rows[i], inv_t, top_k, top_p, probs, greedy)
         out[i] = float("nan") if r0 is None else r0 / r0.sum()
     return out.reshape(target_logits.shape)
 
@@ -126,7 +167,7 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, n: int) -> torch.T
     return torch.from_numpy(u).to(seed.device)
 
 
-def _sample_row(d, parents, logits, q, u, inv_t, top_k, top_p):
+def _sample_row(d, parents, logits, q, u, inv_t, top_k, top_p, probs, greedy):
     """One batch row: (path, tokens) lists."""
     N, V = len(d), logits.shape[-1]
     path, toks = [], []
@@ -140,7 +181,7 @@ def _sample_row(d, parents, logits, q, u, inv_t, top_k, top_p):
 
     v = -1
     while True:
-        r0 = _filtered_mass(logits[v + 1], inv_t, top_k, top_p)
+        r0 = _filtered_mass(logits[v + 1], inv_t, top_k, top_p, probs, greedy)
         if r0 is None:
             toks.append(-1)
             return path, toks
@@ -172,10 +213,13 @@ def _sample_row(d, parents, logits, q, u, inv_t, top_k, top_p):
 
 def verify_sample_ref(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
                       draft_probs: Optional[torch.Tensor] = None, parents: Optional[torch.Tensor] = None,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      temperature=1.0, top_k=0, top_p=1.0,
                       uniforms: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
-                      offset: Optional[torch.Tensor] = None):
-    """Reference of kangaroo_kernels.verify_sample (same arguments; uniforms or seed/offset required).
+                      offset: Optional[torch.Tensor] = None, target_is_probs: bool = False):
+    """Reference of kangaroo_kernels.ops.verify_sample (same arguments; uniforms or seed/offset required).
+
+    temperature, top_k, top_p: scalars or [B] tensors (a row with temperature <= 0 is greedy: its target is
+    one-hot at the first argmax). target_is_probs: target_logits holds probabilities, used as they are.
 
     Returns Accepted(accept_len [B] i32, path [B, N+1] i32, tokens [B, N+1] i32), -1 padded.
     """
@@ -189,7 +233,7 @@ def verify_sample_ref(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *
     else:
         u = uniforms.double()
     u = u.cpu()
-    inv_t = _inv_temperature(temperature)
+    settings = _row_settings(B, target_logits.shape[-1], temperature, top_k, top_p)
     accept_len = torch.zeros(B, dtype=torch.int32)
     path = torch.full((B, N + 1), -1, dtype=torch.int32)
     tokens = torch.full((B, N + 1), -1, dtype=torch.int32)
@@ -198,7 +242,7 @@ def verify_sample_ref(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *
     for b in range(B):
         q = draft_probs[b].cpu() if draft_probs is not None else None
         pth, toks = _sample_row(d_all[b], p_all[b] if p_all is not None else None, target_logits[b].cpu(), q,
-                                u[b], inv_t, top_k, top_p)
+                                u[b], *settings[b][:3], target_is_probs, settings[b][3])
         accept_len[b] = len(pth)
         path[b, :len(pth)] = torch.tensor(pth, dtype=torch.int32)
         tokens[b, :len(toks)] = torch.tensor(toks, dtype=torch.int32)

@@ -86,11 +86,11 @@ def _philox_uniform(seed, offset, v):
 
 @triton.jit
 def _lm_head_block_kernel(
-    H, NORM, W, SEED, OFFSET, PROBS, PART_F, PART_K,
+    H, NORM, W, SEED, OFFSET, PROBS, PART_F, PART_K, INV_T,
     s_hb, s_hd, s_wv, s_wd,
     B, V, D, NB, eps, inv_t,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
-    SAMPLE: tl.constexpr, WRITE_PROBS: tl.constexpr, TOPK: tl.constexpr,
+    SAMPLE: tl.constexpr, WRITE_PROBS: tl.constexpr, TOPK: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     DTYPE: tl.constexpr = H.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -146,7 +146,12 @@ def _lm_head_block_kernel(
         tl.store(PART_K + part * 2, kmax, mask=b_ok)
         z = logits
         if SAMPLE:
-            z = logits * inv_t
+            if PER_ROW:  # a greedy row (0) samples with 1 here; the merge takes its argmax instead
+                it = tl.load(INV_T + bb, mask=b_ok, other=1.0)
+                it = tl.where(it > 0.0, it, 1.0)
+            else:
+                it = tl.full([BLOCK_B], inv_t, tl.float32)
+            z = logits * it[:, None]
             seed = tl.load(SEED + bb, mask=b_ok, other=0)
             offset = tl.load(OFFSET + bb, mask=b_ok, other=0)
             u = _philox_uniform(seed[:, None], offset[:, None], vv[None, :])
@@ -154,7 +159,7 @@ def _lm_head_block_kernel(
             skey = tl.where(valid, _key(score, vv[None, :]), _KEY_MIN)
             smax = tl.max(skey, axis=1)
             z_best = tl.max(tl.where(skey == smax[:, None], z, float("-inf")), axis=1)
-            s_z = tl.sum(tl.where(valid, tl.exp(z - (m * inv_t)[:, None]), 0.0), axis=1)
+            s_z = tl.sum(tl.where(valid, tl.exp(z - (m * it)[:, None]), 0.0), axis=1)
             tl.store(PART_F + part * 4 + 2, s_z, mask=b_ok)
             tl.store(PART_F + part * 4 + 3, z_best, mask=b_ok)
             tl.store(PART_K + part * 2 + 1, smax, mask=b_ok)
@@ -164,10 +169,10 @@ def _lm_head_block_kernel(
 
 @triton.jit
 def _lm_head_exit_merge_kernel(
-    PART_F, PART_K, ACTIVE, OFFSET, TOKEN, CONF, ACTIVE_OUT, TOKEN_PROB, ROW_STATS,
+    PART_F, PART_K, ACTIVE, OFFSET, TOKEN, CONF, ACTIVE_OUT, TOKEN_PROB, ROW_STATS, INV_T,
     B, V, NB, threshold, inv_t,
     ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_ACTIVE: tl.constexpr, SAMPLE: tl.constexpr,
-    WRITE_STATS: tl.constexpr,
+    WRITE_STATS: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b_ok = b < B
@@ -186,7 +191,13 @@ def _lm_head_exit_merge_kernel(
     S = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
     if SAMPLE:
         smax = tl.max(sbest, axis=1)
-        Mz = M * inv_t
+        if PER_ROW:
+            it_raw = tl.load(INV_T + b, mask=b_ok, other=1.0)
+            greedy = ~(it_raw > 0.0)
+            it = tl.where(greedy, 1.0, it_raw)
+        else:
+            it = tl.full([ROWS], inv_t, tl.float32)
+        Mz = M * it
         Sz = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
         z_tok = tl.full([ROWS, CHUNK], float("-inf"), tl.float32)
     for n0 in range(0, NB, CHUNK):
@@ -197,7 +208,7 @@ def _lm_head_exit_merge_kernel(
         s = tl.load(p + 1, mask=ok, other=0.0)
         S += tl.where(ok, s * tl.exp(m - M[:, None]), 0.0)
         if SAMPLE:
-            Sz += tl.where(ok, tl.load(p + 2, mask=ok, other=0.0) * tl.exp(m * inv_t - Mz[:, None]), 0.0)
+            Sz += tl.where(ok, tl.load(p + 2, mask=ok, other=0.0) * tl.exp(m * it[:, None] - Mz[:, None]), 0.0)
             sk = tl.load(PART_K + (base + n) * 2 + 1, mask=ok, other=_KEY_MIN)
             z_tok = tl.maximum(z_tok, tl.where(ok & (sk == smax[:, None]), tl.load(p + 3, mask=ok, other=0.0),
                                                float("-inf")))
@@ -210,6 +221,9 @@ def _lm_head_exit_merge_kernel(
         Sz_tot = tl.where(b_ok, tl.sum(Sz, axis=1), 1.0)
         tok = _key_index(smax)
         tok_prob = tl.exp(tl.max(z_tok, axis=1) - Mz) / Sz_tot
+        if PER_ROW:
+            tok = tl.where(greedy, _key_index(kmax), tok)
+            tok_prob = tl.where(greedy, conf, tok_prob)
         tl.store(OFFSET + b, tl.load(OFFSET + b, mask=b_ok, other=0) + 1, mask=b_ok)
         stat_m = Mz
         stat_s = Sz_tot
@@ -305,36 +319,37 @@ def _merge_rows(B: int, chunk: int, device: torch.device) -> int:
 
 
 def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token, conf,
-                        active_out, token_prob, probs):
+                        active_out, token_prob, probs, inv_t_rows=None):
     """Launches the kernels on checked arguments (kangaroo_kernels.ops.lm_head_exit._prepare_exit); outputs written,
-    offset advanced by 1 when sampling (inv_t > 0)."""
+    offset advanced by 1 when sampling (inv_t > 0). inv_t_rows [B] f32: per-row fl32(1 / T) (0: a greedy row)."""
     B, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     block_b, block_v, block_d, warps = _blocks(B, V, D, dev)
     NB = triton.cdiv(V, block_v)
     sample = inv_t > 0.0
+    per_row = sample and inv_t_rows is not None
     part_f = torch.empty((B, NB, 4), dtype=torch.float32, device=dev)
     part_k = torch.empty((B, NB, 2), dtype=torch.int64, device=dev)
     write_probs = probs is not None
     _lm_head_block_kernel[(triton.cdiv(B, block_b), NB)](
         hidden, norm_weight if norm_weight is not None else hidden, weight,
         seed if sample else part_k, offset if sample else part_k, probs if write_probs else part_f,
-        part_f, part_k,
+        part_f, part_k, inv_t_rows if per_row else part_f,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         B, V, D, NB, eps, inv_t,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, HAS_NORM=norm_weight is not None, SAMPLE=sample,
-        WRITE_PROBS=write_probs, TOPK=0, num_warps=warps,
+        WRITE_PROBS=write_probs, TOPK=0, PER_ROW=per_row, num_warps=warps,
     )
     stats = torch.empty((B, 2), dtype=torch.float32, device=dev) if write_probs else part_f
     chunk = min(_MERGE_CHUNK, triton.next_power_of_2(NB))
     rows = _merge_rows(B, chunk, dev)
     _lm_head_exit_merge_kernel[(triton.cdiv(B, rows),)](
         part_f, part_k, active if active is not None else part_k, offset if sample else part_k,
-        token, conf, active_out, token_prob, stats,
+        token, conf, active_out, token_prob, stats, inv_t_rows if per_row else part_f,
         B, V, NB, threshold, inv_t,
         ROWS=rows, CHUNK=chunk, HAS_ACTIVE=active is not None, SAMPLE=sample, WRITE_STATS=write_probs,
-        num_warps=4,
+        PER_ROW=per_row, num_warps=4,
     )
     if write_probs:
         block = min(1024 if gpu_config(dev) else 4096, triton.next_power_of_2(V))
@@ -351,11 +366,11 @@ def lm_head_topk_triton(hidden, weight, norm_weight, k, eps, tokens, logprobs):
     part_f = torch.empty((B, NB, 2), dtype=torch.float32, device=dev)
     keys = torch.empty((B, NB * k), dtype=torch.int64, device=dev)
     _lm_head_block_kernel[(triton.cdiv(B, block_b), NB)](
-        hidden, norm_weight if norm_weight is not None else hidden, weight, keys, keys, part_f, part_f, keys,
+        hidden, norm_weight if norm_weight is not None else hidden, weight, keys, keys, part_f, part_f, keys, part_f,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         B, V, D, NB, eps, 0.0,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, HAS_NORM=norm_weight is not None, SAMPLE=False,
-        WRITE_PROBS=False, TOPK=k, num_warps=warps,
+        WRITE_PROBS=False, TOPK=k, PER_ROW=False, num_warps=warps,
     )
     n = NB * k
     while n > _GROUP:

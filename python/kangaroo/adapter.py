@@ -9,7 +9,8 @@ base has it), no MLP, default nn.Linear init. The draft logits are the BASE mode
   `prefill(...)`: the adapter over a block of T tokens appended to its static cache (prompt processing).
 - `save_pretrained(dir, base_fingerprint=...)` writes adapter.safetensors + adapter_config.json;
   `from_pretrained(dir, base_model=None)` checks every key and shape, and refuses an adapter trained for another
-  base model (fingerprint of the LM head) with a ValueError.
+  base model (fingerprint of the LM head) with a ValueError. It also loads the official Kangaroo release format
+  (github.com/Equationliu/Kangaroo: config.json with num_hidden_layers 1 + pytorch_model.bin of its AdapterModel).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ __all__ = ["KangarooAdapter", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _FORMAT = "kangaroo-adapter-v1"
+
+# The official release (Equationliu/Kangaroo, kangaroo/adapter.py AdapterModel): a one-layer LlamaModel without
+# embeddings. Keys it needs -> ours; keys of its unused sub-modules (the MLP and post-attention norm of the
+# checkpointed layer, the rotary buffer) are ignored, and loading says so.
+_OFFICIAL_KEYS = {"layers.0.input_layernorm.weight": "input_layernorm.weight",
+                  "layers.0.self_attn.q_proj.weight": "self_attn.q_proj.weight",
+                  "layers.0.self_attn.k_proj.weight": "self_attn.k_proj.weight",
+                  "layers.0.self_attn.v_proj.weight": "self_attn.v_proj.weight",
+                  "layers.0.self_attn.o_proj.weight": "self_attn.o_proj.weight",
+                  "norm.weight": "norm.weight"}
+_OFFICIAL_UNUSED = ("layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight",
+                    "layers.0.post_attention_layernorm.weight", "layers.0.self_attn.rotary_emb.inv_freq")
+_OFFICIAL_WEIGHTS = ("pytorch_model.bin", "model.safetensors")
 
 
 class _RMSNorm(nn.Module):
@@ -196,15 +210,22 @@ class KangarooAdapter(nn.Module):
             json.dump(self.config_dict(), f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, load_dir, base_model=None, map_location=None) -> "KangarooAdapter":
-        """Loads save_pretrained's folder. Every key must be present with its shape (no strict=False); with
-        base_model (a kangaroo LlamaModel, KangarooDecoder or transformers model) its dimensions and LM-head
-        fingerprint must match the adapter's, else ValueError."""
+    def from_pretrained(cls, load_dir, base_model=None, map_location=None,
+                        exit_layer: Optional[int] = None) -> "KangarooAdapter":
+        """Loads save_pretrained's folder, or an official Kangaroo release folder (config.json + pytorch_model.bin,
+        see _load_official; exit_layer then defaults to 2, the paper's setting for 7B models). Every key must be
+        present with its shape (no strict=False); with base_model (a kangaroo LlamaModel, KangarooDecoder or
+        transformers model) its dimensions and LM-head fingerprint must match the adapter's, else ValueError."""
         from safetensors.torch import load_file
 
         load_dir = os.fspath(load_dir)
         cfg_path = os.path.join(load_dir, ADAPTER_CONFIG_NAME)
         w_path = os.path.join(load_dir, ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(cfg_path) and os.path.isfile(os.path.join(load_dir, "config.json")):
+            ad = cls._load_official(load_dir, map_location, 2 if exit_layer is None else exit_layer)
+            if base_model is not None:
+                ad.check_base(base_model)
+            return ad
         for p in (cfg_path, w_path):
             if not os.path.isfile(p):
                 raise ValueError(f"{load_dir!r} is not a Kangaroo adapter folder: missing {os.path.basename(p)}")
@@ -212,6 +233,8 @@ class KangarooAdapter(nn.Module):
             cfg = json.load(f)
         if cfg.get("format") != _FORMAT:
             raise ValueError(f"{cfg_path}: unknown adapter format {cfg.get('format')!r} (expected {_FORMAT!r})")
+        if exit_layer is not None and exit_layer != cfg["exit_layer"]:
+            raise ValueError(f"exit_layer={exit_layer} does not match the adapter's exit_layer {cfg['exit_layer']}")
         ad = cls(cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"],
                  rope_theta=cfg["rope_theta"], rms_norm_eps=cfg["rms_norm_eps"],
                  attention_bias=cfg["attention_bias"], exit_layer=cfg["exit_layer"],
@@ -232,6 +255,55 @@ class KangarooAdapter(nn.Module):
         ad.load_state_dict(sd, strict=True)
         if base_model is not None:
             ad.check_base(base_model)
+        return ad
+
+    @classmethod
+    def _load_official(cls, load_dir: str, map_location, exit_layer: int) -> "KangarooAdapter":
+        """The official release format: a LlamaConfig-style config.json (num_hidden_layers 1) and
+        pytorch_model.bin (or model.safetensors) holding AdapterModel's state dict. Its rotary embedding is
+        LlamaRotaryEmbedding's default (base 10000, whatever config.rope_theta says), head_dim = hidden_size /
+        num_attention_heads, no q/k/v bias: the adapter is built the same way."""
+        import warnings
+
+        with open(os.path.join(load_dir, "config.json")) as f:
+            cfg = json.load(f)
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
+            if key not in cfg:
+                raise ValueError(f"{load_dir}/config.json lacks {key!r}: not a Kangaroo adapter config")
+        if cfg["num_hidden_layers"] != 1:
+            raise ValueError(f"{load_dir}/config.json has num_hidden_layers={cfg['num_hidden_layers']}: an "
+                             f"official Kangaroo adapter has exactly 1 (is this a base model folder?)")
+        w_path = next((os.path.join(load_dir, n) for n in _OFFICIAL_WEIGHTS
+                       if os.path.isfile(os.path.join(load_dir, n))), None)
+        if w_path is None:
+            raise ValueError(f"{load_dir!r} has a config.json but no {' or '.join(_OFFICIAL_WEIGHTS)} (official "
+                             f"Kangaroo adapter) and no {ADAPTER_CONFIG_NAME} (this library's format)")
+        if w_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(w_path)
+        else:
+            sd = torch.load(w_path, map_location="cpu", weights_only=True)
+        missing = sorted(k for k in _OFFICIAL_KEYS if k not in sd)
+        unknown = sorted(k for k in sd if k not in _OFFICIAL_KEYS and k not in _OFFICIAL_UNUSED)
+        if missing or unknown:
+            raise ValueError(f"{w_path} is not an official Kangaroo adapter: missing keys {missing}, unknown keys "
+                             f"{unknown}")
+        ignored = sorted(k for k in sd if k in _OFFICIAL_UNUSED)
+        if ignored:
+            warnings.warn(f"{w_path}: ignoring the keys the adapter does not use: {', '.join(ignored)}",
+                          stacklevel=3)
+        D, Hq = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        ad = cls(D, Hq, int(cfg.get("num_key_value_heads") or Hq), D // Hq, rope_theta=10000.0,
+                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), attention_bias=False, exit_layer=exit_layer)
+        theirs = {ours: sd[k] for k, ours in _OFFICIAL_KEYS.items()}
+        for k, t in ad.state_dict().items():
+            if tuple(theirs[k].shape) != tuple(t.shape):
+                raise ValueError(f"official adapter weight for {k!r} has shape {tuple(theirs[k].shape)}, expected "
+                                 f"{tuple(t.shape)} from {load_dir}/config.json")
+        dtype = theirs["norm.weight"].dtype
+        ad.to(dtype=dtype, device=map_location or "cpu")
+        ad.load_state_dict(theirs, strict=True)
         return ad
 
     def check_base(self, base_model) -> None:

@@ -18,6 +18,10 @@
 // prefix(r)_i > u_N * n (largest i with r_i > 0 if rounding leaves none). Every sum is in fp64, so the three
 // implementations differ only by the summation order (~1e-16 relative). A row with a NaN, a +inf, or no finite
 // value emits -1 and ends the walk.
+// Per-row settings (temperature_rows / top_k_rows / top_p_rows, [B]) replace the scalars row by row; a row with
+// T <= 0 is greedy: its target is one-hot at the first argmax of the raw row, so the same walk is exact greedy
+// verification. probs: the row holds probabilities, z_i = p_i and e_i = p_i (no exp, zeros stay zeros); a
+// negative entry or no positive one makes the row invalid.
 #pragma once
 
 #include <cstdint>
@@ -119,6 +123,20 @@ KANGAROO_VS_HD double residual_step(double r, double n, double q) {
 // Acceptance test of a draft token x: u * q(x) < r(x) / n, i.e. u < min(1, p(x) / q(x)) with p = r / n.
 KANGAROO_VS_HD bool accept_draft(double u, double qx, double rx, double n) { return u * qx < rx / n; }
 
+// A target entry as the filters see it: the scaled logit, or the probability itself (probs mode: no exp, no log,
+// so zeros stay zeros), and its unnormalised mass.
+KANGAROO_VS_HD float node_value(float raw, float inv_t, bool probs) { return probs ? raw : scaled_logit(raw, inv_t); }
+KANGAROO_VS_HD float node_weight(float z, float m, bool probs) { return probs ? z : sample_exp(sub_rn(z, m)); }
+
+// A row's sampling settings: the per-row value where one is given, else the scalar. greedy: the target is
+// one-hot at its first argmax (T <= 0, or a NaN T), which makes the same walk exact greedy verification.
+struct RowSampling {
+  float inv_t;
+  int top_k;
+  double top_p;
+  bool greedy;
+};
+
 }  // namespace vsample
 
 enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -137,15 +155,48 @@ struct VerifySampleParams {
   int64_t* offset = nullptr;              // [B], advanced by N + 1 when Philox is used
   double* workspace = nullptr;            // [workspace_rows, V] residual scratch, one row per CTA
   int workspace_rows = 0;                 // 1 <= workspace_rows <= B: the grid size
-  float inv_t = 1.0f;
+  float inv_t = 1.0f;                     // scalar settings, used for rows without a per-row value
   int top_k = 0;
   double top_p = 1.0;
+  const float* temperature_rows = nullptr;  // [B] or null; a row with T <= 0 (or NaN) is greedy
+  const int32_t* top_k_rows = nullptr;      // [B] or null
+  const float* top_p_rows = nullptr;        // [B] or null
+  bool probs = false;                       // the target holds probabilities (weights), not logits
   int B = 0, N = 0, V = 0;
   int32_t* accept_len = nullptr;  // [B]
   int32_t* path = nullptr;        // [B, N+1]
   int32_t* tokens = nullptr;      // [B, N+1]
 };
 
+namespace vsample {
+
+KANGAROO_VS_HD float reciprocal_rn(float t) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(t);
+#else
+  return 1.0f / t;
+#endif
+}
+
+KANGAROO_VS_HD RowSampling row_sampling(const VerifySampleParams& p, int64_t b) {
+  RowSampling s{p.inv_t, p.top_k, p.top_p, false};
+  if (p.temperature_rows != nullptr) {
+    const float t = p.temperature_rows[b];
+    s.greedy = !(t > 0.0f);
+    s.inv_t = s.greedy ? 1.0f : reciprocal_rn(t);
+  }
+  if (p.top_k_rows != nullptr) {
+    const int32_t k = p.top_k_rows[b];
+    s.top_k = (k > 0 && k < p.V) ? k : 0;
+  }
+  if (p.top_p_rows != nullptr) {
+    const float tp = p.top_p_rows[b];
+    s.top_p = tp < 1.0f ? static_cast<double>(tp) : 1.0;  // NaN: off
+  }
+  return s;
+}
+
+}  // namespace vsample
 }  // namespace kangaroo
 
 #if defined(__CUDACC__) || defined(KANGAROO_WITH_CUDA)
@@ -257,18 +308,23 @@ __device__ __forceinline__ double block_exclusive_scan(double v, double* total, 
   return before + excl;
 }
 
-// The filtered target of one node: scaled logits max m, key threshold tau (keep key >= tau), kept mass S.
+// The filtered target of one node: values max m, key threshold tau (keep key >= tau), kept mass S; a greedy
+// row's target is one-hot at argmax (S = 1).
 struct NodeTarget {
   bool valid;
+  bool probs;
+  float inv_t;
   float m;
   uint32_t tau;
+  int argmax;  // >= 0: greedy row
   double S;
 };
 
 template <typename T>
-__device__ __forceinline__ double target_mass(const T* row, int i, float inv_t, float m, uint32_t tau) {
-  const float z = scaled_logit(load_logit(row + i), inv_t);
-  return logit_key(z) >= tau ? static_cast<double>(sample_exp(sub_rn(z, m))) : 0.0;
+__device__ __forceinline__ double target_mass(const T* row, int i, const NodeTarget& t) {
+  if (t.argmax >= 0) return i == t.argmax ? 1.0 : 0.0;
+  const float z = node_value(load_logit(row + i), t.inv_t, t.probs);
+  return logit_key(z) >= t.tau ? static_cast<double>(node_weight(z, t.m, t.probs)) : 0.0;
 }
 
 // Radix selection on the keys of the elements with key >= lo: the largest key t such that
@@ -276,7 +332,7 @@ __device__ __forceinline__ double target_mass(const T* row, int i, float inv_t, 
 // w = e (kMass true: the top-p pivot). Four bits per pass, per-thread private histograms (no atomics, fixed
 // summation order). Returns t; *w_at_least gets W(t).
 template <bool kMass, typename T>
-__device__ uint32_t radix_select(const T* row, int V, float inv_t, float m, uint32_t lo, double target,
+__device__ uint32_t radix_select(const T* row, int V, float inv_t, bool probs, float m, uint32_t lo, double target,
                                  double* hist, BlockShared& sh, double* w_at_least) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   uint32_t prefix = 0u;
@@ -286,11 +342,11 @@ __device__ uint32_t radix_select(const T* row, int V, float inv_t, float m, uint
     for (int bin = 0; bin < kBins; ++bin) hist[bin * kThreads + tid] = 0.0;
     const int hi_shift = shift + kRadixBits;
     for (int i = tid; i < V; i += kThreads) {
-      const float z = scaled_logit(load_logit(row + i), inv_t);
+      const float z = node_value(load_logit(row + i), inv_t, probs);
       const uint32_t key = logit_key(z);
       if (key < lo) continue;
       if (hi_shift < 32 && (key >> hi_shift) != (prefix >> hi_shift)) continue;
-      const double w = kMass ? static_cast<double>(sample_exp(sub_rn(z, m))) : 1.0;
+      const double w = kMass ? static_cast<double>(node_weight(z, m, probs)) : 1.0;
       hist[((key >> shift) & (kBins - 1)) * kThreads + tid] += w;
     }
     __syncthreads();
@@ -334,32 +390,48 @@ __device__ uint32_t radix_select(const T* row, int V, float inv_t, float m, uint
 }
 
 template <typename T>
-__device__ NodeTarget node_target(const T* row, const VerifySampleParams& p, double* hist, BlockShared& sh) {
+__device__ NodeTarget node_target(const T* row, const VerifySampleParams& p, const RowSampling& rs, double* hist,
+                                  BlockShared& sh) {
   const int V = p.V;
+  const bool probs = p.probs;
+  // greedy rows select on the raw values (the argmax of logits / T for any T > 0)
+  const float inv_t = rs.greedy ? 1.0f : rs.inv_t;
   float m = -INFINITY;
   int bad = 0;
   for (int i = threadIdx.x; i < V; i += kThreads) {
-    const float z = scaled_logit(load_logit(row + i), p.inv_t);
-    bad |= (isnan(z) || z == INFINITY) ? 1 : 0;
+    const float z = node_value(load_logit(row + i), inv_t, probs);
+    bad |= (isnan(z) || z == INFINITY || (probs && z < 0.0f)) ? 1 : 0;
     m = fmaxf(m, z);
   }
   m = block_max(m, sh);
   bad = block_max_int(bad, sh);
   NodeTarget t;
-  t.valid = !bad && m > -INFINITY;
+  t.valid = !bad && (probs ? m > 0.0f : m > -INFINITY);
+  t.probs = probs;
+  t.inv_t = inv_t;
   t.m = m;
   t.tau = 0u;
+  t.argmax = -1;
   t.S = 0.0;
   if (!t.valid) return t;
+  if (rs.greedy) {
+    int first = INT_MIN;  // the first index holding the max, as -index
+    for (int i = threadIdx.x; i < V; i += kThreads) {
+      if (node_value(load_logit(row + i), inv_t, probs) == m) first = max(first, -i);
+    }
+    t.argmax = -block_max_int(first, sh);
+    t.S = 1.0;
+    return t;
+  }
   double w;
-  if (p.top_k > 0 && p.top_k < V) {
-    t.tau = radix_select<false>(row, V, p.inv_t, m, 0u, static_cast<double>(p.top_k), hist, sh, &w);
+  if (rs.top_k > 0 && rs.top_k < V) {
+    t.tau = radix_select<false>(row, V, inv_t, probs, m, 0u, static_cast<double>(rs.top_k), hist, sh, &w);
   }
   double part = 0.0;
-  for (int i = threadIdx.x; i < V; i += kThreads) part += target_mass(row, i, p.inv_t, m, t.tau);
+  for (int i = threadIdx.x; i < V; i += kThreads) part += target_mass(row, i, t);
   t.S = block_sum(part, sh);
-  if (p.top_p < 1.0) {
-    t.tau = radix_select<true>(row, V, p.inv_t, m, t.tau, p.top_p * t.S, hist, sh, &w);
+  if (rs.top_p < 1.0) {
+    t.tau = radix_select<true>(row, V, inv_t, probs, m, t.tau, rs.top_p * t.S, hist, sh, &w);
     t.S = w;
   }
   return t;
@@ -401,12 +473,13 @@ __device__ void sample_row(const VerifySampleParams& p, int b, double* r, double
   const int64_t seed = philox ? p.seed[b] : 0, offset = philox ? p.offset[b] : 0;
   const int32_t* d = p.draft_tokens + static_cast<int64_t>(b) * N;
   const T* logits = static_cast<const T*>(p.logits) + b * p.logits_stride_b;
+  const RowSampling rs = row_sampling(p, b);
   __syncthreads();
 
   int v = -1, accepted = 0;
   while (true) {
     const T* row = logits + (v + 1) * p.logits_stride_n;
-    const NodeTarget tgt = node_target(row, p, hist, sh);
+    const NodeTarget tgt = node_target(row, p, rs, hist, sh);
     if (!tgt.valid) break;  // tokens[accepted] stays -1
     // children in index order against the residual (r0 on the fly while k == 0, then the workspace)
     int k = 0;
@@ -417,7 +490,7 @@ __device__ void sample_row(const VerifySampleParams& p, int b, double* r, double
       const int x = d[c];
       const float* q = p.draft_probs == nullptr ? nullptr : p.draft_probs + b * p.q_stride_b + c * p.q_stride_n;
       if (tid == 0) {
-        const double rx = k == 0 ? target_mass(row, x, p.inv_t, tgt.m, tgt.tau) : r[x];
+        const double rx = k == 0 ? target_mass(row, x, tgt) : r[x];
         const double qx = q == nullptr ? 1.0 : static_cast<double>(q[x]);
         sh.accept = accept_draft(row_uniform(p, b, c, seed, offset), qx, rx, n) ? 1 : 0;
       }
@@ -428,7 +501,7 @@ __device__ void sample_row(const VerifySampleParams& p, int b, double* r, double
       }
       double part = 0.0;
       for (int i = tid; i < V; i += kThreads) {
-        const double ri = k == 0 ? target_mass(row, i, p.inv_t, tgt.m, tgt.tau) : r[i];
+        const double ri = k == 0 ? target_mass(row, i, tgt) : r[i];
         const double qi = q == nullptr ? (i == x ? 1.0 : 0.0) : static_cast<double>(q[i]);
         const double nv = residual_step(ri, n, qi);
         r[i] = nv;
@@ -465,7 +538,7 @@ __device__ void sample_row(const VerifySampleParams& p, int b, double* r, double
 #pragma unroll
       for (int j = 0; j < kScanItems; ++j) {
         const int i = i0 + j;
-        vals[j] = i < V ? (k == 0 ? target_mass(row, i, p.inv_t, tgt.m, tgt.tau) : r[i]) : 0.0;
+        vals[j] = i < V ? (k == 0 ? target_mass(row, i, tgt) : r[i]) : 0.0;
         local += vals[j];
         if (vals[j] > 0.0) last_pos = i;
       }
