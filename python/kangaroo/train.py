@@ -391,8 +391,7 @@ class AdapterTrainer:
 
             # broadcasts rank 0's initial adapter; averages gradients over ranks in backward
             self._ddp = DistributedDataParallel(
-                self.adapter, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                self.adapter, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._data_shift = 0  # global batches to add to step * grad_accum (a resume with another global batch)
         decay, no_decay = [], []
         for n, p in self.adapter.named_parameters():
