@@ -216,6 +216,28 @@ def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path):
         _assert_grads_close(bad["grads"], ref["grads"])
 
 
+def _resume_worker(rank, ck, out):
+    tr = train.AdapterTrainer(_tiny_base(), _dataset(), _cfg(batch_size=2), progress=False)
+    assert tr.resume(ck if rank == 0 else None) is not None and tr.step == 1  # rank 0 reads, the rest receive
+    grads = _capture_grads(tr)
+    tr.train()
+    torch.save(_result(tr, grads), Path(out) / f"rank{rank}.pt")
+
+
+def test_single_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    ref = _single(batch_size=4)
+    one = train.AdapterTrainer(_tiny_base(), _dataset(), _cfg(batch_size=4, save_every=1, keep_checkpoints=3),
+                               out_dir=tmp_path / "one", progress=False)
+    one.train()
+    ck = tmp_path / "ck"
+    (ck / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "one" / "checkpoints" / "step-0000001", ck / "checkpoints" / "step-0000001")
+    _run_ranks(_resume_worker, 2, str(ck), str(tmp_path))
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r0["grads"] = ref["grads"][:1] + r0["grads"]  # step 1 came from the checkpoint
+    _assert_same_training(r0, ref)
+
+
 def test_fsdp_sharded_base_equals_unsharded_single_process(tmp_path):
     ref = _single(batch_size=4)
     _run_ranks(_fsdp_worker, 2, str(tmp_path))
@@ -301,12 +323,14 @@ def _assert_bitwise(a, b):
 
 def test_torchrun_cli_two_ranks_then_resume_on_one(model_dir, tmp_path, capfd):
     out2 = tmp_path / "two"
+    args = [a for a in _cli_args(model_dir, out2, 4, 2) if a != "--no-progress"]  # progress lines on stdout
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "kangaroo.cli", "train"] + _cli_args(model_dir, out2, 4, 2)
+           str(_free_port()), "-m", "kangaroo.cli", "train"] + args
     r = subprocess.run(cmd, env=_sub_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # progress and the report print once; rank 0 alone writes
     assert r.stdout.count("held-out report") == 1 and r.stdout.count("adapter saved to") == 1, r.stdout
+    assert r.stdout.count("step 4/4") == 1 and r.stdout.count("training dtype") == 1, r.stdout
     assert "2 processes, backend gloo" in r.stdout
     assert sorted(p.name for p in (out2 / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert (out2 / "train_report.json").exists()

@@ -90,8 +90,8 @@ def all_reduce_sum(t):
 
 
 def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s `obj` on every rank (pickled; tensors come back on this rank's device under NCCL, on CPU under
-    gloo). The identity on one process."""
+    """Rank `src`'s `obj` on every rank (pickled: tensors keep the device they had on `src`, so send CPU tensors).
+    The identity on one process."""
     import torch.distributed as dist
 
     if not current().enabled:

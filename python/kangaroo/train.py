@@ -16,6 +16,13 @@ k*b rows), bf16 autocast or fp32, a tqdm bar with loss and the draft's top-1 agr
 checkpoints (adapter safetensors + config, and `trainer_state.pt` with optimizer, schedule, step and data position)
 and resuming from the latest one.
 
+Beyond one device (`torchrun --nproc_per_node N -m kangaroo.cli train ...`, also over several nodes): DDP over the
+adapter (the frozen base is never synchronised), each rank on its slice of every global batch, the loss normalised
+by the loss tokens of the whole global window (N ranks x batch b train the adapter of 1 process x batch N*b), and
+with `--shard-base` the frozen base's layers sharded over the ranks with FSDP2. Rank 0 alone prints and writes;
+checkpoints are written to a temporary folder and renamed into place (a kill never leaves a partial "latest") and
+hold the data position in global batches (a run resumes on any world size). See kangaroo.distributed.
+
 `evaluate_adapter` reports, on held-out text, the teacher-forced top-1 agreement and, on greedy continuations of the
 base model, the acceptance per draft position (CTAR-style: the chance that draft i matches given drafts 1..i-1 did)
 and the expected tokens per cycle for thresholds eta and max draft length gamma. On a greedy trajectory of the base
