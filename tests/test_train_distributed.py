@@ -7,8 +7,8 @@
 - SIGKILL mid-run, then resume: bitwise the uninterrupted run (one process); a kill inside a checkpoint write
   leaves the previous checkpoint as the latest, and resuming from it is bitwise too.
 
-Tiny random Llama models; each run takes seconds. The forked workers start in milliseconds (no second import of
-torch); the torchrun and CLI-subprocess tests pay one interpreter start-up each."""
+Tiny random Llama models; each run takes seconds. The workers fork from a fork server that imported torch once
+(they start in milliseconds); the torchrun and CLI-subprocess tests pay interpreter start-ups."""
 
 import json
 import multiprocessing as mp
@@ -111,8 +111,18 @@ def _bootstrap(fn, rank, world, port, args):
         kd.shutdown()
 
 
+def _ctx():
+    """Worker processes forked from a fork server that has imported torch, transformers and kangaroo but never run
+    anything: they start in milliseconds, and unlike forks of the pytest process they inherit no autograd or
+    OpenMP threads (which fork cannot carry over) from earlier tests."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers.models.llama.modeling_llama",
+                                "kangaroo.train", "kangaroo.distributed", __name__])
+    return ctx
+
+
 def _start_ranks(fn, world, *args):
-    ctx = mp.get_context("fork")
+    ctx = _ctx()
     port = _free_port()
     procs = [ctx.Process(target=_bootstrap, args=(fn, r, world, port, args)) for r in range(world)]
     for p in procs:
@@ -461,7 +471,7 @@ def _die_in_second_checkpoint(out):
 
 def test_kill_inside_a_checkpoint_write_leaves_the_previous_latest(tmp_path):
     out = tmp_path / "run"
-    p = mp.get_context("fork").Process(target=_die_in_second_checkpoint, args=(out,))
+    p = _ctx().Process(target=_die_in_second_checkpoint, args=(out,))
     p.start()
     p.join(120)
     assert p.exitcode == -signal.SIGKILL
