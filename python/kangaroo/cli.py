@@ -2,6 +2,7 @@
 
     python -m kangaroo.cli generate MODEL_DIR --adapter ADAPTER_DIR --prompt "def fib(n):" --max-new-tokens 64
     python -m kangaroo.cli generate MODEL_DIR --ids "1 15043 29892" --tree --temperature 0.7 --seed 0 --baseline
+    torchrun --nproc_per_node 8 -m kangaroo.cli train --model MODEL_DIR --data corpus.jsonl --out ADAPTER_DIR
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ USAGE = """usage: kangaroo <command> [options]
 
 commands:
   generate   Kangaroo decoding with a local HF checkpoint folder (+ adapter); prints the text/ids and stats
-  train      train a Kangaroo adapter for a base model (kangaroo.train)
+  train      train a Kangaroo adapter for a base model (kangaroo.train); on several devices or nodes run it
+             under torchrun: torchrun --nproc_per_node N -m kangaroo.cli train ...
   demo       the self-contained demo: small LM + adapter, exactness, acceptance and speedup (kangaroo.demo)
 
 `kangaroo <command> --help` for the options of a command."""

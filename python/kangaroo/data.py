@@ -283,21 +283,45 @@ class PackedDataset:
     def __len__(self):
         return self.ids.shape[0]
 
-    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0) -> Iterator[tuple]:
+    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple]:
         """Endless shuffled batches (epoch after epoch, a fresh seeded permutation each), skipping the first
-        `start_batch` (for resuming at the same place)."""
+        `start_batch` (for resuming at the same place).
+
+        Sharded by rank without overlap: the stream is one sequence of *global* batches of batch_size * world_size
+        rows (the order depends on seed, start_batch and the global batch size only), and rank r takes rows
+        [r * batch_size, (r + 1) * batch_size) of each. So world_size processes with batch_size b see, together, the
+        rows one process sees with batch_size world_size * b, in the same order; and `start_batch` counts global
+        batches, the same on every rank and for any world size with the same global batch."""
         import torch
 
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         n = len(self)
-        per_epoch = max(1, n // batch_size)
+        gbs = batch_size * world_size
+        per_epoch = max(1, n // gbs)
         epoch, k = divmod(start_batch, per_epoch)
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
         while True:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g)
             while k < per_epoch:
-                idx = perm[k * batch_size: (k + 1) * batch_size]
-                if idx.numel() < batch_size:  # fewer rows than a batch: repeat
-                    idx = perm.repeat((batch_size + n - 1) // n)[:batch_size]
+                idx = perm[k * gbs: (k + 1) * gbs]
+                if idx.numel() < gbs:  # fewer rows than a global batch: repeat
+                    idx = perm.repeat((gbs + n - 1) // n)[:gbs]
+                idx = idx[lo:hi]
                 yield self.ids[idx], self.loss_mask[idx]
                 k += 1
             epoch, k = epoch + 1, 0
+
+
+def convert_batch_position(start_batch: int, n_rows: int, old_global_batch: int, new_global_batch: int) -> int:
+    """A data position (global batches consumed) re-expressed for another global batch size: the same epoch, at the
+    first batch boundary not after the first row not yet seen (so at most new_global_batch - 1 rows of that epoch
+    are seen twice, none skipped). The identity when the global batch is unchanged."""
+    if old_global_batch == new_global_batch:
+        return start_batch
+    old_per_epoch = max(1, n_rows // old_global_batch)
+    new_per_epoch = max(1, n_rows // new_global_batch)
+    epoch, k = divmod(start_batch, old_per_epoch)
+    return epoch * new_per_epoch + min(new_per_epoch, (k * old_global_batch) // new_global_batch)

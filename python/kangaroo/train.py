@@ -16,6 +16,13 @@ k*b rows), bf16 autocast or fp32, a tqdm bar with loss and the draft's top-1 agr
 checkpoints (adapter safetensors + config, and `trainer_state.pt` with optimizer, schedule, step and data position)
 and resuming from the latest one.
 
+Beyond one device (`torchrun --nproc_per_node N -m kangaroo.cli train ...`, also over several nodes): DDP over the
+adapter (the frozen base is never synchronised), each rank on its slice of every global batch, the loss normalised
+by the loss tokens of the whole global window (N ranks x batch b train the adapter of 1 process x batch N*b), and
+with `--shard-base` the frozen base's layers sharded over the ranks with FSDP2. Rank 0 alone prints and writes;
+checkpoints are written to a temporary folder and renamed into place (a kill never leaves a partial "latest") and
+hold the data position in global batches (a run resumes on any world size). See kangaroo.distributed.
+
 `evaluate_adapter` reports, on held-out text, the teacher-forced top-1 agreement and, on greedy continuations of the
 base model, the acceptance per draft position (CTAR-style: the chance that draft i matches given drafts 1..i-1 did)
 and the expected tokens per cycle for thresholds eta and max draft length gamma. On a greedy trajectory of the base
@@ -331,6 +338,7 @@ class AdapterTrainConfig:
     time_budget_s: float | None = None  # when set, `steps` is refitted to end the run in this many seconds
     min_steps: int = 0  # with a time budget: at least this many steps, however slow the machine
     tune_threads: bool = True
+    shard_base: bool = False  # under torch.distributed: shard the frozen base's layers over the ranks (FSDP2)
 
 
 def _new_adapter(base, exit_layer):
@@ -351,24 +359,51 @@ class AdapterTrainer:
     """Trains a `KangarooAdapter` on a frozen HF causal LM (Llama / Mistral / Qwen2 family).
 
     out_dir/                       final adapter (save_pretrained) + trainer_state.pt + train_report.json
-    out_dir/checkpoints/step-N/    periodic checkpoints (same contents)"""
+    out_dir/checkpoints/step-N/    periodic checkpoints and the final one (adapter, trainer_state.pt,
+                                   checkpoint.json); each written to a temporary folder and renamed into place
+
+    Under torch.distributed (a process group initialised, e.g. by `kangaroo.distributed.init_from_env` under
+    torchrun) the trainer is data parallel: the adapter is wrapped in DistributedDataParallel (the frozen base is
+    never synchronised; with `cfg.shard_base` its layers are sharded with FSDP2), rank r trains on its slice of each
+    global batch of batch_size * world_size rows (`PackedDataset.batches`), and the loss is normalised by the loss
+    tokens of the whole global window, so N ranks with batch b give the adapter of one process with batch N * b.
+    Rank 0 alone writes checkpoints and prints progress; checkpoints hold the global data position, so a run resumes
+    on any world size."""
 
     def __init__(self, base, dataset, cfg: AdapterTrainConfig, out_dir=None, adapter=None, device="cpu",
                  progress: bool | None = None):
         import torch
 
-        self.base = base.to(device).eval()
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.cfg = cfg
+        from kangaroo import distributed as kd
+
+        self.dist = kd.current()
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if cfg.shard_base and self.dist.enabled:
+            self.base = kd.shard_base(base, self.device).eval()
+        else:
+            self.base = base.to(self.device).eval()
+        self.cfg = cfg
         self.dataset = dataset
         self.out_dir = Path(out_dir) if out_dir is not None else None
         torch.manual_seed(cfg.seed)
         self.adapter = (adapter if adapter is not None else _new_adapter(base, cfg.exit_layer)).to(self.device)
         self.adapter.float().train()
-        cfg.dtype, why = resolve_dtype(cfg.dtype, self.device, base.config.hidden_size)
+        # rank 0 decides (an "auto" measurement could differ between ranks)
+        res = resolve_dtype(cfg.dtype, self.device, base.config.hidden_size) if self.dist.is_main else None
+        cfg.dtype, why = kd.broadcast_object(res)
         self.dtype_reason = why
+        self._ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # broadcasts rank 0's initial adapter; averages gradients over ranks in backward
+            self._ddp = DistributedDataParallel(
+                self.adapter, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._data_shift = 0  # global batches to add to step * grad_accum (a resume with another global batch)
         decay, no_decay = [], []
         for n, p in self.adapter.named_parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
@@ -381,42 +416,76 @@ class AdapterTrainer:
         self.progress = progress
 
     # -- one optimiser step ------------------------------------------------------------------------------------------
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per micro-batch over all ranks (batch_size * world_size)."""
+        return self.cfg.batch_size * self.dist.world_size
+
+    @property
+    def data_position(self) -> int:
+        """Global micro-batches consumed so far (of `global_batch_size` rows each)."""
+        return self.step * self.cfg.grad_accum + self._data_shift
+
     def _micro_batches(self):
         cfg = self.cfg
-        it = self.dataset.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step * cfg.grad_accum)
+        it = self.dataset.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.data_position,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
         while True:
             yield [next(it) for _ in range(cfg.grad_accum)]
 
     def train_step(self, micro) -> dict:
-        """One optimiser step over `micro` (a list of (ids, loss_mask) batches); the loss of each micro-batch is
-        divided by the number of loss positions of the whole window, so the accumulated gradient is exactly that of
-        the concatenated batch."""
+        """One optimiser step over `micro` (a list of (ids, loss_mask) batches, this rank's share of the window);
+        the loss of each micro-batch is divided by the number of loss positions of the whole window over all ranks,
+        so the accumulated gradient is exactly that of the concatenated batch.
+
+        Under DDP: the window's token count is summed over ranks before any backward, each rank's loss is scaled by
+        world_size / total (DDP's all-reduce averages, i.e. divides by world_size), so the synchronised gradient is
+        sum over all ranks' tokens / total: the single-process gradient of the global batch up to the order of the
+        fp32 sums. Gradients are synchronised once per window (no_sync on the earlier micro-batches)."""
         import torch
 
         cfg = self.cfg
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
-        total = sum(int(m.sum()) for _, m in micro)
+        local = sum(int(m.sum()) for _, m in micro)
+        world = self.dist.world_size
+        if world > 1:
+            from kangaroo.distributed import all_reduce_sum
+
+            total = int(all_reduce_sum(torch.tensor([local], dtype=torch.int64, device=self.device)).item())
+        else:
+            total = local
         if total == 0:
             self.step += 1
-            return {"loss": float("nan"), "agree": float("nan"), "tokens": 0}
+            return {"loss": float("nan"), "agree": float("nan"), "tokens": 0, "rank_tokens": 0}
+        model = self._ddp if self._ddp is not None else self.adapter
         loss_sum = agree_sum = 0.0
-        for ids, mask in micro:
+        for i, (ids, mask) in enumerate(micro):
             ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.no_grad(), _autocast(cfg.dtype, self.device):
                 h, target = _exit_hidden(self.base, ids, cfg.exit_layer)
-            with _autocast(cfg.dtype, self.device):
-                logits = draft_logits(self.base, self.adapter, h.float(), _positions(ids))
-            loss, agree, _ = soft_cross_entropy(logits, target, mask)
-            (loss / total).backward()
+            sync = self._ddp.no_sync() if self._ddp is not None and i < len(micro) - 1 else nullcontext()
+            with sync:
+                with _autocast(cfg.dtype, self.device):
+                    logits = draft_logits(self.base, model, h.float(), _positions(ids))
+                loss, agree, _ = soft_cross_entropy(logits, target, mask)
+                if world > 1:
+                    (loss * world / total).backward()
+                else:
+                    (loss / total).backward()
             loss_sum += float(loss.detach())
             agree_sum += float(agree)
+        if world > 1:
+            from kangaroo.distributed import all_reduce_sum
+
+            st = all_reduce_sum(torch.tensor([loss_sum, agree_sum], dtype=torch.float64, device=self.device))
+            loss_sum, agree_sum = float(st[0]), float(st[1])
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss_sum / total, "agree": agree_sum / total, "tokens": total}
+        return {"loss": loss_sum / total, "agree": agree_sum / total, "tokens": total, "rank_tokens": local}
 
     def train(self, steps: int | None = None) -> list[dict]:
         """Runs up to `cfg.steps` (or `steps` more steps), saving periodic and final checkpoints."""
@@ -424,8 +493,10 @@ class AdapterTrainer:
         end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         if self.step >= end:
             return self.history
-        bar = ProgressLog(end, f"adapter (exit layer {cfg.exit_layer})", initial=self.step,
-                          disable=None if self.progress is None else not self.progress, log_file=cfg.log_file,
+        main = self.dist.is_main
+        disable = (None if self.progress is None else not self.progress) if main else True
+        bar = ProgressLog(end, f"adapter (exit layer {cfg.exit_layer})", initial=self.step, disable=disable,
+                          log_file=cfg.log_file if main else None,
                           budget_s=cfg.time_budget_s if steps is None else None)
         ema_loss = ema_agree = None
         batches = self._micro_batches()
@@ -439,16 +510,21 @@ class AdapterTrainer:
                 ema_loss = rec["loss"] if ema_loss is None else 0.9 * ema_loss + 0.1 * rec["loss"]
                 ema_agree = rec["agree"] if ema_agree is None else 0.9 * ema_agree + 0.1 * rec["agree"]
             bar.update(1, tokens=rec["tokens"], loss=ema_loss, top1=ema_agree)
-            if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+            if (main and self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0
+                    and self.step < end):
                 self.save_checkpoint()
             done = self.step - s0
             if cfg.time_budget_s and steps is None and done >= 8 and done % 8 == 0:
+                from kangaroo.distributed import broadcast_object
+
                 fitted = _refit_steps(done, time.perf_counter() - t0, cfg.time_budget_s, cfg.steps - s0)
-                cfg.steps = end = max(s0 + fitted, min(cfg.min_steps, cfg.steps))
+                # every rank must stop at the same step: rank 0's clock decides
+                cfg.steps = end = broadcast_object(max(s0 + fitted, min(cfg.min_steps, cfg.steps)))
                 bar.set_total(end)
         tuner.restore()
         bar.close()
-        if self.out_dir is not None and self.step >= cfg.steps:
+        if main and self.out_dir is not None and self.step >= cfg.steps:
+            self.save_checkpoint()  # the final state, atomically: what a resume (a longer run) starts from
             self.save(self.out_dir)
         return self.history
 
@@ -463,59 +539,183 @@ class AdapterTrainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "history": self.history[-1000:],
+            "world_size": self.dist.world_size,
+            "data": {"global_batches": self.data_position, "global_batch_size": self.global_batch_size,
+                     "rows": len(self.dataset)},
         }
 
-    def save(self, path, fingerprint: str | None = None):
+    def _write(self, path: Path, fingerprint: str | None = None) -> None:
+        """adapter files, trainer_state.pt, then checkpoint.json (the marker a complete folder ends with)."""
         import torch
+
+        kw = {"base_fingerprint": fingerprint} if fingerprint is not None else {}
+        self.adapter.save_pretrained(str(path), **kw)
+        torch.save(self._state(), path / STATE_NAME)
+        (path / MARKER_NAME).write_text(json.dumps({"step": self.step, "files": sorted(
+            q.name for q in path.iterdir())}))
+        _fsync_tree(path)
+
+    def save(self, path, fingerprint: str | None = None):
+        """Writes the adapter (save_pretrained), trainer_state.pt and checkpoint.json into `path`. Each file is
+        written under a temporary name and renamed over the old one, the state after the weights (a kill between
+        two renames leaves this folder's weights newer than its state; `train` therefore writes the atomic
+        checkpoint folder of the same step first, which `latest_checkpoint` prefers)."""
+        import shutil
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        kw = {"base_fingerprint": fingerprint} if fingerprint is not None else {}
-        self.adapter.save_pretrained(str(path), **kw)
-        torch.save(self._state(), path / "trainer_state.pt")
+        tmp = path / f".tmp-save-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            self._write(tmp, fingerprint)
+            names = sorted(q.name for q in tmp.iterdir() if q.name not in (STATE_NAME, MARKER_NAME))
+            for name in names + [STATE_NAME, MARKER_NAME]:
+                os.replace(tmp / name, path / name)
+            _fsync_dir(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def save_checkpoint(self):
+        """checkpoints/step-N, written whole to a temporary folder (a name `latest_checkpoint` never reads) and
+        renamed into place, so a kill at any moment leaves either no step-N or a complete one; then the oldest beyond
+        `keep_checkpoints` are removed (renamed away first, so a kill mid-removal leaves no half folder either)."""
         import shutil
 
         ck = self.out_dir / "checkpoints"
-        self.save(ck / f"step-{self.step:07d}")
-        olds = sorted(ck.glob("step-*"))
-        for old in olds[: max(0, len(olds) - self.cfg.keep_checkpoints)]:
+        ck.mkdir(parents=True, exist_ok=True)
+        for stale in ck.glob(".*"):  # leftovers of a run killed mid-write or mid-removal
+            shutil.rmtree(stale, ignore_errors=True)
+        final = ck / f"step-{self.step:07d}"
+        tmp = ck / f".tmp-{final.name}-{os.getpid()}"
+        tmp.mkdir()
+        self._write(tmp)
+        if final.exists():
+            old = ck / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ck)
+        olds = sorted(c for c in ck.glob("step-*") if c.is_dir())
+        for old in olds[: max(0, len(olds) - max(1, self.cfg.keep_checkpoints))]:
+            trash = ck / f".trash-{old.name}-{os.getpid()}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def checkpoint_step(path) -> int | None:
+        """The step a checkpoint folder holds, or None when it is not a complete checkpoint (no marker, a file the
+        marker lists is missing, or, for folders written before markers existed, an unreadable trainer state)."""
+        path = Path(path)
+        marker = path / MARKER_NAME
+        if marker.is_file():
+            try:
+                m = json.loads(marker.read_text())
+                if all((path / f).is_file() for f in m.get("files", [])):
+                    return int(m["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            return None
+        if not (path / STATE_NAME).is_file():
+            return None
+        try:
+            import torch
+
+            return int(torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)["step"])
+        except Exception:  # noqa: BLE001 - any unreadable file means: not a checkpoint
+            return None
 
     @staticmethod
     def latest_checkpoint(out_dir) -> Path | None:
+        """The complete checkpoint with the highest step under out_dir/checkpoints (or out_dir itself, on a tie the
+        checkpoint folder wins); temporary and partial folders are skipped."""
         out_dir = Path(out_dir)
-        cands = sorted((out_dir / "checkpoints").glob("step-*")) if (out_dir / "checkpoints").is_dir() else []
+        ck = out_dir / "checkpoints"
+        cands = sorted(c for c in ck.glob("step-*") if c.is_dir()) if ck.is_dir() else []
         best, best_step = None, -1
-        for c in cands + ([out_dir] if (out_dir / "trainer_state.pt").exists() else []):
-            try:
-                import torch
-
-                s = torch.load(c / "trainer_state.pt", map_location="cpu", weights_only=False)["step"]
-            except (OSError, KeyError, RuntimeError):
-                continue
-            if s > best_step:
+        for c in cands + [out_dir]:
+            s = AdapterTrainer.checkpoint_step(c)
+            if s is not None and s > best_step:
                 best, best_step = c, s
         return best
 
     def load_checkpoint(self, path):
-        """Restores adapter weights, optimizer state, step, history and RNG from a checkpoint folder."""
+        """Restores adapter weights, optimizer state, step, history, RNG and data position from a checkpoint folder.
+        Under torch.distributed rank 0 reads the folder (`path` is ignored elsewhere) and broadcasts it, so only
+        rank 0 needs to see the files. A checkpoint written with another global batch size (world size x batch)
+        resumes in the same epoch of the same sample order, at the first unseen row rounded down to a batch."""
         import torch
 
         from kangaroo.adapter import KangarooAdapter
+        from kangaroo.data import convert_batch_position
+        from kangaroo.distributed import broadcast_object
 
-        path = Path(path)
-        loaded = KangarooAdapter.from_pretrained(str(path), map_location="cpu")
-        self.adapter.load_state_dict(loaded.state_dict())
-        st = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        payload = None
+        if self.dist.is_main:
+            path = Path(path)
+            loaded = KangarooAdapter.from_pretrained(str(path), map_location="cpu")
+            payload = (loaded.state_dict(), torch.load(path / STATE_NAME, map_location="cpu", weights_only=False))
+        sd, st = broadcast_object(payload)
+        self.adapter.load_state_dict(sd)
         self.opt.load_state_dict(st["optimizer"])
         self.step = int(st["step"])
         self.history = list(st.get("history", []))
-        torch.set_rng_state(st["torch_rng"])
+        torch.set_rng_state(st["torch_rng"].cpu())
         random.setstate(st["python_rng"])
+        data = st.get("data")
+        pos = self.step * self.cfg.grad_accum
+        if data is not None:
+            pos = convert_batch_position(int(data["global_batches"]), len(self.dataset),
+                                         int(data["global_batch_size"]), self.global_batch_size)
+            if int(data["global_batch_size"]) != self.global_batch_size and self.dist.is_main:
+                print(f"note: the checkpoint's global batch is {data['global_batch_size']} rows, this run's "
+                      f"{self.global_batch_size}: resuming at global batch {pos} of the same sample order",
+                      flush=True)
+        self._data_shift = pos - self.step * self.cfg.grad_accum
         return self.step
+
+    def resume(self, out_dir) -> Path | None:
+        """Loads the latest checkpoint under out_dir (found by rank 0, loaded on every rank); None when there is
+        none. Collective under torch.distributed: every rank calls it."""
+        from kangaroo.distributed import broadcast_object
+
+        ck = self.latest_checkpoint(out_dir) if self.dist.is_main else None
+        ck = broadcast_object(None if ck is None else str(ck))
+        if ck is None:
+            return None
+        self.load_checkpoint(ck)
+        return Path(ck)
+
+
+STATE_NAME = "trainer_state.pt"
+MARKER_NAME = "checkpoint.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file in `path` and the folder itself (a rename after this publishes complete files, also
+    across a power cut; a SIGKILL alone cannot lose written data)."""
+    for q in path.iterdir():
+        if q.is_file():
+            with open(q, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -748,58 +948,73 @@ def _parser():
     p.add_argument("--eval-prompts", type=int, default=8)
     p.add_argument("--eval-new-tokens", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--shard-base", action="store_true",
+                   help="under torchrun: shard the frozen base model's layers over the ranks (FSDP2), for a base "
+                        "that does not fit one device")
     return p
 
 
 def cli_main(argv: list[str]) -> int:
+    """`kangaroo train`. Under torchrun (RANK/WORLD_SIZE set) every rank runs this: data parallel over the adapter,
+    gloo on CPU, NCCL with cuda:LOCAL_RANK on GPUs; rank 0 prints, writes checkpoints and the report."""
     args = _parser().parse_args(argv)
     tune_malloc()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kangaroo import distributed as kd
     from kangaroo.data import PackedDataset, load_examples
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    examples = load_examples(args.data, tok, fmt=args.format)
-    ds = PackedDataset(examples, args.seq_len)
-    if args.heldout:
-        held = PackedDataset(load_examples(args.heldout, tok, fmt=args.format), args.seq_len)
-    else:
-        n_h = max(1, len(ds) // 20) if len(ds) > 1 else 0
-        held = None
-        if n_h:
-            held = PackedDataset.__new__(PackedDataset)
-            held.ids, held.loss_mask, held.seq_len = ds.ids[-n_h:], ds.loss_mask[-n_h:], ds.seq_len
-            ds.ids, ds.loss_mask = ds.ids[:-n_h], ds.loss_mask[:-n_h]
-    print(f"corpus: {len(ds)} rows x {args.seq_len} tokens ({int(ds.loss_mask.sum())} loss positions)"
-          + (f"; held out {len(held)} rows" if held is not None else ""), flush=True)
-    cfg = AdapterTrainConfig(
-        exit_layer=args.exit_layer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, dtype=args.dtype,
-        seed=args.seed, save_every=args.save_every, etas=list(args.etas), gamma=args.gamma, log_file=args.log_file,
-    )
-    trainer = AdapterTrainer(base, ds, cfg, out_dir=args.out, device=device,
-                             progress=False if args.no_progress else None)
-    print(f"training dtype: {trainer.dtype_reason}", flush=True)
-    if args.resume:
-        ck = AdapterTrainer.latest_checkpoint(args.out)
-        if ck is not None:
-            print(f"resuming from {ck} at step {trainer.load_checkpoint(ck)}", flush=True)
+    info, device = kd.init_from_env(args.device)
+    say = (lambda *a: print(*a, flush=True)) if info.is_main else (lambda *a: None)
+    try:
+        if info.enabled:
+            say(f"torch.distributed: {info.world_size} processes, backend {info.backend}, device {device.type}"
+                + ("; base model sharded over the ranks (FSDP2)" if args.shard_base else ""))
+        tok = AutoTokenizer.from_pretrained(args.model)
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        examples = load_examples(args.data, tok, fmt=args.format)
+        ds = PackedDataset(examples, args.seq_len)
+        if args.heldout:
+            held = PackedDataset(load_examples(args.heldout, tok, fmt=args.format), args.seq_len)
         else:
-            print("no checkpoint to resume from; starting fresh", flush=True)
-    trainer.train()
-    if held is not None:
-        prompts = None
-        if args.eval_prompts:
-            plen = min(64, held.seq_len // 2)
-            prompts = held.ids[: args.eval_prompts, :plen]
-        rep = evaluate_adapter(base, trainer.adapter, args.exit_layer, heldout=held, prompts=prompts,
-                               new_tokens=args.eval_new_tokens, etas=args.etas, gamma=args.gamma, device=device)
-        print(format_report(rep), flush=True)
-        (Path(args.out) / "train_report.json").write_text(json.dumps(rep, indent=1))
-    print(f"adapter saved to {args.out}", flush=True)
+            n_h = max(1, len(ds) // 20) if len(ds) > 1 else 0
+            held = None
+            if n_h:
+                held = PackedDataset.__new__(PackedDataset)
+                held.ids, held.loss_mask, held.seq_len = ds.ids[-n_h:], ds.loss_mask[-n_h:], ds.seq_len
+                ds.ids, ds.loss_mask = ds.ids[:-n_h], ds.loss_mask[:-n_h]
+        say(f"corpus: {len(ds)} rows x {args.seq_len} tokens ({int(ds.loss_mask.sum())} loss positions)"
+            + (f"; held out {len(held)} rows" if held is not None else "")
+            + (f"; global batch {args.batch_size} x {info.world_size} ranks" if info.enabled else ""))
+        cfg = AdapterTrainConfig(
+            exit_layer=args.exit_layer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, dtype=args.dtype,
+            seed=args.seed, save_every=args.save_every, etas=list(args.etas), gamma=args.gamma,
+            log_file=args.log_file, shard_base=args.shard_base,
+        )
+        trainer = AdapterTrainer(base, ds, cfg, out_dir=args.out, device=device,
+                                 progress=False if args.no_progress else None)
+        say(f"training dtype: {trainer.dtype_reason}")
+        if args.resume:
+            ck = trainer.resume(args.out)
+            say(f"resuming from {ck} at step {trainer.step}" if ck is not None
+                else "no checkpoint to resume from; starting fresh")
+        trainer.train()
+        # a sharded base needs every rank in its forwards; a replicated one is evaluated on rank 0 alone
+        if held is not None and (info.is_main or kd.is_sharded(trainer.base)):
+            prompts = None
+            if args.eval_prompts:
+                plen = min(64, held.seq_len // 2)
+                prompts = held.ids[: args.eval_prompts, :plen]
+            rep = evaluate_adapter(trainer.base, trainer.adapter, args.exit_layer, heldout=held, prompts=prompts,
+                                   new_tokens=args.eval_new_tokens, etas=args.etas, gamma=args.gamma, device=device)
+            say(format_report(rep))
+            if info.is_main:
+                (Path(args.out) / "train_report.json").write_text(json.dumps(rep, indent=1))
+        say(f"adapter saved to {args.out}")
+    finally:
+        kd.shutdown()
     return 0
 
 
