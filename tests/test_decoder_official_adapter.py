@@ -93,12 +93,12 @@ def test_refuses_incomplete_foreign_or_misshapen_checkpoints(tmp_path):
 def test_decoder_with_an_official_adapter_is_exact(tmp_path):
     base = _base()
     _official(tmp_path / "ad")
-    prompts = make_prompts(V, n=3, seed=4)
-    ref = hf_greedy(base, prompts, new=12)
+    prompts = make_prompts(V, n=2, seed=4)
+    ref = hf_greedy(base, prompts, new=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dec = KangarooDecoder.from_pretrained(base, adapter=str(tmp_path / "ad"), exit_layer=2)
     for p, want in zip(prompts, ref):
-        out = dec.generate(torch.tensor([p]), max_new_tokens=12)
+        out = dec.generate(torch.tensor([p]), max_new_tokens=10)
         assert out.tokens[0].tolist() == want
     assert len({t for w in ref for t in w}) > 3  # the outputs vary: not a vacuous comparison

@@ -85,8 +85,8 @@ def chain_speculative_sampling(
     x = draft_token_ids.long()
     valid = (x >= 0) & (x < V)
     xs = x.clamp(0, max(V - 1, 0)).unsqueeze(-1)
-    p_rows = target_probs[:, :N].double()
-    px = p_rows.gather(2, xs).squeeze(-1) / p_rows.sum(-1)
+    p_rows = target_probs[:, :N]
+    px = p_rows.gather(2, xs).squeeze(-1).double() / p_rows.sum(-1, dtype=torch.float64)  # no [B, N, V] copy
     qx = q.gather(2, xs).squeeze(-1).double()
     passes_first = valid & (s[:, :N] * qx < px)
     all_pass = passes_first.all(1) if N else torch.ones(B, dtype=torch.bool, device=dev)

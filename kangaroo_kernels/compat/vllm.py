@@ -109,17 +109,18 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens, max_spec_l
     if not all_greedy:
         _checks.check_tensor("sampling_metadata.temperature", temperature, dtypes=_checks.FLOAT_DTYPES,
                              shape=(B,), device=dev, expected=f"[B={B}]")
-    # padded target rows: request b's draft rows, then any valid row (the bonus is given, never drawn)
-    dummy = torch.full((1, V), 1.0 / V, dtype=target_probs.dtype, device=dev)
-    ext = torch.cat([target_probs, dummy])
-    rows = torch.where(j[None, :] < n[:, None], start[:, None] + j[None, :], torch.full_like(start[:, None], T))
-    target = ext[rows]  # [B, S+1, V]
+    # padded target rows: request b's draft rows, then any valid row (the bonus is given: a draw from the row after
+    # the last draft is always replaced); a uniform row only when there are no target rows at all
+    src = target_probs if T else torch.full((1, V), 1.0 / V, dtype=target_probs.dtype, device=dev)
+    rows = torch.where(j[None, :] < n[:, None], start[:, None] + j[None, :], torch.zeros_like(start[:, None]))
+    target = src[rows]  # [B, S+1, V]
     if all_greedy:
         return _finish(verify_greedy(drafts, target, validate=False), n, bonus)
     q = None
-    if draft_probs is not None:
-        qext = torch.cat([draft_probs.float(), torch.zeros(1, V, device=dev)])
-        q = qext[rows[:, :S]]
+    if draft_probs is not None and T:
+        q = draft_probs.float()[rows[:, :S]]  # rows past n_b are never tested (their drafts are -1)
+    elif draft_probs is not None:
+        q = torch.zeros(B, S, V, device=dev)
     u = torch.rand(B, S + 1, dtype=torch.float64, device=dev)
     for i, g in (getattr(sampling_metadata, "generators", None) or {}).items():
         if num_draft_tokens[i] > 0:
@@ -161,10 +162,10 @@ def rejection_sample_from_logits(draft_token_ids: torch.Tensor, cu_num_draft_tok
     rows = start[:, None] + b_idx[:, None] + torch.minimum(j[None, :], n[:, None])
     target = target_logits[rows.clamp(0, max(T + B - 1, 0))]
     q = None
-    if draft_probs is not None:
-        qext = torch.cat([draft_probs, torch.zeros(1, V, device=dev)])
-        qrows = torch.where(j[None, :S] < n[:, None], start[:, None] + j[None, :S], torch.full_like(start[:, None], T))
-        q = qext[qrows]
+    if draft_probs is not None and T:
+        q = draft_probs[(start[:, None] + j[None, :S]).clamp(0, T - 1)]  # rows past n_b: never tested
+    elif draft_probs is not None:
+        q = torch.zeros(B, S, V, device=dev)
     out = verify_sample(drafts, target, draft_probs=q, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, offset=offset, target_is_probs=target_is_probs, validate=False)
     return _finish(out, n, bonus)
