@@ -30,6 +30,9 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -x -m "not slow" tests
 
+# Without a GPU the demo needs only the C++ CPU ops: skip compiling the CUDA kernels (minutes on 2 cores).
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+demo: export KANGAROO_FORCE_CPU := $(if $(HAVE_GPU),0,1)
 demo: build
 	$(PY) -m kangaroo.cli demo
 
