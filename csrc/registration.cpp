@@ -1,7 +1,8 @@
 // Operator schemas of kangaroo_kernels (defined once here) and the _C Python module.
 // CPU implementations live in csrc/cpu/*.cpp, CUDA implementations in csrc/*_cuda.cpp
 // (wrappers) + csrc/*.cu (torch-free launchers of the kernels in csrc/include/kangaroo).
-// The Triton ops (lm_head_exit, append_attention, ...) are defined from Python.
+// The Triton-only ops (lm_head_topk, ...) are defined from Python; ops with a C++ CPU kernel and a Triton CUDA
+// kernel (append_attention, ...) are defined here and get their CUDA implementation from Python.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,6 +30,12 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
   m.def(
       "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_lens, Tensor path, "
       "Tensor accept_len) -> ()");
+  // KV append + attention over prefix and new block (decode, chain, tree). CPU: csrc/cpu/append_attention.cpp;
+  // CUDA: the Triton kernel registered by kangaroo_kernels/append_attention.py. num_splits 0: the kernel chooses.
+  m.def(
+      "append_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor cache_lens, Tensor? tree_mask, Tensor? active, Tensor? positions, Tensor? rope_cos_sin, "
+      "float sm_scale, int num_splits, Tensor(c!) out) -> ()");
   // True when the CUDA kernels were compiled into this library.
   m.def("has_cuda_kernels() -> bool");
 }
