@@ -36,6 +36,13 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "append_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor cache_lens, Tensor? tree_mask, Tensor? active, Tensor? positions, Tensor? rope_cos_sin, "
       "float sm_scale, int num_splits, Tensor(c!) out) -> ()");
+  // One decode step of the Kangaroo adapter. CPU: csrc/cpu/adapter_forward.cpp; CUDA: the Triton kernels
+  // registered by kangaroo_kernels/adapter_forward.py.
+  m.def(
+      "adapter_forward(Tensor h, Tensor norm_in, Tensor wq, Tensor wk, Tensor wv, Tensor? bq, Tensor? bk, "
+      "Tensor? bv, Tensor wo, Tensor norm_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, "
+      "Tensor positions, Tensor? active, Tensor? rope_cos_sin, float rope_theta, float eps, bool apply_out_norm, "
+      "Tensor(c!) out) -> ()");
   // True when the CUDA kernels were compiled into this library.
   m.def("has_cuda_kernels() -> bool");
 }

@@ -22,16 +22,6 @@ _ext.ops()
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
 
 
-def _append_attention_cpu_ref_signature(q, k_new, v_new, k_cache, v_cache, cache_lens, *, tree_mask=None,
-                                        active=None, sm_scale=None, positions=None, rope_cos_sin=None):
-    """The C++ CPU kernel with append_attention_ref's signature (no checks)."""
-    out = torch.empty_like(q)
-    torch.ops.kangaroo_kernels.append_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active,
-                                                positions, rope_cos_sin,
-                                                q.shape[-1] ** -0.5 if sm_scale is None else sm_scale, 0, out)
-    return out
-
-
 def _append_attention_cuda(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
                            rope_cos_sin, sm_scale, num_splits, out):
     from kangaroo_kernels.triton.append_attention import append_attention_triton
