@@ -43,6 +43,19 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "Tensor? bv, Tensor wo, Tensor norm_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, "
       "Tensor positions, Tensor? active, Tensor? rope_cos_sin, float rope_theta, float eps, bool apply_out_norm, "
       "Tensor(c!) out) -> ()");
+  // The greedy CPU kernel of lm_head_exit (whose schema, with sampling, is defined in kangaroo_kernels/lm_head_exit.py;
+  // its CPU implementation calls this for temperature 0 without probs).
+  m.def(
+      "lm_head_exit_greedy_cpu(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, Tensor? active, "
+      "float threshold, float eps, Tensor(a!) token, Tensor(b!) conf, Tensor(c!) active_out, "
+      "Tensor(d!) token_prob) -> ()");
+  // One Llama-family decoder layer on x[B,T,D] (kangaroo.model.LlamaModel.layer's maths; appends K/V to layer
+  // `layer` of the stacked caches [L,B,Hk,S,Dh] at cache_lens, RoPE at positions[B,T]). CPU only
+  // (csrc/cpu/llama_layer.cpp): one dispatcher crossing per layer; CUDA runs the layer's ops (in a CUDA graph).
+  m.def(
+      "llama_layer(Tensor x, Tensor ln1, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor ln2, Tensor wgu, Tensor wd, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor cache_lens, Tensor positions, Tensor? tree_mask, "
+      "Tensor? active, Tensor rope_cos_sin, float eps, int num_heads, int num_kv_heads) -> Tensor");
   // True when the CUDA kernels were compiled into this library.
   m.def("has_cuda_kernels() -> bool");
 }

@@ -262,13 +262,18 @@ class LlamaModel:
         advancing cache_lens). Rows with active False write nothing (their output is meaningless)."""
         c = self.config
         p = self.layers[i]
+        if rope is None:
+            rope = self.rope_cos_sin(cache.max_len)
+        if x.device.type == "cpu":  # the same maths in one C++ op (csrc/cpu/llama_layer.cpp): no per-op overhead
+            return torch.ops.kangaroo_kernels.llama_layer(
+                x, p["ln1"], p["wqkv"], p.get("bqkv"), p["wo"], p["ln2"], p["wgu"], p["wd"], cache.k, cache.v, i,
+                cache_lens, positions, tree_mask, active, rope, c.rms_norm_eps, c.num_attention_heads,
+                c.num_key_value_heads)
         B, T, D = x.shape
         Hq, Hk, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         h = rms_norm(x, p["ln1"], c.rms_norm_eps)
         qkv = F.linear(h, p["wqkv"], p.get("bqkv"))
         q, k, v = qkv.split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
-        if rope is None:
-            rope = self.rope_cos_sin(cache.max_len)
         a = append_attention(q.reshape(B, T, Hq, Dh), k.reshape(B, T, Hk, Dh), v.reshape(B, T, Hk, Dh),
                              cache.k[i], cache.v[i], cache_lens, tree_mask=tree_mask, active=active,
                              positions=positions, rope_cos_sin=rope, validate=False)
