@@ -12,7 +12,9 @@ the same weights, threads and run:
                  and the adapter has a zero o_proj and the final norm as its out-norm, so the draft distribution
                  is the target's; its output must equal transformers' greedy output token for token.
 Timings interleave the contenders inside every repetition and report medians of per-repetition ratios (robust to
-a shared machine's drift); the wall-clock and the process CPU time ratios are both printed.
+a shared machine's drift); for tokens/s the wall-clock and the process CPU time ratios are both printed, step costs
+are process CPU time with one thread (what the step computes, not the time other jobs held the core), wall-clock
+otherwise.
 
     python bench/e2e_cpu.py [--shapes demo8,demo12,d512] [--threads 1] [--new-tokens 96] [--reps 5] [--quick]
 Writes bench/results/e2e_cpu.csv and e2e_cpu.png (or $KANGAROO_BENCH_RESULTS/).
@@ -170,12 +172,13 @@ def bench_shape(name, args, rows, summary):
         for _, f in steps:
             for _ in range(3):
                 f()
+        clock = time.process_time if args.threads == 1 else time.perf_counter
         for _ in range(args.reps):
             for op, f in steps:
-                w = time.perf_counter()
+                w = clock()
                 for _ in range(calls):
                     f()
-                per[op].append((time.perf_counter() - w) / calls)
+                per[op].append((clock() - w) / calls)
     ratio = {op: statistics.median(per[op][i] / per["decode"][i] for i in range(args.reps)) for op in per}
     us = {op: statistics.median(v) * 1e6 for op, v in per.items()}
 

@@ -59,9 +59,10 @@ def make_rope_cos_sin(max_pos: int, head_dim: int, base: float = 10000.0, device
 
 def _check_cuda_head_dim(name: str, Dh: int, expected: str) -> None:
     """The Triton kernel's limit (CPU takes any head dim)."""
-    if Dh < 32 or Dh > 256 or Dh & (Dh - 1):  # the kernel's dots take Dh/2 >= 16 columns
-        raise ValueError(f"{name}: on CUDA the head dim Dh must be a power of two in [32, 256] (the Triton kernel's "
-                         f"tiles; expected {expected}), got {Dh}; CPU tensors take any head dim")
+    if Dh < 2 or Dh > 256 or Dh % 2:  # rotate-half halves, padded to powers of two inside the kernel
+        raise ValueError(f"{name}: on CUDA the head dim Dh must be even and in [2, 256] (the Triton kernel pads each "
+                         f"half of a head to a power of two; larger heads exceed its register tiles; expected "
+                         f"{expected}), got {Dh}; CPU tensors take any head dim")
 
 
 def _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, sm_scale, positions, rope_cos_sin,

@@ -159,15 +159,17 @@ def test_cpu_kernel_bad_lengths_stay_in_bounds():
 
 
 def test_cpu_any_head_dim_but_cuda_limits_stay_explicit():
-    """CPU accepts a head dim the Triton kernel cannot take; the Triton path names its limit."""
+    """CPU accepts an odd head dim (without RoPE) that the Triton kernel cannot take; the Triton path names its
+    limit (even, at most 256); an odd head dim cannot take rotate-half RoPE anywhere."""
     from kangaroo_kernels.append_attention import _append_attention_triton
 
-    q, k, v = torch.randn(1, 1, 2, 24), torch.randn(1, 1, 1, 24), torch.randn(1, 1, 1, 24)
-    kc, vc = torch.zeros(1, 1, 8, 24), torch.zeros(1, 1, 8, 24)
     lens = torch.zeros(1, dtype=torch.int32)
-    append_attention(q, k, v, kc, vc, lens)
-    with pytest.raises(ValueError, match="power of two"):
-        _append_attention_triton(q, k, v, kc, vc, lens)
+    for Dh in (23, 258):
+        q, k, v = torch.randn(1, 1, 2, Dh), torch.randn(1, 1, 1, Dh), torch.randn(1, 1, 1, Dh)
+        kc, vc = torch.zeros(1, 1, 8, Dh), torch.zeros(1, 1, 8, Dh)
+        append_attention(q, k, v, kc, vc, lens)
+        with pytest.raises(ValueError, match="head dim"):
+            _append_attention_triton(q, k, v, kc, vc, lens)
     with pytest.raises(ValueError, match="even head dim"):
         q3, k3 = torch.randn(1, 1, 2, 23), torch.randn(1, 1, 1, 23)
         append_attention(q3, k3, k3.clone(), torch.zeros(1, 1, 8, 23), torch.zeros(1, 1, 8, 23), lens,

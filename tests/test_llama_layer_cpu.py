@@ -1,6 +1,7 @@
 """llama_layer's C++ CPU kernel (csrc/cpu/llama_layer.cpp, what kangaroo.model.LlamaModel.layer runs on CPU) against
 the layer written out with the references: odd head dims, GQA, q/k/v bias, T = 1 and causal T > 1 blocks, a tree
-block, inactive rows, a slot at the cache's end, and only the given layer of the stacked cache written."""
+block, inactive rows, a slot at the cache's end, and only the given layer of the stacked cache written; row-major and
+the model's column-major CPU weights."""
 
 import pytest
 import torch
@@ -29,12 +30,15 @@ CASES = [
     (3, 1, 8, 2, 16, 128, 80, 20, [0, 7, 19], True, False, [True, False, True]),  # Qwen2-style hidden 128, 8 heads
     (2, 5, 3, 1, 96, 200, 64, 30, [4, 25], False, False, None),  # Phi-3-style head dim, block ends at S
     (2, 4, 4, 4, 80, 96, 48, 24, [3, 11], True, True, [False, True]),
+    (1, 8, 2, 1, 64, 300, 600, 20, [2], True, False, None),  # N > 256: several column blocks; the most rows
 ]
 
 
+@pytest.mark.parametrize("colmajor", [False, True], ids=["rowmajor", "colmajor"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}x{c[3]}D{c[4]}"
                          f"{'-bias' if c[9] else ''}{'-tree' if c[10] else ''}{'-act' if c[11] else ''}")
-def test_cpu_layer_matches_reference(case):
+def test_cpu_layer_matches_reference(case, colmajor):
+    """colmajor: the model's CPU weight layout (kangaroo.model._cpu_layout)."""
     B, T, Hq, Hk, Dh, D, inter, S, lens, bias, tree, active = case
     gen = torch.Generator().manual_seed(T * 10 + Dh)
 
@@ -46,6 +50,8 @@ def test_cpu_layer_matches_reference(case):
          "wgu": rnd(2 * inter, D, scale=D ** -0.5), "wd": rnd(D, inter, scale=inter ** -0.5)}
     if bias:
         p["bqkv"] = rnd((Hq + 2 * Hk) * Dh, scale=0.3)
+    if colmajor:
+        p = {k: t.t().contiguous().t() if t.dim() == 2 else t for k, t in p.items()}
     layers, layer = 3, 1
     kc, vc = rnd(layers, B, Hk, S, Dh), rnd(layers, B, Hk, S, Dh)
     kr, vr = kc[layer].clone(), vc[layer].clone()
