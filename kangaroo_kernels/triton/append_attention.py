@@ -8,7 +8,8 @@ query block 0 program of that split. Programs read the prefix only and write onl
 so no program reads what another writes. With one split the kernel writes out directly; otherwise it writes
 fp32 partials (running max m, sum l, unnormalised acc) that the merge kernel combines.
 Head dims that are not powers of two (80, 96, 112, ...) run padded: each half of the head to the next power of two
-(at least 16, tl.dot's minimum), the padding lanes masked to zero. Dots run on fp32 operands (tf32 for 16-bit inputs, which convert exactly; IEEE for fp32 inputs): bf16 tl.dot is
+(at least 16, tl.dot's minimum), the padding lanes masked to zero.
+Dots run on fp32 operands (tf32 for 16-bit inputs, which convert exactly; IEEE for fp32 inputs): bf16 tl.dot is
 wrong in the interpreter, and decode is bound by KV bandwidth, not by the dots.
 """
 
