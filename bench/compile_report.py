@@ -192,6 +192,16 @@ def _attention_cases(full: bool):
         out.append((f"append_attention {label} B={B} T={T} Hq={Hq} Hk={Hk} S={S}",
                     lambda q=q, k=k, kc=kc, lens=lens, pos=pos, tm=tm: _append_attention_triton(
                         q, k, k, kc, kc, lens, tree_mask=tm, positions=pos, rope_cos_sin=cs, validate=False)))
+    # Phi-3-style head dim 96: the kernel pads each half of a head to a power of two
+    cs96 = make_rope_cos_sin(S, 96)
+    for label, T in (("decode", 1), ("verify T=7", 7)):
+        q = torch.empty(1, T, 32, 96, dtype=DT)
+        kc = torch.empty(1, 32, S, 96, dtype=DT)
+        lens = torch.zeros(1, dtype=torch.int32)
+        pos = torch.zeros(1, T, dtype=torch.int32)
+        out.append((f"append_attention {label} Dh=96 B=1 T={T} Hq=32 Hk=32 S={S}",
+                    lambda q=q, kc=kc, lens=lens, pos=pos: _append_attention_triton(
+                        q, q, q, kc, kc, lens, positions=pos, rope_cos_sin=cs96, validate=False)))
     if full:
         q = torch.empty(1, 1, 32, Dh, dtype=torch.float32)
         kc = torch.empty(1, 32, S, Dh, dtype=torch.float32)

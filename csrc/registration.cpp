@@ -1,7 +1,8 @@
 // Operator schemas of kangaroo_kernels (defined once here) and the _C Python module.
 // CPU implementations live in csrc/cpu/*.cpp, CUDA implementations in csrc/*_cuda.cpp
 // (wrappers) + csrc/*.cu (torch-free launchers of the kernels in csrc/include/kangaroo).
-// The Triton ops (lm_head_exit, append_attention, ...) are defined from Python.
+// The Triton-only ops (lm_head_topk, ...) are defined from Python; ops with a C++ CPU kernel and a Triton CUDA
+// kernel (append_attention, ...) are defined here and get their CUDA implementation from Python.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -35,6 +36,32 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
   // N-gram lookup (the hybrid drafter's lookup branch). history[B,S] int32/int64, lens[B] int32; writes
   // tokens[B,M] int32 (-1 padded) and n[B] int32. Semantics: csrc/include/kangaroo/ngram_lookup.cuh.
   m.def("ngram_lookup(Tensor history, Tensor lens, int n_min, int n_max, Tensor(a!) tokens, Tensor(b!) n) -> ()");
+  // KV append + attention over prefix and new block (decode, chain, tree). CPU: csrc/cpu/append_attention.cpp;
+  // CUDA: the Triton kernel registered by kangaroo_kernels/append_attention.py. num_splits 0: the kernel chooses.
+  m.def(
+      "append_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor cache_lens, Tensor? tree_mask, Tensor? active, Tensor? positions, Tensor? rope_cos_sin, "
+      "float sm_scale, int num_splits, Tensor(c!) out) -> ()");
+  // One decode step of the Kangaroo adapter. CPU: csrc/cpu/adapter_forward.cpp; CUDA: the Triton kernels
+  // registered by kangaroo_kernels/adapter_forward.py.
+  m.def(
+      "adapter_forward(Tensor h, Tensor norm_in, Tensor wq, Tensor wk, Tensor wv, Tensor? bq, Tensor? bk, "
+      "Tensor? bv, Tensor wo, Tensor norm_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, "
+      "Tensor positions, Tensor? active, Tensor? rope_cos_sin, float rope_theta, float eps, bool apply_out_norm, "
+      "Tensor(c!) out) -> ()");
+  // The greedy CPU kernel of lm_head_exit (whose schema, with sampling, is defined in kangaroo_kernels/lm_head_exit.py;
+  // its CPU implementation calls this for temperature 0 without probs).
+  m.def(
+      "lm_head_exit_greedy_cpu(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, Tensor? active, "
+      "float threshold, float eps, Tensor(a!) token, Tensor(b!) conf, Tensor(c!) active_out, "
+      "Tensor(d!) token_prob) -> ()");
+  // One Llama-family decoder layer on x[B,T,D] (kangaroo.model.LlamaModel.layer's maths; appends K/V to layer
+  // `layer` of the stacked caches [L,B,Hk,S,Dh] at cache_lens, RoPE at positions[B,T]). CPU only
+  // (csrc/cpu/llama_layer.cpp): one dispatcher crossing per layer; CUDA runs the layer's ops (in a CUDA graph).
+  m.def(
+      "llama_layer(Tensor x, Tensor ln1, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor ln2, Tensor wgu, Tensor wd, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor cache_lens, Tensor positions, Tensor? tree_mask, "
+      "Tensor? active, Tensor rope_cos_sin, float eps, int num_heads, int num_kv_heads) -> Tensor");
   // True when the CUDA kernels were compiled into this library.
   m.def("has_cuda_kernels() -> bool");
 }

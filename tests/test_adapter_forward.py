@@ -271,7 +271,13 @@ def test_input_checks(change, match):
 
 
 def test_head_dim_checks():
+    """CPU takes any even head dim (issue 10: the Triton kernels' limit must not leak into the CPU path); the Triton
+    path names its limit; an odd head dim cannot take rotate-half RoPE anywhere."""
     a = _args(Hq=4, Dh=16)
+    with pytest.raises(ValueError, match="head dim"):
+        _adapter_forward_triton(**a)
+    adapter_forward(**a)
+    a = _args(Hq=2, Dh=15)
     with pytest.raises(ValueError, match="head dim"):
         adapter_forward(**a)
 

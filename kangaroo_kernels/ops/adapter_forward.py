@@ -1,5 +1,6 @@
 """adapter_forward: the Kangaroo adapter a(h) = RMSNorm_out(h + O(attn(RoPE(QKV(RMSNorm_in(h)))))) for one decode
-step, with its own static KV cache. CPU tensors run the reference; CUDA tensors run the Triton kernels
+step, with its own static KV cache. CPU tensors run the C++ kernel (csrc/cpu/adapter_forward.cpp: the reference's
+maths, attention by append_attention's CPU kernel); CUDA tensors run the Triton kernels
 (kangaroo_kernels/triton/adapter_forward.py), whose attention is append_attention's kernel.
 """
 
@@ -7,43 +8,54 @@ from typing import Optional
 
 import torch
 
-from kangaroo_kernels import _checks
-from kangaroo_kernels.reference.adapter_forward import adapter_forward_ref
+from kangaroo_kernels import _checks, _ext
 from kangaroo_kernels.types import AdapterWeights
 
 __all__ = ["adapter_forward"]
 
 
+# The schema lives in csrc/registration.cpp with the C++ CPU kernel (csrc/cpu/adapter_forward.cpp, the reference's
+# maths with append_attention's CPU kernel); this module adds the CUDA (Triton) implementation and the fake.
+_ext.ops()
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
-_lib.define(
-    "adapter_forward(Tensor h, Tensor norm_in, Tensor wq, Tensor wk, Tensor wv, Tensor? bq, Tensor? bk, "
-    "Tensor? bv, Tensor wo, Tensor norm_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, "
-    "Tensor positions, Tensor? active, Tensor? rope_cos_sin, float rope_theta, float eps, bool apply_out_norm, "
-    "Tensor(c!) out) -> ()")
 
 
-def _adapter_forward_cpu(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cache, v_cache, cache_lens, positions,
-                         active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
+def _fused_head_dim(Dh: int) -> bool:
+    """Head dims the fused Triton kernels tile: powers of two in [32, 256]."""
+    return 32 <= Dh <= 256 and not Dh & (Dh - 1)
+
+
+def _adapter_forward_composite(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cache, v_cache, cache_lens,
+                               positions, active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
+    """Other even head dims (e.g. 80, 96, 112) on CUDA: the reference's maths (torch ops) with append_attention's
+    Triton kernel, which pads the head inside the kernel. No host sync, fixed shapes: CUDA-graph capturable."""
+    from kangaroo_kernels.ops.append_attention import _append_attention_triton
+    from kangaroo_kernels.reference.adapter_forward import adapter_forward_ref
+
     Hk, Dh = k_cache.shape[1], k_cache.shape[3]
     w = AdapterWeights(norm_in, wq, wk, wv, wo, norm_out, wq.shape[0] // Dh, Hk, bq, bk, bv)
-    from kangaroo_kernels.ops.append_attention import _append_attention_cpu_ref_signature
 
-    out.copy_(adapter_forward_ref(h, w, k_cache, v_cache, cache_lens, positions, active=active,
-                                  rope_theta=rope_theta, rope_cos_sin=rope_cos_sin, eps=eps,
-                                  apply_out_norm=apply_out_norm, attention=_append_attention_cpu_ref_signature))
+    def attention(q, k, v, kc, vc, lens, *, tree_mask=None, active=None, sm_scale=None, positions=None,
+                  rope_cos_sin=None):
+        return _append_attention_triton(q, k, v, kc, vc, lens, tree_mask=tree_mask, active=active, sm_scale=sm_scale,
+                                        positions=positions, rope_cos_sin=rope_cos_sin, validate=False)
+
+    out.copy_(adapter_forward_ref(h, w, k_cache, v_cache, cache_lens, positions, active=active, rope_theta=rope_theta,
+                                  rope_cos_sin=rope_cos_sin, eps=eps, apply_out_norm=apply_out_norm,
+                                  attention=attention))
 
 
 def _adapter_forward_cuda(h, *args):
     from kangaroo_kernels.triton.adapter_forward import adapter_forward_triton
 
+    impl = adapter_forward_triton if _fused_head_dim(args[9].shape[3]) else _adapter_forward_composite  # k_cache
     if h.device.index != torch.cuda.current_device():
         with torch.cuda.device(h.device):
-            adapter_forward_triton(h, *args)
+            impl(h, *args)
         return
-    adapter_forward_triton(h, *args)
+    impl(h, *args)
 
 
-_lib.impl("adapter_forward", _adapter_forward_cpu, "CPU")
 _lib.impl("adapter_forward", _adapter_forward_cuda, "CUDA")
 
 
@@ -51,6 +63,18 @@ _lib.impl("adapter_forward", _adapter_forward_cuda, "CUDA")
 def _adapter_forward_fake(h, norm_in, wq, wk, wv, bq, bk, bv, wo, norm_out, k_cache, v_cache, cache_lens,
                           positions, active, rope_cos_sin, rope_theta, eps, apply_out_norm, out):
     return None
+
+
+def _check_cuda_head_dim(Dh: int, fused: bool = False) -> None:
+    """CUDA's limit: an even head dim <= 256 (append_attention's padded kernel); the fused kernels
+    (_adapter_forward_triton) take powers of two in [32, 256] only. CPU takes any even head dim."""
+    if fused and not _fused_head_dim(Dh):
+        raise ValueError(f"k_cache: the fused Triton kernels take a head dim Dh that is a power of two in [32, 256] "
+                         f"(expected [B, Hk, S, Dh]), got {Dh}; adapter_forward runs other even head dims on CUDA "
+                         f"through append_attention's padded kernel")
+    if Dh > 256:
+        raise ValueError(f"k_cache: on CUDA the head dim Dh must be <= 256 (append_attention's register tiles; "
+                         f"expected [B, Hk, S, Dh]), got {Dh}; CPU tensors take any even head dim")
 
 
 def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_theta, rope_cos_sin, eps,
@@ -67,9 +91,10 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
     _, _, S, Dh = k_cache.shape
     _checks.check_tensor("k_cache", k_cache, shape=(B, Hk, S, Dh),
                          expected=f"[B={B}, Hk=weights.num_kv_heads={Hk}, S, Dh]")
-    if Dh < 32 or Dh > 256 or Dh & (Dh - 1):  # append_attention's kernel
-        raise ValueError(f"k_cache: head dim Dh must be a power of two in [32, 256] (expected [B, Hk, S, Dh]), "
-                         f"got {Dh}")
+    if Dh < 1 or Dh % 2:  # rotate-half RoPE
+        raise ValueError(f"k_cache: head dim Dh must be even (rotate-half RoPE; expected [B, Hk, S, Dh]), got {Dh}")
+    if dev.type == "cuda":
+        _check_cuda_head_dim(Dh)
     if Hk < 1 or Hq < 1 or Hq % Hk:
         raise ValueError(f"weights.num_kv_heads={Hk} must divide weights.num_heads={Hq} (GQA)")
     _checks.check_tensor("v_cache", v_cache, dtypes=(dt,), shape=(B, Hk, S, Dh), device=dev,
@@ -162,6 +187,8 @@ def _adapter_forward_triton(h, weights, k_cache, v_cache, cache_lens, positions,
     """adapter_forward forced onto the Triton kernels (CPU tensors need TRITON_INTERPRET=1): tests, benchmarks."""
     from kangaroo_kernels.triton.adapter_forward import adapter_forward_triton
 
+    _check_cuda_head_dim(k_cache.shape[-1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 64,
+                         fused=True)
     args = _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_theta, rope_cos_sin, eps,
                     apply_out_norm, out, validate)
     if h.shape[0] > 0:

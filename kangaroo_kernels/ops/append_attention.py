@@ -1,73 +1,24 @@
 """append_attention: append the new K/V to a static cache and attend over prefix + new block.
 
 One op covers decode (T = 1), chain verification (T > 1, causal inside the block) and tree verification
-(T > 1 with the ancestor bit mask of build_tree). CPU tensors run the reference; CUDA tensors run the Triton
-split-KV kernel (kangaroo_kernels/triton/append_attention.py).
+(T > 1 with the ancestor bit mask of build_tree). CPU tensors run the C++ kernel (csrc/cpu/append_attention.cpp:
+any head dim, the prefix read in place); CUDA tensors run the Triton split-KV kernel
+(kangaroo_kernels/triton/append_attention.py).
 """
 
 from typing import Optional
 
 import torch
 
-from kangaroo_kernels import _checks
-from kangaroo_kernels.reference.append_attention import apply_rope_ref, tree_visible_ref
+from kangaroo_kernels import _checks, _ext
 
 __all__ = ["append_attention"]
 
+# The schema lives in csrc/registration.cpp with the C++ CPU kernel (csrc/cpu/append_attention.cpp); this module
+# adds the CUDA (Triton) implementation and the fake. num_splits: 0 lets the kernel choose (from B, Hk, T and S,
+# never from cache_lens values).
+_ext.ops()
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
-# num_splits: 0 lets the kernel choose (from B, Hk, T and S, never from cache_lens values).
-_lib.define(
-    "append_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor cache_lens, Tensor? tree_mask, Tensor? active, Tensor? positions, Tensor? rope_cos_sin, "
-    "float sm_scale, int num_splits, Tensor(c!) out) -> ()")
-
-
-def _append_attention_cpu(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
-                          rope_cos_sin, sm_scale, num_splits, out):
-    """append_attention_ref's semantics vectorised over rows (the reference loops over rows and tokens in Python,
-    which dominated a small model's CPU decode step). Reading lengths on the host is free for CPU tensors."""
-    B, T, Hq, Dh = q.shape
-    Hk, S = k_cache.shape[1], k_cache.shape[2]
-    G = Hq // Hk
-    lens = cache_lens.long()
-    if rope_cos_sin is not None:
-        if positions is None:
-            positions = lens[:, None] + torch.arange(T)
-        positions = positions.long().clamp(0, rope_cos_sin.shape[0] - 1)
-        q = apply_rope_ref(q, positions, rope_cos_sin)
-        k_new = apply_rope_ref(k_new, positions, rope_cos_sin)
-    k_new = k_new.to(k_cache.dtype)
-    v_new = v_new.to(v_cache.dtype)
-    act = torch.ones(B, dtype=torch.bool) if active is None else active
-    lp = lens.clamp(0, S)
-    P = int(lp.masked_fill(~act, 0).max())
-    keys = torch.cat([k_cache[:, :, :P].float(), k_new.transpose(1, 2).float()], dim=2)  # [B, Hk, P+T, Dh]
-    vals = torch.cat([v_cache[:, :, :P].float(), v_new.transpose(1, 2).float()], dim=2)
-    qg = q.float().view(B, T, Hk, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * T, Dh)  # query heads of a kv head
-    scores = qg @ keys.transpose(-1, -2) * (Dh ** -0.5 if sm_scale is None else sm_scale)
-    if tree_mask is not None:
-        visible_new = tree_visible_ref(tree_mask, T)
-    else:
-        visible_new = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
-    mask = torch.cat([(torch.arange(P) < lp[:, None])[:, None, :].expand(B, T, P), visible_new], dim=2)
-    mask = mask[:, None, None].expand(B, Hk, G, T, P + T).reshape(B, Hk, G * T, P + T)
-    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    p = torch.where(mask.any(dim=-1, keepdim=True), p, 0.0)  # a query that sees no key attends to nothing
-    o = (p @ vals).view(B, Hk, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, Dh)
-    out.copy_(torch.where(act[:, None, None, None], o.to(q.dtype), 0))
-    idx = lens[:, None] + torch.arange(T)
-    b_i, t_i = (act[:, None] & (idx >= 0) & (idx < S)).nonzero(as_tuple=True)
-    k_cache[b_i, :, idx[b_i, t_i]] = k_new[b_i, t_i]
-    v_cache[b_i, :, idx[b_i, t_i]] = v_new[b_i, t_i]
-
-
-def _append_attention_cpu_ref_signature(q, k_new, v_new, k_cache, v_cache, cache_lens, *, tree_mask=None,
-                                        active=None, sm_scale=None, positions=None, rope_cos_sin=None):
-    """_append_attention_cpu with append_attention_ref's signature (adapter_forward's CPU path uses it)."""
-    out = torch.empty_like(q)
-    _append_attention_cpu(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions, rope_cos_sin,
-                          sm_scale, 0, out)
-    return out
 
 
 def _append_attention_cuda(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
@@ -83,7 +34,6 @@ def _append_attention_cuda(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_m
                             rope_cos_sin, sm_scale, num_splits, out)
 
 
-_lib.impl("append_attention", _append_attention_cpu, "CPU")
 _lib.impl("append_attention", _append_attention_cuda, "CUDA")
 
 
@@ -91,6 +41,14 @@ _lib.impl("append_attention", _append_attention_cuda, "CUDA")
 def _append_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions,
                            rope_cos_sin, sm_scale, num_splits, out):
     return None
+
+
+def _check_cuda_head_dim(name: str, Dh: int, expected: str) -> None:
+    """The Triton kernel's limit (CPU takes any head dim)."""
+    if Dh < 2 or Dh > 256 or Dh % 2:  # rotate-half halves, padded to powers of two inside the kernel
+        raise ValueError(f"{name}: on CUDA the head dim Dh must be even and in [2, 256] (the Triton kernel pads each "
+                         f"half of a head to a power of two; larger heads exceed its register tiles; expected "
+                         f"{expected}), got {Dh}; CPU tensors take any head dim")
 
 
 def _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, sm_scale, positions, rope_cos_sin,
@@ -101,8 +59,15 @@ def _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, s
     dev = q.device
     if T < 1:
         raise ValueError(f"q must hold T >= 1 new tokens (expected [B, T, Hq, Dh]), got shape {tuple(q.shape)}")
-    if Dh < 32 or Dh > 256 or Dh & (Dh - 1):  # the kernel's dots take Dh/2 >= 16 columns
-        raise ValueError(f"q: head dim Dh must be a power of two in [32, 256] (expected [B, T, Hq, Dh]), got {Dh}")
+    if Dh < 1:
+        raise ValueError(f"q must have a head dim Dh >= 1 (expected [B, T, Hq, Dh]), got shape {tuple(q.shape)}")
+    if isinstance(k_new, torch.Tensor) and k_new.dim() == 4 and k_new.shape[3] != Dh:
+        raise ValueError(f"q: head dim Dh = {Dh} differs from k_new's {k_new.shape[3]} (expected q [B, T, Hq, Dh], "
+                         f"k_new [B, T, Hk, Dh])")
+    if rope_cos_sin is not None and Dh % 2:
+        raise ValueError(f"q: fused RoPE (rotate-half) needs an even head dim, got Dh = {Dh}")
+    if dev.type == "cuda":
+        _check_cuda_head_dim("q", Dh, "[B, T, Hq, Dh]")
     _checks.check_tensor("k_new", k_new, dtypes=(q.dtype,), shape=(B, T, None, Dh), device=dev,
                          expected=f"[B={B}, T={T}, Hk, Dh={Dh}] in q's dtype")
     Hk = k_new.shape[2]
@@ -181,7 +146,8 @@ def append_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     cache_lens[B] (int32/int64) is NOT advanced: layers sharing one lengths tensor read the same value and the
     caller advances it once per step. Inside the block attention is causal, or follows tree_mask[B,T,ceil(T/32)]
     int32 (bit j%32 of word j//32 of row t: new token j visible to t; build_tree's ancestor-or-self mask); the
-    prefix is always visible. GQA: Hq % Hk == 0. Dh: power of two in [32, 256]. q, k/v and caches share one
+    prefix is always visible. GQA: Hq % Hk == 0. Dh: any on CPU (even with fused RoPE); see _check_cuda_head_dim
+    for CUDA. q, k/v and caches share one
     dtype (fp32/fp16/bf16); softmax in fp32; sm_scale defaults to 1/sqrt(Dh).
     active[B] bool: inactive rows write nothing to the cache and get zeros in out (also in a given out=).
     RoPE (HF rotate-half) is fused when rope_cos_sin (fp32 [max_pos, Dh] = cat(cos, sin), see make_rope_cos_sin)
@@ -204,6 +170,7 @@ def _append_attention_triton(q, k_new, v_new, k_cache, v_cache, cache_lens, *, t
     """append_attention forced onto the Triton kernel (CPU tensors need TRITON_INTERPRET=1): tests, benchmarks."""
     from kangaroo_kernels.triton.append_attention import append_attention_triton
 
+    _check_cuda_head_dim("q", q.shape[-1], "[B, T, Hq, Dh]")
     args = _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, sm_scale, positions,
                     rope_cos_sin, num_splits, out, validate)
     if q.shape[0] > 0:

@@ -1,6 +1,7 @@
 """lm_head_exit / lm_head_topk: the draft side's LM head. (RMSNorm +) LM-head GEMV split over the vocabulary, fused
 with the argmax (or a Gumbel-max sample), the confidence and the early-exit flag, or with the top-k for tree
-drafting; the [B, V] logits are never written. CPU tensors run the reference; CUDA tensors run the Triton kernels
+drafting; the [B, V] logits are never written. CPU tensors run the reference (greedy lm_head_exit: the C++ kernel
+csrc/cpu/lm_head_exit.cpp); CUDA tensors run the Triton kernels
 (kangaroo_kernels/triton/lm_head_exit.py). Semantics: kangaroo_kernels/reference/lm_head_exit.py.
 """
 
@@ -10,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from kangaroo_kernels import _checks
+from kangaroo_kernels import _checks, _ext
 from kangaroo_kernels.reference.lm_head_exit import inv_temperature, lm_head_exit_inv_t_ref, lm_head_topk_ref
 from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
@@ -30,6 +31,10 @@ _lib.define(
 
 def _lm_head_exit_cpu(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
                       conf, active_out, token_prob, probs, inv_t_rows=None):
+    if inv_t == 0.0 and inv_t_rows is None and probs is None:  # greedy drafting: csrc/cpu/lm_head_exit.cpp
+        _ext.ops().lm_head_exit_greedy_cpu(hidden, lm_head_weight, norm_weight, active, threshold, eps, token, conf,
+                                           active_out, token_prob)
+        return
     res = lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active,
                                  inv_t if inv_t_rows is None else inv_t_rows, seed, offset, probs is not None)
     token.copy_(res.token)

@@ -7,6 +7,8 @@ whose K/V come from k_new/v_new (rotated, rounded to the cache dtype) and are wr
 query block 0 program of that split. Programs read the prefix only and write only [cache_len, cache_len + T),
 so no program reads what another writes. With one split the kernel writes out directly; otherwise it writes
 fp32 partials (running max m, sum l, unnormalised acc) that the merge kernel combines.
+Head dims that are not powers of two (80, 96, 112, ...) run padded: each half of the head to the next power of two
+(at least 16, tl.dot's minimum), the padding lanes masked to zero.
 Dots run on fp32 operands (tf32 for 16-bit inputs, which convert exactly; IEEE for fp32 inputs): bf16 tl.dot is
 wrong in the interpreter, and decode is bound by KV bandwidth, not by the dots.
 """
@@ -53,7 +55,7 @@ def _append_attention_kernel(
     s_pb, s_pt,
     s_cs,
     T, S, HQ, HK, G, MAX_POS, NUM_SPLITS, qk_scale,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, DH_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TREE: tl.constexpr, HAS_ACTIVE: tl.constexpr, ROPE: tl.constexpr, HAS_POSITIONS: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -68,8 +70,11 @@ def _append_attention_kernel(
     row_ok = r < G * T
     t = r // G
     h = kh * G + r % G
-    d = tl.arange(0, HALF)
-    dv = tl.arange(0, DH)
+    # head dims that are not powers of two are padded to HALF_P / DH_P lanes, masked (zeros in every dot)
+    d = tl.arange(0, HALF_P)
+    d_ok = d < HALF
+    dv = tl.arange(0, DH_P)
+    dv_ok = dv < DH
 
     cache_len = tl.load(CACHE_LENS + b).to(tl.int32)
     prefix_len = tl.minimum(tl.maximum(cache_len, 0), S)
@@ -80,16 +85,17 @@ def _append_attention_kernel(
         n_new = tl.where(act, T, 0)
 
     q_off = b * s_qb + t[:, None].to(tl.int64) * s_qt + h[:, None].to(tl.int64) * s_qh
-    q1 = tl.load(Q + q_off + d[None, :] * s_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(Q + q_off + (d[None, :] + HALF) * s_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    q1 = tl.load(Q + q_off + d[None, :] * s_qd, mask=q_ok, other=0.0).to(tl.float32)
+    q2 = tl.load(Q + q_off + (d[None, :] + HALF) * s_qd, mask=q_ok, other=0.0).to(tl.float32)
     if ROPE:
         if HAS_POSITIONS:
             pos_q = tl.load(POSITIONS + b * s_pb + t * s_pt, mask=row_ok, other=0).to(tl.int32)
         else:
             pos_q = cache_len + t
         pos_q = tl.minimum(tl.maximum(pos_q, 0), MAX_POS - 1).to(tl.int64)
-        cos_q = tl.load(COS_SIN + pos_q[:, None] * s_cs + d[None, :])
-        sin_q = tl.load(COS_SIN + pos_q[:, None] * s_cs + HALF + d[None, :])
+        cos_q = tl.load(COS_SIN + pos_q[:, None] * s_cs + d[None, :], mask=d_ok[None, :], other=0.0)
+        sin_q = tl.load(COS_SIN + pos_q[:, None] * s_cs + HALF + d[None, :], mask=d_ok[None, :], other=0.0)
         q1, q2 = _rope(q1, q2, cos_q, sin_q, Q.dtype.element_ty)
     # softmax in base 2: fold log2(e) into the scale
     q1 = q1 * qk_scale
@@ -98,7 +104,7 @@ def _append_attention_kernel(
     # a finite start keeps exp2(m_i - m_new) a number when a whole tile is masked
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DH_P], dtype=tl.float32)
 
     # prefix chunk of this split (BLOCK_N-aligned)
     chunk = tl.cdiv(tl.cdiv(prefix_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -110,10 +116,11 @@ def _append_attention_kernel(
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         k_ptr = kc_base + n[:, None].to(tl.int64) * s_kcs
-        k1 = tl.load(k_ptr + d[None, :] * s_kcd, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_ptr + (d[None, :] + HALF) * s_kcd, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vc_base + n[:, None].to(tl.int64) * s_vcs + dv[None, :] * s_vcd, mask=n_ok[:, None],
-                    other=0.0).to(tl.float32)
+        k_ok = n_ok[:, None] & d_ok[None, :]
+        k1 = tl.load(k_ptr + d[None, :] * s_kcd, mask=k_ok, other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptr + (d[None, :] + HALF) * s_kcd, mask=k_ok, other=0.0).to(tl.float32)
+        v = tl.load(vc_base + n[:, None].to(tl.int64) * s_vcs + dv[None, :] * s_vcd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         m_i, l_i, acc = _attend_tile(q1, q2, k1, k2, v, n_ok[None, :], m_i, l_i, acc, DOT_PRECISION)
 
     # the new block: last split only; query block 0 also appends it to the cache
@@ -125,27 +132,29 @@ def _append_attention_kernel(
         j = start + tl.arange(0, BLOCK_N)
         j_ok = j < new_hi
         k_ptr = kn_base + j[:, None].to(tl.int64) * s_knt
-        k1 = tl.load(k_ptr + d[None, :] * s_knd, mask=j_ok[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_ptr + (d[None, :] + HALF) * s_knd, mask=j_ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vn_base + j[:, None].to(tl.int64) * s_vnt + dv[None, :] * s_vnd, mask=j_ok[:, None],
-                    other=0.0)
+        kj_ok = j_ok[:, None] & d_ok[None, :]
+        k1 = tl.load(k_ptr + d[None, :] * s_knd, mask=kj_ok, other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptr + (d[None, :] + HALF) * s_knd, mask=kj_ok, other=0.0).to(tl.float32)
+        v = tl.load(vn_base + j[:, None].to(tl.int64) * s_vnt + dv[None, :] * s_vnd,
+                    mask=j_ok[:, None] & dv_ok[None, :], other=0.0)
         if ROPE:
             if HAS_POSITIONS:
                 pos_k = tl.load(POSITIONS + b * s_pb + j * s_pt, mask=j_ok, other=0).to(tl.int32)
             else:
                 pos_k = cache_len + j
             pos_k = tl.minimum(tl.maximum(pos_k, 0), MAX_POS - 1).to(tl.int64)
-            cos_k = tl.load(COS_SIN + pos_k[:, None] * s_cs + d[None, :])
-            sin_k = tl.load(COS_SIN + pos_k[:, None] * s_cs + HALF + d[None, :])
+            cos_k = tl.load(COS_SIN + pos_k[:, None] * s_cs + d[None, :], mask=d_ok[None, :], other=0.0)
+            sin_k = tl.load(COS_SIN + pos_k[:, None] * s_cs + HALF + d[None, :], mask=d_ok[None, :], other=0.0)
             k1, k2 = _rope(k1, k2, cos_k, sin_k, K_CACHE.dtype.element_ty)
         dst = cache_len + j
         w_ok = j_ok & writer & (dst >= 0) & (dst < S)
         dst = tl.where(w_ok, dst, 0).to(tl.int64)
         kc_ptr = kc_base + dst[:, None] * s_kcs
-        tl.store(kc_ptr + d[None, :] * s_kcd, k1.to(K_CACHE.dtype.element_ty), mask=w_ok[:, None])
-        tl.store(kc_ptr + (d[None, :] + HALF) * s_kcd, k2.to(K_CACHE.dtype.element_ty), mask=w_ok[:, None])
+        wk_ok = w_ok[:, None] & d_ok[None, :]
+        tl.store(kc_ptr + d[None, :] * s_kcd, k1.to(K_CACHE.dtype.element_ty), mask=wk_ok)
+        tl.store(kc_ptr + (d[None, :] + HALF) * s_kcd, k2.to(K_CACHE.dtype.element_ty), mask=wk_ok)
         tl.store(vc_base + dst[:, None] * s_vcs + dv[None, :] * s_vcd, v.to(V_CACHE.dtype.element_ty),
-                 mask=w_ok[:, None])
+                 mask=w_ok[:, None] & dv_ok[None, :])
         if TREE:
             word = tl.load(TREE_MASK + b * s_tmb + t[:, None].to(tl.int64) * s_tmt + (j[None, :] // 32) * s_tmw,
                            mask=row_ok[:, None] & j_ok[None, :], other=0)
@@ -161,14 +170,15 @@ def _append_attention_kernel(
         part = row * NUM_SPLITS + split
         tl.store(PART_M + part, m_i, mask=row_ok)
         tl.store(PART_L + part, l_i, mask=row_ok)
-        tl.store(PART_ACC + part[:, None] * DH + dv[None, :], acc, mask=row_ok[:, None])
+        tl.store(PART_ACC + part[:, None] * DH + dv[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
     else:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(OUT + row[:, None] * DH + dv[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(OUT + row[:, None] * DH + dv[None, :], o.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
-def _append_attention_merge_kernel(PART_M, PART_L, PART_ACC, OUT, NUM_SPLITS, DH: tl.constexpr,
+def _append_attention_merge_kernel(PART_M, PART_L, PART_ACC, OUT, NUM_SPLITS, DH: tl.constexpr, DH_P: tl.constexpr,
                                    SPLITS_P2: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_P2)
@@ -178,10 +188,11 @@ def _append_attention_merge_kernel(PART_M, PART_L, PART_ACC, OUT, NUM_SPLITS, DH
     l = tl.load(PART_L + part, mask=s_ok, other=0.0)
     w = tl.exp2(m - tl.max(m, axis=0))
     l_tot = tl.sum(l * w, axis=0)
-    d = tl.arange(0, DH)
-    acc = tl.load(PART_ACC + part[:, None] * DH + d[None, :], mask=s_ok[:, None], other=0.0)
+    d = tl.arange(0, DH_P)
+    d_ok = d < DH
+    acc = tl.load(PART_ACC + part[:, None] * DH + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0.0, l_tot, 1.0)
-    tl.store(OUT + row * DH + d, o.to(OUT.dtype.element_ty))
+    tl.store(OUT + row * DH + d, o.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 def _blocks(rows: int, Dh: int):
@@ -211,9 +222,13 @@ def append_attention_triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hk
     rows = G * T
+    half_p = max(16, triton.next_power_of_2(Dh // 2))  # tl.dot takes K >= 16
+    dh_p = 2 * half_p
     if num_splits <= 0:
-        num_splits = default_num_splits(B, Hk, rows, Dh, S, q.device)
-    BLOCK_M, BLOCK_N = _blocks(rows, Dh)
+        num_splits = default_num_splits(B, Hk, rows, dh_p, S, q.device)
+    BLOCK_M, BLOCK_N = _blocks(rows, dh_p)
+    if dh_p != Dh and dh_p >= 128:  # the padding masks cost registers: the narrower KV tile (no spill on sm_90)
+        BLOCK_N = min(BLOCK_N, 32)
     split = num_splits > 1
     if split:
         part_m = torch.empty((B * T * Hq * num_splits,), dtype=torch.float32, device=q.device)
@@ -238,15 +253,15 @@ def append_attention_triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_
         *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         *tm_strides, *pos_strides, s_cs,
         T, S, Hq, Hk, G, max_pos, num_splits, sm_scale * _LOG2E,
-        HALF=Dh // 2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HALF=Dh // 2, HALF_P=half_p, DH_P=dh_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         TREE=tree_mask is not None, HAS_ACTIVE=active is not None, ROPE=rope_cos_sin is not None,
         HAS_POSITIONS=positions is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if Dh >= 128 else 4,  # fp32 K/V tiles: spread them over more registers
+        num_warps=8 if dh_p >= 128 else 4,  # fp32 K/V tiles: spread them over more registers
         num_stages=2,
     )
     if split:
         _append_attention_merge_kernel[(B * T * Hq,)](
-            part_m, part_l, part_acc, out, num_splits, DH=Dh, SPLITS_P2=triton.next_power_of_2(num_splits),
-            num_warps=4 if Dh >= 128 else 2,
+            part_m, part_l, part_acc, out, num_splits, DH=Dh, DH_P=dh_p, SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=4 if dh_p >= 128 else 2,
         )

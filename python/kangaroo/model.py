@@ -140,10 +140,11 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, weights: Dict[str, Any]):
         self.config = config
-        self.embed_tokens: torch.Tensor = weights["embed"]
-        self.layers: List[Dict[str, torch.Tensor]] = weights["layers"]
+        tied = weights["lm_head"] is weights["embed"]
+        self.embed_tokens: torch.Tensor = _cpu_colmajor(weights["embed"])
+        self.layers: List[Dict[str, torch.Tensor]] = [_cpu_layout(lay) for lay in weights["layers"]]
         self.norm: torch.Tensor = weights["norm"]
-        self.lm_head: torch.Tensor = weights["lm_head"]
+        self.lm_head: torch.Tensor = self.embed_tokens if tied else _cpu_colmajor(weights["lm_head"])
         self._rope: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
 
@@ -232,13 +233,18 @@ class LlamaModel:
         advancing cache_lens). Rows with active False write nothing (their output is meaningless)."""
         c = self.config
         p = self.layers[i]
+        if rope is None:
+            rope = self.rope_cos_sin(cache.max_len)
+        if x.device.type == "cpu":  # the same maths in one C++ op (csrc/cpu/llama_layer.cpp): no per-op overhead
+            return torch.ops.kangaroo_kernels.llama_layer(
+                x, p["ln1"], p["wqkv"], p.get("bqkv"), p["wo"], p["ln2"], p["wgu"], p["wd"], cache.k, cache.v, i,
+                cache_lens, positions, tree_mask, active, rope, c.rms_norm_eps, c.num_attention_heads,
+                c.num_key_value_heads)
         B, T, D = x.shape
         Hq, Hk, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         h = rms_norm(x, p["ln1"], c.rms_norm_eps)
         qkv = F.linear(h, p["wqkv"], p.get("bqkv"))
         q, k, v = qkv.split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
-        if rope is None:
-            rope = self.rope_cos_sin(cache.max_len)
         a = append_attention(q.reshape(B, T, Hq, Dh), k.reshape(B, T, Hk, Dh), v.reshape(B, T, Hk, Dh),
                              cache.k[i], cache.v[i], cache_lens, tree_mask=tree_mask, active=active,
                              positions=positions, rope_cos_sin=rope, validate=False)
@@ -259,6 +265,20 @@ class LlamaModel:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head; fp32 logits."""
         return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+
+
+def _cpu_colmajor(t: torch.Tensor) -> torch.Tensor:
+    """CPU: a matrix stored column-major (same [N, K] shape and values, strides (1, N)), so F.linear hands MKL a
+    contiguous [K, N] operand. Measured here (one core, 8-layer demo shape, A/B in one process): a plain step's
+    layers 6-16 % faster, a 5-row verify block 3-20 % faster (6x when the weights sit in L2), the 4096 x 256 LM-head
+    GEMV 24 % faster from memory. Other devices keep the checkpoint's row-major layout."""
+    if t.device.type == "cpu" and t.dim() == 2:
+        return t.t().contiguous().t()
+    return t
+
+
+def _cpu_layout(layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: _cpu_colmajor(t) if k in ("wqkv", "wo", "wgu", "wd") else t for k, t in layer.items()}
 
 
 # ---------------------------------------------------------------------- weight loading

@@ -1,0 +1,295 @@
+// CPU implementation of kangaroo_kernels::append_attention (semantics: kangaroo_kernels/reference/append_attention.py).
+//
+// One task per (row b, KV head kh): it rotates the T new keys (rounded to the cache dtype: the values the cache
+// receives), then for every query row (token t, query head of kh) attends over the cached prefix
+// [0, clamp(L, 0, S)) read in place plus the new block (causal, or the tree's ancestor bits), softmax in fp32, and
+// finally writes the new K/V at slots L + t inside [0, S). Nothing is concatenated, and nothing is allocated per
+// call but a per-thread scratch that only grows. Any head dim (even when RoPE is fused) and any strides work: q/k/v
+// may be views of a fused QKV output and the caches one layer of a stacked cache.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/ops_cpu.h"
+
+namespace kangaroo {
+
+namespace {
+
+// fp32 dot with 8 independent partial sums (vectorisable without -ffast-math).
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += a[i + u] * b[i + u];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+inline void load_row(const T* src, int64_t stride, int64_t n, float* dst) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+  }
+}
+
+// HF rotate-half RoPE of x[0, Dh) in place: fp32 maths, rounded to T (apply_rope_ref).
+template <typename T>
+inline void rope_row(float* x, const float* cs, int64_t Dh) {
+  const int64_t half = Dh / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = cs[i], s = cs[half + i];
+    const float x1 = x[i], x2 = x[half + i];
+    const float p1 = x1 * c, p2 = x2 * s, p3 = x2 * c, p4 = x1 * s;
+    x[i] = static_cast<float>(static_cast<T>(p1 - p2));
+    x[half + i] = static_cast<float>(static_cast<T>(p3 + p4));
+  }
+}
+
+thread_local std::vector<float> tls_scratch;
+
+inline float* scratch(size_t n) {
+  if (tls_scratch.size() < n) tls_scratch.resize(n);
+  return tls_scratch.data();
+}
+
+struct Args {
+  const void *q, *kn, *vn, *lens, *tree, *active, *pos, *cs;
+  void *kc, *vc, *out;
+  bool lens64, pos64;
+  int64_t B, T, Hq, Hk, G, Dh, S, W, max_pos;
+  int64_t s_qb, s_qt, s_qh, s_qd, s_knb, s_knt, s_knh, s_knd, s_vnb, s_vnt, s_vnh, s_vnd;
+  int64_t s_kcb, s_kch, s_kcs, s_kcd, s_vcb, s_vch, s_vcs, s_vcd, s_tmb, s_tmt, s_pb, s_pt, s_cs;
+  float scale;
+};
+
+inline int64_t read_index(const void* p, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+}
+
+template <typename T>
+void attend_bh(const Args& a, int64_t b, int64_t kh) {
+  const int64_t NT = a.T, Dh = a.Dh, G = a.G, S = a.S;
+  const T* q = static_cast<const T*>(a.q);
+  const T* kn = static_cast<const T*>(a.kn);
+  const T* vn = static_cast<const T*>(a.vn);
+  T* kc = static_cast<T*>(a.kc) + b * a.s_kcb + kh * a.s_kch;
+  T* vc = static_cast<T*>(a.vc) + b * a.s_vcb + kh * a.s_vch;
+  T* out = static_cast<T*>(a.out);  // contiguous [B, T, Hq, Dh]
+  const bool act = a.active == nullptr || static_cast<const bool*>(a.active)[b];
+  if (!act) {
+    for (int64_t t = 0; t < NT; ++t) {
+      T* o = out + ((b * NT + t) * a.Hq + kh * G) * Dh;
+      std::fill(o, o + G * Dh, static_cast<T>(0.0f));
+    }
+    return;
+  }
+  const int64_t L = read_index(a.lens, a.lens64, b);
+  const int64_t lp = std::min(std::max<int64_t>(L, 0), S);
+  // scratch: rotated new keys [T, Dh], new values [T, Dh], one query [Dh], its output [Dh], scores [lp + T]
+  // and one cache row converted to fp32 [Dh] (16-bit or strided caches)
+  float* knr = scratch(static_cast<size_t>(2 * NT * Dh + 3 * Dh + lp + NT));
+  float* vnr = knr + NT * Dh;
+  float* qr = vnr + NT * Dh;
+  float* acc = qr + Dh;
+  float* tmp = acc + Dh;
+  float* sc = tmp + Dh;
+  const float* cs = static_cast<const float*>(a.cs);
+  auto cs_row = [&](int64_t t) {
+    const int64_t p = a.pos ? read_index(a.pos, a.pos64, b * a.s_pb + t * a.s_pt) : L + t;
+    return cs + std::min(std::max<int64_t>(p, 0), a.max_pos - 1) * a.s_cs;
+  };
+  for (int64_t t = 0; t < NT; ++t) {
+    load_row(kn + b * a.s_knb + t * a.s_knt + kh * a.s_knh, a.s_knd, Dh, knr + t * Dh);
+    if (cs) rope_row<T>(knr + t * Dh, cs_row(t), Dh);
+    load_row(vn + b * a.s_vnb + t * a.s_vnt + kh * a.s_vnh, a.s_vnd, Dh, vnr + t * Dh);
+  }
+  const bool kc_unit = a.s_kcd == 1, vc_unit = a.s_vcd == 1;
+  for (int64_t t = 0; t < NT; ++t) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = kh * G + g;
+      load_row(q + b * a.s_qb + t * a.s_qt + h * a.s_qh, a.s_qd, Dh, qr);
+      if (cs) rope_row<T>(qr, cs_row(t), Dh);
+      float m = -INFINITY;
+      for (int64_t j = 0; j < lp; ++j) {
+        const T* kr = kc + j * a.s_kcs;
+        float s;
+        if constexpr (std::is_same<T, float>::value) {
+          if (kc_unit) {
+            s = dot_f32(qr, kr, Dh);
+          } else {
+            load_row(kr, a.s_kcd, Dh, tmp);
+            s = dot_f32(qr, tmp, Dh);
+          }
+        } else {
+          load_row(kr, a.s_kcd, Dh, tmp);
+          s = dot_f32(qr, tmp, Dh);
+        }
+        s *= a.scale;
+        sc[j] = s;
+        m = std::max(m, s);
+      }
+      const int32_t* words = a.tree ? static_cast<const int32_t*>(a.tree) + b * a.s_tmb + t * a.s_tmt : nullptr;
+      for (int64_t j = 0; j < NT; ++j) {
+        const bool vis = words ? ((static_cast<uint32_t>(words[j / 32]) >> (j % 32)) & 1u) != 0 : j <= t;
+        if (!vis) {
+          sc[lp + j] = -INFINITY;
+          continue;
+        }
+        const float s = dot_f32(qr, knr + j * Dh, Dh) * a.scale;
+        sc[lp + j] = s;
+        m = std::max(m, s);
+      }
+      T* o = out + ((b * NT + t) * a.Hq + h) * Dh;
+      if (m == -INFINITY) {  // sees no key: attends to nothing
+        std::fill(o, o + Dh, static_cast<T>(0.0f));
+        continue;
+      }
+      std::fill(acc, acc + Dh, 0.0f);
+      float l = 0.0f;
+      for (int64_t j = 0; j < lp + NT; ++j) {
+        if (sc[j] == -INFINITY) continue;
+        const float p = std::exp(sc[j] - m);
+        l += p;
+        const float* vr;
+        if (j >= lp) {
+          vr = vnr + (j - lp) * Dh;
+        } else if (std::is_same<T, float>::value && vc_unit) {
+          vr = reinterpret_cast<const float*>(vc + j * a.s_vcs);
+        } else {
+          load_row(vc + j * a.s_vcs, a.s_vcd, Dh, tmp);
+          vr = tmp;
+        }
+        for (int64_t d = 0; d < Dh; ++d) acc[d] += p * vr[d];
+      }
+      const float inv = 1.0f / l;
+      for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    }
+  }
+  for (int64_t t = 0; t < NT; ++t) {  // append (after every read of this head's prefix)
+    const int64_t dst = L + t;
+    if (dst < 0 || dst >= S) continue;
+    T* kd = kc + dst * a.s_kcs;
+    T* vd = vc + dst * a.s_vcs;
+    for (int64_t d = 0; d < Dh; ++d) {
+      kd[d * a.s_kcd] = static_cast<T>(knr[t * Dh + d]);
+      vd[d * a.s_vcd] = static_cast<T>(vnr[t * Dh + d]);
+    }
+  }
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+}  // namespace
+
+void append_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                          const std::optional<at::Tensor>& tree_mask, const std::optional<at::Tensor>& active,
+                          const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& rope_cos_sin,
+                          double sm_scale, int64_t num_splits, const at::Tensor& out) {
+  (void)num_splits;  // one pass over the prefix on CPU
+  // metadata guards (the Python wrapper gives precise messages; these keep direct torch.ops calls memory-safe)
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be [B, T, Hq, Dh]");
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), Dh = q.size(3);
+  TORCH_CHECK_VALUE(k_new.dim() == 4 && k_new.size(0) == B && k_new.size(1) == T && k_new.size(3) == Dh,
+                    "k_new must be [B, T, Hk, Dh]");
+  const int64_t Hk = k_new.size(2);
+  TORCH_CHECK_VALUE(Hk >= 1 && Hq % Hk == 0, "k_new: Hk must divide Hq");
+  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "v_new must be [B, T, Hk, Dh]");
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hk && k_cache.size(3) == Dh,
+                    "k_cache must be [B, Hk, S, Dh]");
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must be [B, Hk, S, Dh]");
+  TORCH_CHECK_VALUE(cache_lens.dim() == 1 && cache_lens.size(0) == B && cache_lens.is_contiguous() &&
+                        (cache_lens.scalar_type() == at::kInt || cache_lens.scalar_type() == at::kLong),
+                    "cache_lens must be a contiguous [B] int32/int64 tensor");
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
+                    "out must be a contiguous [B, T, Hq, Dh] tensor in q's dtype");
+  for (auto* p : {&k_new, &v_new, &k_cache, &v_cache, &out}) check_same(*p, q, "k_new/v_new/caches/out");
+  Args a{};
+  const int64_t S = k_cache.size(2);
+  if (tree_mask) {
+    const auto& tm = *tree_mask;
+    TORCH_CHECK_VALUE(tm.dim() == 3 && tm.size(0) == B && tm.size(1) == T && tm.size(2) == (T + 31) / 32 &&
+                          tm.scalar_type() == at::kInt && tm.stride(2) == 1,
+                      "tree_mask must be [B, T, ceil(T/32)] int32 with unit last stride");
+    a.tree = tm.data_ptr();
+    a.s_tmb = tm.stride(0);
+    a.s_tmt = tm.stride(1);
+  }
+  if (active) {
+    TORCH_CHECK_VALUE(active->dim() == 1 && active->size(0) == B && active->scalar_type() == at::kBool &&
+                          active->is_contiguous(),
+                      "active must be a contiguous [B] bool tensor");
+    a.active = active->data_ptr();
+  }
+  if (rope_cos_sin) {
+    const auto& cs = *rope_cos_sin;
+    TORCH_CHECK_VALUE(cs.dim() == 2 && cs.size(1) == Dh && cs.size(0) >= 1 && cs.scalar_type() == at::kFloat &&
+                          cs.stride(1) == 1,
+                      "rope_cos_sin must be [max_pos, Dh] float32 with unit last stride");
+    TORCH_CHECK_VALUE(Dh % 2 == 0, "q: fused RoPE (rotate-half) needs an even head dim, got Dh = ", Dh);
+    a.cs = cs.data_ptr();
+    a.s_cs = cs.stride(0);
+    a.max_pos = cs.size(0);
+    if (positions) {
+      const auto& p = *positions;
+      TORCH_CHECK_VALUE(p.dim() == 2 && p.size(0) == B && p.size(1) == T &&
+                            (p.scalar_type() == at::kInt || p.scalar_type() == at::kLong),
+                        "positions must be [B, T] int32/int64");
+      a.pos = p.data_ptr();
+      a.pos64 = p.scalar_type() == at::kLong;
+      a.s_pb = p.stride(0);
+      a.s_pt = p.stride(1);
+    }
+  }
+  if (B == 0 || T == 0) return;
+  a.q = q.data_ptr();
+  a.kn = k_new.data_ptr();
+  a.vn = v_new.data_ptr();
+  a.kc = k_cache.data_ptr();
+  a.vc = v_cache.data_ptr();
+  a.out = out.data_ptr();
+  a.lens = cache_lens.data_ptr();
+  a.lens64 = cache_lens.scalar_type() == at::kLong;
+  a.B = B, a.T = T, a.Hq = Hq, a.Hk = Hk, a.G = Hq / Hk, a.Dh = Dh, a.S = S;
+  a.s_qb = q.stride(0), a.s_qt = q.stride(1), a.s_qh = q.stride(2), a.s_qd = q.stride(3);
+  a.s_knb = k_new.stride(0), a.s_knt = k_new.stride(1), a.s_knh = k_new.stride(2), a.s_knd = k_new.stride(3);
+  a.s_vnb = v_new.stride(0), a.s_vnt = v_new.stride(1), a.s_vnh = v_new.stride(2), a.s_vnd = v_new.stride(3);
+  a.s_kcb = k_cache.stride(0), a.s_kch = k_cache.stride(1), a.s_kcs = k_cache.stride(2), a.s_kcd = k_cache.stride(3);
+  a.s_vcb = v_cache.stride(0), a.s_vch = v_cache.stride(1), a.s_vcs = v_cache.stride(2), a.s_vcd = v_cache.stride(3);
+  a.scale = static_cast<float>(sm_scale);
+  // small problems (decode of a small model) run inline: a thread-pool hand-off costs more than the work
+  const int64_t work = (S + T) * T * (Hq / Hk) * Dh;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(work, 1));
+  auto run = [&](auto tag) {
+    using T_ = decltype(tag);
+    at::parallel_for(0, B * Hk, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) attend_bh<T_>(a, i / Hk, i % Hk);
+    });
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK_VALUE(false, "q must be float32/bfloat16/float16, got ", q.scalar_type());
+  }
+}
+
+}  // namespace kangaroo
+
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("append_attention", &kangaroo::append_attention_cpu); }

@@ -1,0 +1,26 @@
+// CPU op implementations that other CPU ops call directly (no dispatcher round trip).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace kangaroo {
+
+// kangaroo_kernels::append_attention on CPU tensors (csrc/cpu/append_attention.cpp).
+void append_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                          const std::optional<at::Tensor>& tree_mask, const std::optional<at::Tensor>& active,
+                          const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& rope_cos_sin,
+                          double sm_scale, int64_t num_splits, const at::Tensor& out);
+
+// kangaroo_kernels::adapter_forward on CPU tensors (csrc/cpu/adapter_forward.cpp).
+void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const at::Tensor& wq, const at::Tensor& wk,
+                         const at::Tensor& wv, const std::optional<at::Tensor>& bq,
+                         const std::optional<at::Tensor>& bk, const std::optional<at::Tensor>& bv,
+                         const at::Tensor& wo, const at::Tensor& norm_out, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& cache_lens, const at::Tensor& positions,
+                         const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& rope_cos_sin,
+                         double rope_theta, double eps, bool apply_out_norm, const at::Tensor& out);
+
+}  // namespace kangaroo
