@@ -1,0 +1,118 @@
+"""The state of one generate call, split by what it is: DecodeSettings (host values, frozen), DecodeBuffers (the
+static device tensors every cycle updates in place; CUDA-graph safe) and, in DecodeState, the model side's static
+inputs and the tree layout (kangaroo.draft.TreeLayout). Nothing is assigned onto any of them after construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional
+
+import torch
+
+from kangaroo.draft import TreeLayout
+from kangaroo.model import KVCache, LlamaModel
+from kangaroo_kernels.types import Accepted, AdapterWeights
+
+__all__ = ["DecodeSettings", "DecodeBuffers", "DecodeState", "new_state"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    exit_layer: int
+    gamma: int               # γ: draft steps a cycle at most
+    topk: int                # K candidates kept a draft step: 1 = the chain, > 1 = a tree
+    threshold: float         # η: a row keeps drafting while its draft's probability >= η
+    sibling_threshold: float
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new: int
+    host_exit: bool          # CPU early exit (kangaroo.draft.host_done)
+    autoregressive: bool = False
+
+    @property
+    def n_nodes(self) -> int:
+        """N, the draft nodes verified a cycle."""
+        return 0 if self.autoregressive else self.gamma * self.topk
+
+    @property
+    def log_sibling_threshold(self) -> float:
+        return math.log(self.sibling_threshold) if self.sibling_threshold > 0 else -math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBuffers:
+    """[B] int32 unless noted. The fields from `cur` on are per-cycle scratch (written before they are read)."""
+
+    cache: KVCache              # shallow and deep K/V; slot p of row b holds position p
+    L0: torch.Tensor            # committed length (= position of x0): the one length of every cache
+    tok: torch.Tensor           # x0, the pending token
+    n_gen: torch.Tensor
+    max_new: torch.Tensor
+    alive: torch.Tensor         # bool
+    need_catch: torch.Tensor    # bool: the adapter has not seen the last accepted node (kangaroo.draft.catch_up)
+    catch_h: torch.Tensor       # [B, D] its layer-ℓ hidden state
+    ak: Optional[torch.Tensor]  # adapter K/V [B, Hk, S, Dh]
+    av: Optional[torch.Tensor]
+    eos: Optional[torch.Tensor]     # sorted EOS ids
+    seed: Optional[torch.Tensor]    # sampling: int64 Philox key and counter [B]
+    offset: Optional[torch.Tensor]
+    arange_block: torch.Tensor  # [N+1] 0..N
+    cur: torch.Tensor           # the draft loop's current token
+    n_chain: torch.Tensor       # chain drafts
+    drafts: torch.Tensor        # [B, N], -1 padded
+    hbuf: torch.Tensor          # [B, N+1, D] layer-ℓ states of x0, the chain drafts, then the siblings
+    acc: Accepted
+    out: torch.Tensor           # [B, 4 + N]: the cycle's host transfer (kangaroo.verify.commit)
+    side_k: Optional[torch.Tensor]  # tree: the siblings' parked shallow K/V [ℓ, B, Hk, N-γ, Dh]
+    side_v: Optional[torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    model: LlamaModel
+    cfg: DecodeSettings
+    buf: DecodeBuffers
+    rope: torch.Tensor                 # the model's RoPE table (adapter_forward, append_attention)
+    adapter: Optional[AdapterWeights]  # None when autoregressive
+    adapter_eps: float
+    tree: Optional[TreeLayout]         # None for the chain
+
+    @property
+    def B(self) -> int:
+        return self.buf.tok.shape[0]
+
+    @property
+    def S(self) -> int:
+        return self.buf.cache.max_len
+
+
+def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, seeds: Optional[torch.Tensor],
+              eos: Optional[List[int]]) -> DecodeState:
+    """Allocates the buffers of a call with B rows and S cache slots. adapter: a KangarooAdapter or None."""
+    c, dev, dt = model.config, model.device, model.dtype
+    N, D, g = cfg.n_nodes, c.hidden_size, cfg.gamma
+    i32 = dict(dtype=torch.int32, device=dev)
+    drafting = adapter is not None and not cfg.autoregressive
+    tree = TreeLayout.build(B, g, cfg.topk, dev) if drafting and cfg.topk > 1 else None
+    ak = av = side_k = side_v = None
+    if drafting:
+        ak, av = (torch.zeros(B, adapter.num_kv_heads, S, adapter.head_dim, dtype=dt, device=dev) for _ in "kv")
+    if tree is not None:
+        side_k, side_v = (torch.zeros(cfg.exit_layer, B, c.num_key_value_heads, N - g, c.head_dim, dtype=dt,
+                                      device=dev) for _ in "kv")
+    sampling = cfg.temperature > 0
+    buf = DecodeBuffers(
+        model.new_cache(B, S), torch.zeros(B, **i32), torch.zeros(B, **i32), torch.zeros(B, **i32),
+        torch.full((B,), cfg.max_new, **i32), torch.ones(B, dtype=torch.bool, device=dev),
+        torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, D, dtype=dt, device=dev), ak, av,
+        torch.tensor(sorted(set(eos)), **i32) if eos else None, seeds.to(dev) if sampling else None,
+        torch.zeros(B, dtype=torch.int64, device=dev) if sampling else None, torch.arange(N + 1, **i32),
+        torch.zeros(B, **i32), torch.zeros(B, **i32), torch.full((B, N), -1, **i32),
+        torch.zeros(B, N + 1, D, dtype=dt, device=dev),
+        Accepted(torch.zeros(B, **i32), torch.zeros(B, N + 1, **i32), torch.zeros(B, N + 1, **i32)),
+        torch.zeros(B, 4 + N, **i32), side_k, side_v)
+    return DecodeState(model, cfg, buf, model.rope_cos_sin(S), adapter.weights() if drafting else None,
+                       adapter.rms_norm_eps if drafting else 0.0, tree)
