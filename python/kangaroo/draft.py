@@ -1,8 +1,7 @@
 """The draft side of a Kangaroo cycle: adapter-cache catch-up and the draft loop.
 
-Everything works in place on a `kangaroo.generate.DecodeState`'s static buffers with fixed shapes and predicated
-rows (finished rows and rows whose draft exited are no-ops for the kernels), so a cycle can be captured in a CUDA
-graph; on CPU the same code runs eagerly.
+In place on a DecodeState's static buffers (kangaroo.state), fixed shapes, predicated rows (finished and exited
+rows are no-ops for the kernels): CUDA-graph capturable; on CPU the same code runs eagerly.
 
 Draft loop (DESIGN.md section 1), γ = cfg.gamma, ℓ = cfg.exit_layer, x0 = buf.tok at position L0 = buf.L0, K =
 cfg.topk candidates a step (K = 1: the chain; K > 1: a tree):
@@ -16,8 +15,8 @@ With K > 1 each step also keeps the top-2..K candidates as leaf siblings of its 
 token (a T = K block, each seeing the prefix and itself); their shallow K/V and hidden states are parked in side
 buffers until verification lays the tree out in the cache (TreeLayout).
 
-CPU early exit (cfg.host_exit): host_done is the one place that reads device flags on the host (free for CPU
-tensors) to skip work no row needs; on CUDA every step runs predicated inside the graph instead.
+CPU early exit (cfg.host_exit): host_done is the one place that reads flags on the host (free for CPU tensors)
+to skip work no row needs; on CUDA every step runs predicated inside the graph instead.
 """
 
 from __future__ import annotations
@@ -50,11 +49,10 @@ class TreeLayout:
         i32 = dict(dtype=torch.int32, device=device)
         parents = list(range(-1, gamma - 1)) + [i - 1 for i in range(gamma) for _ in range(K - 1)]
         depth = list(range(1, gamma + 1)) + [i + 1 for i in range(gamma) for _ in range(K - 1)]
-        N = len(parents)
-        full = torch.tensor([-1] + [p + 1 for p in parents], **i32)[None].expand(B, N + 1).contiguous()
-        siblings = (1 << torch.arange(K, **i32))[None, :, None].expand(B, K, 1).contiguous()
-        return cls(torch.tensor(parents, **i32)[None].expand(B, N).contiguous(), build_tree(full, validate=False).mask,
-                   torch.tensor([0] + depth, **i32), siblings)
+        rows = lambda t: t[None].expand(B, *t.shape).contiguous()  # noqa: E731
+        full = rows(torch.tensor([-1] + [p + 1 for p in parents], **i32))  # [x0, nodes]: x0 is node 0 there
+        return cls(rows(torch.tensor(parents, **i32)), build_tree(full, validate=False).mask,
+                   torch.tensor([0] + depth, **i32), rows((1 << torch.arange(K, **i32))[:, None]))
 
 
 def host_done(st, rows: torch.Tensor) -> bool:
@@ -63,8 +61,7 @@ def host_done(st, rows: torch.Tensor) -> bool:
 
 
 def _adapter_step(st, h, pos, active):
-    """The adapter on h[B,D] at position pos (appending its K/V); returns the pre-norm residual (the out norm is
-    applied inside the draft head's LM-head op)."""
+    """The adapter on h[B,D] at pos (appending its K/V) -> the pre-norm residual (draft_head applies the norm)."""
     b = st.buf
     return adapter_forward(h, st.adapter, b.ak, b.av, pos, pos, active=active, rope_cos_sin=st.rope,
                            eps=st.adapter_eps, apply_out_norm=False, validate=False)
@@ -79,9 +76,8 @@ def _shallow(st, tokens, pos, active, tree_mask=None):
 
 
 def catch_up(st) -> None:
-    """Adapter K/V for the last accepted node when the previous cycle accepted a node the adapter never saw (all
-    chain drafts accepted, or a tree path ending in the last chain draft or a sibling): its layer-ℓ hidden state
-    was saved in buf.catch_h; its position is L0 - 1."""
+    """Adapter K/V (position L0 - 1) of a last accepted node the adapter never saw (all chain drafts accepted, or a
+    tree path ending in the last chain draft or a sibling), from its layer-ℓ state saved in buf.catch_h."""
     b = st.buf
     rows = b.need_catch & b.alive
     if host_done(st, rows):
@@ -110,25 +106,13 @@ def slots(st, start: torch.Tensor, n: int) -> torch.Tensor:
     return idx[None, :, None, :, None].expand(st.cfg.exit_layer, -1, b.cache.k.shape[2], -1, b.cache.k.shape[4])
 
 
-def _park_siblings(st, h, pos, i) -> None:
-    """Step i's siblings: shallow K/V from slots pos+1..pos+K-1 (the next chain step overwrites them) and hidden
-    states into the side buffers."""
-    b, K, ell = st.buf, st.cfg.topk, st.cfg.exit_layer
-    idx = slots(st, pos + 1, K - 1)
-    sl = slice((i - 1) * (K - 1), i * (K - 1))
-    b.side_k[:, :, :, sl].copy_(torch.gather(b.cache.k[:ell], 3, idx))
-    b.side_v[:, :, :, sl].copy_(torch.gather(b.cache.v[:ell], 3, idx))
-    b.hbuf[:, st.cfg.gamma + 1:][:, sl].copy_(h[:, 1:])
-
-
 def draft(st, n_steps: int) -> Optional[int]:
-    """The draft loop (module docstring) after the catch-up, with at most n_steps <= γ draft steps (the adaptive cap
-    of the predicated path). Fills buf.drafts (-1 where nothing was drafted), buf.n_chain and buf.hbuf (and the
-    parked siblings). Returns the number of draft steps when the CPU early exit stopped the loop, None when all
-    n_steps ran."""
+    """Catch-up, then the draft loop (module docstring) of at most n_steps <= γ steps (the adaptive cap). Fills
+    buf.drafts (-1 padded), n_chain, hbuf and the parked siblings. Returns the steps run when the CPU early exit
+    stopped the loop, None when all n_steps ran."""
     catch_up(st)
     cfg, b = st.cfg, st.buf
-    K, g = cfg.topk, cfg.gamma
+    K, g, ell = cfg.topk, cfg.gamma, cfg.exit_layer
     b.cur.copy_(b.tok)
     b.n_chain.zero_()
     b.drafts.fill_(-1)
@@ -140,7 +124,11 @@ def draft(st, n_steps: int) -> Optional[int]:
             h = _shallow(st, b.cur[:, None], pos, proc)
         else:
             h = _shallow(st, torch.cat([b.cur[:, None], sib.clamp_min(0)], dim=1), pos, proc, st.tree.siblings)
-            _park_siblings(st, h, pos, i)
+            # park the siblings' shallow K/V (slots pos+1..pos+K-1: the next chain step overwrites them) and states
+            idx, sl = slots(st, pos + 1, K - 1), slice((i - 1) * (K - 1), i * (K - 1))
+            b.side_k[:, :, :, sl].copy_(torch.gather(b.cache.k[:ell], 3, idx))
+            b.side_v[:, :, :, sl].copy_(torch.gather(b.cache.v[:ell], 3, idx))
+            b.hbuf[:, g + 1:][:, sl].copy_(h[:, 1:])
         b.hbuf[:, i].copy_(h[:, 0])
         if i == n_steps:
             return None

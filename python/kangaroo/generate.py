@@ -5,21 +5,16 @@
     out = dec.generate(prompts, 128, tree=True, temperature=0.7, seed=0)
     out.tokens, out.stats.tokens_per_s, out.stats.mean_accepted
 
-One cycle = catch-up + draft loop (kangaroo.draft) and verify + commit (kangaroo.verify), all on static buffers
-(kangaroo.state) with fixed shapes and predicated rows; the host reads one packed int32 tensor per cycle (the
-emitted tokens), which kangaroo.stats.Tally absorbs. On CUDA the draft side and the verify side are each captured
-once per generate call in a CUDA graph and replayed.
-
-Adaptive draft cap (predicated path, i.e. CUDA): the draft loop cannot stop on the device's exit flags without a
-host sync, so a cycle pays for every step it was built with even after every row exited. The decoder therefore
-builds (captures) the draft loop for each cap γ' = 1..γ and picks γ' on the host from the previous cycle's drafts,
-which the per-cycle transfer already carries (next_draft_cap). A cap only shortens drafts: output is unchanged.
+A cycle: draft (kangaroo.draft), verify + commit (kangaroo.verify) on static buffers (kangaroo.state), then one
+host read of a packed int32 tensor that kangaroo.stats.Tally absorbs. On CUDA each side is a CUDA graph, replayed.
+Adaptive draft cap (the predicated path, i.e. CUDA, cannot stop drafting on device flags without a sync): the
+draft loop is captured for each cap γ' = 1..γ and γ' is picked on the host from the previous cycle's drafts, which
+the per-cycle read carries (next_draft_cap). A cap only shortens drafts: output is unchanged.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import time
 import warnings
 from typing import Callable, List, Optional
@@ -30,38 +25,10 @@ from kangaroo import draft as _draft
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.model import LlamaModel
-from kangaroo.state import DecodeSettings, DecodeState, new_state
+from kangaroo.state import DecodeSettings, DecodeState, cache_slots, check_settings, is_int, new_state, parse_prompts
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
 
 __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", "next_draft_cap"]
-
-
-def _parse_ids(input_ids, V: int):
-    """-> (prompts as lists of ints, single: one 1-D prompt). Raises ValueError on empty prompts / bad ids."""
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must be 1-D (one prompt) or 2-D [B, T], got shape {tuple(input_ids.shape)}")
-    if not isinstance(input_ids, (list, tuple, torch.Tensor)):
-        raise ValueError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
-    items = [x.tolist() if isinstance(x, torch.Tensor) else x for x in input_ids]
-    if not items:
-        raise ValueError("input_ids is empty: give at least one prompt token")
-    single = not any(isinstance(x, (list, tuple)) for x in items)
-    if not single and not all(isinstance(x, (list, tuple)) for x in items):
-        raise ValueError("input_ids must be a list of token ids (one prompt) or a list of prompts")
-    prompts = [items] if single else [list(x) for x in items]
-    for b, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token")
-        for t in p:
-            if not _is_int(t):
-                raise ValueError(f"prompt {b} holds a non-integer token {t!r}")
-            if not 0 <= t < V:
-                raise ValueError(f"prompt {b} holds token id {t} outside the vocabulary [0, {V})")
-    return prompts, single
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class KangarooDecoder:
@@ -71,11 +38,9 @@ class KangarooDecoder:
     def __init__(self, model: LlamaModel, adapter: KangarooAdapter, *, cuda_graphs: bool = True,
                  max_cache_len: Optional[int] = None, host_early_exit: Optional[bool] = None,
                  adaptive_draft: bool = True):
-        """host_early_exit: stop the draft loop as soon as no row drafts and verify only the drafted block,
-        reading the (CPU) exit flags on the host. Default: on for CPU models, where that read is free; off on
-        CUDA, where the draft steps are predicated inside a CUDA graph (no host sync in the cycle).
-        adaptive_draft: on the predicated path, cap each cycle's draft steps from the previous cycle's drafts
-        (next_draft_cap; one captured draft graph per cap)."""
+        """host_early_exit: stop drafting once no row drafts and verify only the drafted block, reading exit flags
+        on the host. Default: on for CPU models (the read is free), off on CUDA (predicated steps in a CUDA graph).
+        adaptive_draft: on the predicated path, cap a cycle's draft steps (next_draft_cap; a draft graph per cap)."""
         adapter.check_base(model)
         self.model = model
         self.adapter = adapter.to(device=model.device, dtype=model.dtype).eval()
@@ -95,7 +60,7 @@ class KangarooDecoder:
         L = model.config.num_hidden_layers
         if adapter is None:
             exit_layer = 2 if exit_layer is None else exit_layer
-            if not _is_int(exit_layer) or not 1 <= exit_layer < L:
+            if not is_int(exit_layer) or not 1 <= exit_layer < L:
                 raise ValueError(f"exit_layer must be an int in [1, {L - 1}] for this {L}-layer model, "
                                  f"got {exit_layer!r}")
             warnings.warn("KangarooDecoder: no adapter given, using a freshly initialised (untrained) adapter: "
@@ -126,12 +91,8 @@ class KangarooDecoder:
         target filtered by top_k / top_p, reproducibly for a given seed. eos: an id or ids that end a row (the EOS
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
         streamers; batch 1)."""
-        V = self.config.vocab_size
-        self._check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top_p)
-        if not _is_int(tree_topk) or not 2 <= tree_topk <= V:
-            raise ValueError(f"tree_topk must be an int in [2, vocab_size={V}], got {tree_topk!r}")
-        if not (isinstance(sibling_threshold, (int, float)) and 0.0 <= sibling_threshold <= 1.0):
-            raise ValueError(f"sibling_threshold must be in [0, 1], got {sibling_threshold!r}")
+        check_settings(self.config.vocab_size, max_new_tokens, threshold, max_draft, temperature, top_k, top_p,
+                       tree_topk, sibling_threshold)
         return self._generate(input_ids, max_new_tokens, seed, eos, streamer, threshold, max_draft,
                               tree_topk if tree else 1, sibling_threshold, temperature, top_k, top_p)
 
@@ -140,52 +101,25 @@ class KangarooDecoder:
                                 top_p: float = 1.0, seed: Optional[int] = None, eos=None,
                                 streamer=None) -> GenerateOutput:
         """The baseline: one full forward per token on the same model code, caches and sampler."""
-        self._check_settings(max_new_tokens, 0.0, 1, temperature, top_k, top_p)
+        check_settings(self.config.vocab_size, max_new_tokens, 0.0, 1, temperature, top_k, top_p)
         return self._generate(input_ids, max_new_tokens, seed, eos, streamer, 0.0, 1, 1, 1.0, temperature, top_k,
                               top_p, autoregressive=True)
-
-    @staticmethod
-    def _check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top_p):
-        for ok, msg in (
-                (_is_int(max_new_tokens) and max_new_tokens >= 0, f"max_new_tokens must be an int >= 0, got "
-                                                                  f"{max_new_tokens!r}"),
-                (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0,
-                 f"threshold must be in [0, 1], got {threshold!r}"),
-                (_is_int(max_draft) and max_draft >= 1, f"max_draft must be an int >= 1, got {max_draft!r}"),
-                (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0,
-                 f"temperature must be a finite number >= 0, got {temperature!r}"),
-                (_is_int(top_k) and top_k >= 0, f"top_k must be an int >= 0 (0: off), got {top_k!r}"),
-                (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p!r}")):
-            if not ok:
-                raise ValueError(msg)
 
     def _generate(self, input_ids, max_new, seed, eos, streamer, threshold, gamma, topk, sibling_threshold,
                   temperature, top_k, top_p, autoregressive=False) -> GenerateOutput:
         m, c = self.model, self.model.config
-        prompts, single = _parse_ids(input_ids, c.vocab_size)
+        prompts, single = parse_prompts(input_ids, c.vocab_size)
         eos = [eos] if isinstance(eos, int) else None if eos is None else [int(e) for e in eos]
         host_exit = m.device.type == "cpu" if self.host_early_exit is None else bool(self.host_early_exit)
         cfg = DecodeSettings(self.exit_layer, gamma, topk, float(threshold), float(sibling_threshold),
                              float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        if longest + max_new > c.max_context:
-            raise ValueError(f"request too long: prompt ({longest} tokens) + max_new_tokens ({max_new}) = "
-                             f"{longest + max_new} exceeds the model's context of {c.max_context} tokens")
-        S = longest + max_new + cfg.n_nodes + 1
-        if self.max_cache_len is not None and S > self.max_cache_len:
-            raise ValueError(f"request too long for the cache: it needs {S} slots (prompt {longest} + "
-                             f"max_new_tokens {max_new} + {cfg.n_nodes + 1} for the draft block), max_cache_len is "
-                             f"{self.max_cache_len}")
+        B, S = len(prompts), cache_slots(cfg, c.max_context, self.max_cache_len, max(len(p) for p in prompts))
         mode = "autoregressive" if autoregressive else ("kangaroo-tree" if topk > 1 else "kangaroo")
         tally = Tally(B, max_new, cfg.n_nodes, 0 if autoregressive else gamma, eos, streamer, GenerateStats(mode))
         if max_new == 0:
             return tally.output(single)
-        seeds = None
-        if cfg.temperature > 0:
-            base = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
-            seeds = torch.tensor([(base * 1000003 + 7919 * b + 1) % (2 ** 63) for b in range(B)], dtype=torch.int64)
         t_start = time.perf_counter()
-        st = new_state(m, None if autoregressive else self.adapter, cfg, B, S, seeds, eos)
+        st = new_state(m, None if autoregressive else self.adapter, cfg, B, S, seed, eos)
         self._prefill(st, prompts)
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)
@@ -206,8 +140,8 @@ class KangarooDecoder:
         return tally.output(single)
 
     def _steps(self, st: DecodeState, stats: GenerateStats):
-        """The cycle's callables: {cap: draft loop} (one per adaptive cap on the predicated path, none when
-        autoregressive) and verify(n_drafted), as CUDA-graph replays on CUDA."""
+        """{cap: draft loop} (a cap per step count on the predicated path; {} when autoregressive) and
+        verify(n_drafted), as CUDA-graph replays on CUDA."""
         cfg = st.cfg
         if cfg.autoregressive:
             drafts, verify = {}, functools.partial(_verify.autoregressive_step, st)
@@ -223,8 +157,7 @@ class KangarooDecoder:
         return drafts, verify
 
     def _prefill(self, st: DecodeState, prompts: List[List[int]]) -> None:
-        """All layers (and the adapter) over every prompt but its last token, right-padded; the last token is
-        each row's pending x0."""
+        """All layers and the adapter over each prompt but its last token (right-padded), which becomes x0."""
         m, b, dev = self.model, st.buf, self.model.device
         B, Tp = len(prompts), max(len(p) for p in prompts) - 1
         b.tok.copy_(torch.tensor([p[-1] for p in prompts], dtype=torch.int32))
@@ -251,12 +184,9 @@ def next_draft_cap(cap: int, gamma: int, drafted: int) -> int:
 
 
 def _warm_up_inactive(st: DecodeState, steps, rounds: int = 2) -> None:
-    """Runs every step `rounds` times with every row inactive, then restores the rows' alive flags and sampling
-    offsets: loads and compiles every kernel (Triton JIT, cuBLAS handles) before a CUDA graph is captured.
-    Inactive rows are no-ops for every op but verify_sample, which advances every row's Philox offset (hence the
-    restore; a finished row never draws again), so the decode state (committed cache entries, lengths, tokens,
-    offsets) is unchanged; only per-cycle scratch is written: buffers and the cache slots from L0 on, which the
-    next draft block rewrites before anything reads them (tests/test_decoder_sync.py checks this on CPU)."""
+    """Runs every step `rounds` times with every row inactive (loads and compiles every kernel before capture),
+    then restores alive and the Philox offsets (verify_sample advances every row's). The decode state is unchanged;
+    only per-cycle scratch and cache slots from L0 on are written (tests/test_decoder_sync.py checks this)."""
     b = st.buf
     alive, offset = b.alive.clone(), None if b.offset is None else b.offset.clone()
     b.alive.zero_()

@@ -1,15 +1,11 @@
 """The verify side of a Kangaroo cycle: layers ℓ+1..L on the saved layer-ℓ hidden states, the target's decision
 (kangaroo_kernels.verify_greedy / verify_sample), and the commit (a length update; compact_kv for trees).
 
-Like kangaroo.draft, everything works in place on a DecodeState's static buffers, with no host reads and fixed
-shapes (CUDA-graph capturable). The verify block starts at the root x0 (position L0): target row 0 scores x0,
-row j + 1 scores draft node j.
-
-After acceptance of `a` draft nodes the committed length becomes L0 + a + 1 (x0 and the accepted nodes) and the
-emitted correction/bonus token is the next cycle's x0. Shallow and deep K/V of every accepted node are in place (for
-trees after compact_kv); the adapter K/V is missing only for an accepted node the adapter never ran on (the last
-chain draft, or a sibling): its layer-ℓ hidden state goes to buf.catch_h and the next cycle starts with the
-catch-up (kangaroo.draft.catch_up).
+In place on a DecodeState's static buffers, no host reads, fixed shapes (CUDA-graph capturable). The verify block
+starts at the root x0 (position L0): target row 0 scores x0, row j + 1 scores draft node j. Accepting `a` nodes
+commits L0 + a + 1 slots; the emitted correction/bonus token is the next x0. Only the adapter K/V of an accepted
+node the adapter never ran on (the last chain draft, or a sibling) is missing: its layer-ℓ state goes to
+buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
 """
 
 from __future__ import annotations
@@ -72,10 +68,8 @@ def commit(st, toks: torch.Tensor, a: torch.Tensor, need_catch: torch.Tensor, ca
     b.L0.add_(torch.where(alive, a + 1, 0))
     b.need_catch.copy_(torch.where(alive, need_catch, b.need_catch))  # a finished row keeps its state
     b.catch_h.copy_(torch.where(alive[:, None], catch_h, b.catch_h))
-    hit = torch.zeros_like(alive)
-    if b.eos is not None:
-        emitted = b.arange_block[None, :toks.shape[1]] <= a[:, None]
-        hit = (emitted & (toks[:, :, None] == b.eos).any(dim=2)).any(dim=1)
+    emitted = b.arange_block[None, :toks.shape[1]] <= a[:, None]  # an emitted EOS ends the row
+    hit = torch.zeros_like(alive) if b.eos is None else (emitted & (toks[:, :, None] == b.eos).any(dim=2)).any(dim=1)
     b.n_gen.add_(torch.where(alive, a + 1, 0))
     new_alive = alive & ~hit & (b.n_gen < b.max_new)
     b.out[:, 0].copy_(a)
