@@ -212,6 +212,12 @@ def test_cli_generate(setup, tmp_path, capsys):
     assert rc == 0, cap.err
     assert cap.out.split() == [str(t) for t in ref[1]]
     assert "identical output" in cap.err and "tokens/cycle" in cap.err
+    KangarooAdapter.for_model(hf, 1).save_pretrained(tmp_path / "ad1", base_fingerprint=dec.fingerprint())
+    rc = cli.main(["generate", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad1"), "--ids", ids,
+                   "--max-new-tokens", "8", "--device", "cpu"])  # the adapter's exit layer 1, no default 2
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert cap.out.split() == [str(t) for t in ref[1][:8]]
     assert cli.main(["generate", str(tmp_path / "m"), "--ids", "1 2 100000", "--device", "cpu"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert cli.main(["nope"]) == 2

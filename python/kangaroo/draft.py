@@ -129,12 +129,12 @@ def draft(st, n_steps: int) -> Optional[int]:
             b.side_k[:, :, :, sl].copy_(torch.gather(b.cache.k[:ell], 3, idx))
             b.side_v[:, :, :, sl].copy_(torch.gather(b.cache.v[:ell], 3, idx))
             b.hbuf[:, g + 1:][:, sl].copy_(h[:, 1:])
-        b.hbuf[:, i].copy_(h[:, 0])
+        b.hbuf[:, i].copy_(h0 := h[:, 0])
         if i == n_steps:
             return None
         if host_done(st, drafting):
             return i
-        tok, keep, sib = draft_head(st, _adapter_step(st, h[:, 0], pos, drafting), drafting)
+        tok, keep, sib = draft_head(st, _adapter_step(st, h0, pos, drafting), drafting)
         b.drafts[:, i].copy_(torch.where(drafting, tok, -1))
         if sib is not None:
             b.drafts[:, g + i * (K - 1):g + (i + 1) * (K - 1)].copy_(sib)

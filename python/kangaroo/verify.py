@@ -50,11 +50,11 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
                          active=b.alive)
     acc = decide(st, m.logits(h), parents, drafts=None if T == N + 1 else b.drafts[:, :T - 1])
     a = torch.where(b.alive, acc.accept_len, 0)
+    last = (a - 1).clamp_min(0).long()  # the last accepted node (chain: a - 1)
     if tree is not None:
         compact_kv(b.cache.k, b.cache.v, b.L0 + 1, acc.path, a, validate=False)
-    last = acc.path.gather(1, (a - 1).clamp_min(0).long()[:, None])[:, 0].long().clamp_min(0)
-    # the adapter saw x0 and chain nodes 0..n-2 only
-    need = b.alive & (a > 0) & (last >= b.n_chain - 1)
+        last = acc.path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
+    need = b.alive & (a > 0) & (last >= b.n_chain - 1)  # the adapter saw x0 and chain nodes 0..n-2 only
     commit(st, acc.tokens, a, need, b.hbuf[torch.arange(st.B, device=a.device), last + 1])
 
 
