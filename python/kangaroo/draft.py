@@ -141,4 +141,3 @@ def draft(st, n_steps: int) -> Optional[int]:
         b.n_chain.add_(drafting.to(torch.int32))
         b.cur.copy_(torch.where(drafting, tok, b.cur))
         proc, drafting = drafting, keep
-    return None
