@@ -36,7 +36,14 @@ def oracle(kind, exit_layer):
     with torch.no_grad():
         dec.adapter.self_attn.o_proj.weight.zero_()
         dec.adapter.norm.weight.copy_(dec.model.norm)
-    return hf, dec
+    return hf, keep_states(dec)
+
+
+def keep_states(dec):
+    """dec.states collects each generate call's final DecodeState (the decoder itself keeps none)."""
+    dec.states = []
+    dec.debug_hook = dec.states.append
+    return dec
 
 
 def random_decoder(kind, exit_layer):
@@ -44,19 +51,20 @@ def random_decoder(kind, exit_layer):
     torch.manual_seed(11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return hf, KangarooDecoder.from_pretrained(hf, exit_layer=exit_layer)
+        return hf, keep_states(KangarooDecoder.from_pretrained(hf, exit_layer=exit_layer))
 
 
 def check_caches(dec, prompts, outs, tol=1e-4):
     """Committed positions 0 .. len(prompt) + len(out) - 2 of every cache equal a fresh prefill (the adapter
     cache up to a catch-up still pending after the last cycle)."""
-    st = dec.last_state
+    st = dec.states[-1]
+    buf = st.buf
     m, ad = dec.model, dec.adapter
     ell = dec.exit_layer
     for b, (p, o) in enumerate(zip(prompts, outs)):
         seq = p + o.tolist()
         n = len(seq) - 1
-        assert int(st.L0[b]) >= n
+        assert int(buf.L0[b]) >= n
         cache = m.new_cache(1, n + 1)
         ak = torch.zeros(1, ad.num_kv_heads, n + 1, ad.head_dim)
         av = torch.zeros_like(ak)
@@ -66,12 +74,12 @@ def check_caches(dec, prompts, outs, tol=1e-4):
             x = m.forward_layers(m.embed(torch.tensor([seq[:-1]])), 0, ell, cache, zeros, pos)
             ad.prefill(x, ak, av, zeros, pos, m.rope_cos_sin(n + 1))
             m.forward_layers(x, ell, m.config.num_hidden_layers, cache, zeros, pos)
-        torch.testing.assert_close(st.cache.k[:, b, :, :n], cache.k[:, 0, :, :n], atol=tol, rtol=tol)
-        torch.testing.assert_close(st.cache.v[:, b, :, :n], cache.v[:, 0, :, :n], atol=tol, rtol=tol)
+        torch.testing.assert_close(buf.cache.k[:, b, :, :n], cache.k[:, 0, :, :n], atol=tol, rtol=tol)
+        torch.testing.assert_close(buf.cache.v[:, b, :, :n], cache.v[:, 0, :, :n], atol=tol, rtol=tol)
         # the last cycle's catch-up (adapter K/V of slot L0 - 1) is still pending when generation stops
-        na = min(n, int(st.L0[b]) - 1) if bool(st.need_catch[b]) else n
-        torch.testing.assert_close(st.ak[b, :, :na], ak[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
-        torch.testing.assert_close(st.av[b, :, :na], av[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
+        na = min(n, int(buf.L0[b]) - 1) if bool(buf.need_catch[b]) else n
+        torch.testing.assert_close(buf.ak[b, :, :na], ak[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
+        torch.testing.assert_close(buf.av[b, :, :na], av[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
 
 
 @pytest.mark.parametrize("tree", [False, True])
@@ -95,7 +103,7 @@ def test_catch_up_control_fails(monkeypatch):
     """Without the catch-up the adapter cache has holes after all-accepted cycles: the consistency check sees it."""
     hf, dec = oracle("llama", 2)
     prompts = make_prompts(hf.config.vocab_size, n=2, seed=5)
-    monkeypatch.setattr(kdraft, "catch_up", lambda st: st.need_catch.zero_())
+    monkeypatch.setattr(kdraft, "catch_up", lambda st: st.buf.need_catch.zero_())
     out = dec.generate(prompts, NEW, threshold=0.0, max_draft=4)
     with pytest.raises(AssertionError, match="adapter cache"):
         check_caches(dec, prompts, out.tokens)
@@ -108,11 +116,11 @@ def test_tree_accepts_sibling(monkeypatch, depth):
     moves it, and the catch-up runs the adapter on it)."""
     hf, dec = oracle("llama", 2)
     gamma = 3
-    real = kdraft.draft_topk
+    real = kdraft.lm_head_topk
     calls = [0]
 
-    def swapped(r, lm, k, nw, eps):
-        toks, logp = real(r, lm, k, nw, eps)
+    def swapped(r, lm, k, **kw):
+        toks, logp = real(r, lm, k, **kw)
         step = calls[0] % gamma
         calls[0] += 1
         if step == depth:
@@ -120,7 +128,7 @@ def test_tree_accepts_sibling(monkeypatch, depth):
             logp = logp[:, [1, 0] + list(range(2, k))]
         return toks, logp
 
-    monkeypatch.setattr(kdraft, "draft_topk", swapped)
+    monkeypatch.setattr(kdraft, "lm_head_topk", swapped)
     prompts = make_prompts(hf.config.vocab_size, n=4, seed=6)
     ref = hf_greedy(hf, prompts)
     out = dec.generate(prompts, NEW, threshold=0.0, max_draft=gamma, tree=True, sibling_threshold=0.0)

@@ -27,9 +27,20 @@ def setup():
     torch.set_num_threads(n)
 
 
-def fresh(dec):
-    dec.last_state = None
-    return dec
+@pytest.fixture
+def allocations(monkeypatch):
+    """Counts decode states allocated (kangaroo.generate.new_state): a rejected request allocates none."""
+    from kangaroo import generate as kgen
+
+    calls = []
+    real = kgen.new_state
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kgen, "new_state", counted)
+    return calls
 
 
 def test_adapter_from_another_model(setup, tmp_path):
@@ -75,38 +86,91 @@ def test_bad_exit_layer(setup, exit_layer):
         KangarooAdapter.for_model(hf, exit_layer)
 
 
+def test_explicit_exit_layer_contradicting_the_adapter_raises(setup, tmp_path):
+    """exit_layer=2 is a real choice, not a sentinel: with a layer-3 adapter it contradicts and raises."""
+    hf = setup[0]
+    ad = KangarooAdapter.for_model(hf, 3)
+    for given in (ad, None):
+        if given is None:
+            ad.save_pretrained(tmp_path / "ad3", base_fingerprint=KangarooDecoder(setup[1].model, ad).fingerprint())
+            given = str(tmp_path / "ad3")
+        for el in (2, 1):
+            with pytest.raises(ValueError, match=f"exit_layer={el} contradicts the adapter's exit layer 3"):
+                KangarooDecoder.from_pretrained(hf, adapter=given, exit_layer=el)
+        assert KangarooDecoder.from_pretrained(hf, adapter=given).exit_layer == 3  # None: the adapter's
+        assert KangarooDecoder.from_pretrained(hf, adapter=given, exit_layer=3).exit_layer == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert KangarooDecoder.from_pretrained(hf).exit_layer == 2  # no adapter: the default 2
+
+
+def test_no_decode_state_kept_between_calls(setup, monkeypatch):
+    """After generate returns, nothing holds its KV caches: the next call does not keep two sets alive."""
+    import gc
+    import weakref
+
+    from kangaroo.model import LlamaModel
+
+    hf, dec, prompts, ref = setup
+    refs = []
+    real = LlamaModel.new_cache
+
+    def tracked(self, *a, **k):
+        cache = real(self, *a, **k)
+        refs.append(weakref.ref(cache.k))
+        return cache
+
+    monkeypatch.setattr(LlamaModel, "new_cache", tracked)
+    for kw in (dict(), dict(tree=True), dict(temperature=0.7, seed=1)):
+        out = dec.generate(prompts, 8, **kw)
+        gc.collect()
+        assert len(refs) == 1 and refs[0]() is None, kw  # the call's cache is gone once it returned
+        refs.clear()
+    assert [t.tolist() for t in out.tokens] != []
+    kept = []
+    dec.debug_hook = kept.append  # the explicit hook keeps one on request
+    try:
+        dec.generate(prompts, 4)
+    finally:
+        dec.debug_hook = None
+    gc.collect()
+    assert refs[0]() is kept[0].buf.cache.k
+
+
 BAD_INPUTS = [([], "empty"), ([[1, 2], []], "prompt 1 is empty"), ([5, 97], "outside the vocabulary"),
               ([[3], [4, -1]], "outside the vocabulary"), (torch.zeros(2, 2, 2, dtype=torch.long), "1-D"),
               ([1.5, 2], "non-integer"), ("hello", "tensor or a list")]
 
 
 @pytest.mark.parametrize("ids,match", BAD_INPUTS)
-def test_bad_prompts(setup, ids, match):
-    dec = fresh(setup[1])
+def test_bad_prompts(setup, ids, match, allocations):
+    dec = setup[1]
     with pytest.raises(ValueError, match=match):
         dec.generate(ids, 4)
-    assert dec.last_state is None  # nothing was allocated or run
+    assert allocations == []  # nothing was allocated or run
+    dec.generate([1, 2], 1)
+    assert allocations == [1]  # the counter sees an allocation
 
 
 @pytest.mark.parametrize("kw,match", [(dict(max_new_tokens=250), "too long"), (dict(threshold=1.5), "threshold"),
                                       (dict(max_draft=0), "max_draft"), (dict(temperature=-1.0), "temperature"),
                                       (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
                                       (dict(max_new_tokens=-1), "max_new_tokens")])
-def test_bad_settings(setup, kw, match):
-    dec = fresh(setup[1])
+def test_bad_settings(setup, kw, match, allocations):
+    dec = setup[1]
     args = dict(max_new_tokens=4)
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         dec.generate([[1, 2, 3] * 3, [4]], **args)
-    assert dec.last_state is None
+    assert allocations == []
 
 
-def test_request_longer_than_cache(setup):
+def test_request_longer_than_cache(setup, allocations):
     hf, dec, prompts, ref = setup
     small = KangarooDecoder(dec.model, dec.adapter, max_cache_len=24)
     with pytest.raises(ValueError, match="too long for the cache"):
         small.generate(prompts, 16)
-    assert small.last_state is None
+    assert allocations == []
     # the decoder is untouched and exact afterwards
     assert [t.tolist() for t in dec.generate(prompts, 16, tree=True).tokens] == ref
 
@@ -148,6 +212,12 @@ def test_cli_generate(setup, tmp_path, capsys):
     assert rc == 0, cap.err
     assert cap.out.split() == [str(t) for t in ref[1]]
     assert "identical output" in cap.err and "tokens/cycle" in cap.err
+    KangarooAdapter.for_model(hf, 1).save_pretrained(tmp_path / "ad1", base_fingerprint=dec.fingerprint())
+    rc = cli.main(["generate", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad1"), "--ids", ids,
+                   "--max-new-tokens", "8", "--device", "cpu"])  # the adapter's exit layer 1, no default 2
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert cap.out.split() == [str(t) for t in ref[1][:8]]
     assert cli.main(["generate", str(tmp_path / "m"), "--ids", "1 2 100000", "--device", "cpu"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert cli.main(["nope"]) == 2

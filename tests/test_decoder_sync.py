@@ -136,9 +136,9 @@ def test_planted_read_is_counted(dec, monkeypatch):
     real = kdraft.draft_head
 
     def leaky(*a, **k):
-        tok, conf, act = real(*a, **k)
-        float(conf.max())  # a host read per draft step
-        return tok, conf, act
+        tok, keep, sib = real(*a, **k)
+        float(tok.max())  # a host read per draft step
+        return tok, keep, sib
 
     monkeypatch.setattr(kdraft, "draft_head", leaky)
     monkeypatch.setattr(dec, "host_early_exit", False)
@@ -148,21 +148,26 @@ def test_planted_read_is_counted(dec, monkeypatch):
 
 
 # per-cycle scratch: written by every cycle before it is read, so the warm-up may leave anything there
-_SCRATCH = {"drafts", "n_chain", "hbuf", "out", "cur", "acc", "sib_h", "side_k", "side_v"}
+_SCRATCH = {"drafts", "n_chain", "hbuf", "out", "cur", "acc", "side_k", "side_v"}
 
 
 def _state(st):
-    """Every state tensor but the scratch ones; of the shallow/deep KV cache [layers, B, Hk, S, Dh] the committed
-    slots of each row (positions < L0: from L0 on, the slots belong to the next draft block, which rewrites them
-    before anything reads them; tree verification parks sibling K/V there for every row)."""
-    snap = {}
-    for name, v in vars(st).items():
-        if name in _SCRATCH:
-            continue
-        if isinstance(v, torch.Tensor):
-            snap[name] = v.clone()
-    for i, t in enumerate((st.cache.k, st.cache.v)):
-        for b, n in enumerate(st.L0.tolist()):
+    """Every state tensor (buffers, tree layout, RoPE table) but the scratch ones; of the shallow/deep KV cache
+    [layers, B, Hk, S, Dh] the committed slots of each row (positions < L0: from L0 on, the slots belong to the
+    next draft block, which rewrites them before anything reads them; tree verification parks sibling K/V there
+    for every row)."""
+    import dataclasses
+
+    snap = {"rope": st.rope.clone()}
+    parts = [("buf", st.buf)] + ([("tree", st.tree)] if st.tree is not None else [])
+    for part, obj in parts:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name not in _SCRATCH and isinstance(v, torch.Tensor):
+                snap[f"{part}.{f.name}"] = v.clone()
+    assert "buf.L0" in snap and "buf.ak" in snap and "buf.alive" in snap
+    for i, t in enumerate((st.buf.cache.k, st.buf.cache.v)):
+        for b, n in enumerate(st.buf.L0.tolist()):
             snap[f"cache{i}[row {b}]"] = t[:, b, :, :n].clone()
     return snap
 
@@ -204,7 +209,7 @@ def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
     real_commit = kverify.commit
 
     def leaky_commit(st, *a, **k):
-        st.n_gen.add_(1)  # ignores the alive mask
+        st.buf.n_gen.add_(1)  # ignores the alive mask
         return real_commit(st, *a, **k)
 
     real = kgen._warm_up_inactive
@@ -220,7 +225,7 @@ def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
     monkeypatch.setattr(kgen, "_warm_up_inactive", checked)
     monkeypatch.setattr(dec, "host_early_exit", False)
     dec.generate(PROMPTS, 4)
-    assert diffs == [["n_gen"]], diffs
+    assert diffs == [["buf.n_gen"]], diffs
 
 
 def test_next_draft_cap():

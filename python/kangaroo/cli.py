@@ -43,7 +43,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kangaroo generate", description="Kangaroo self-speculative decoding.")
     p.add_argument("model", help="local HF checkpoint folder (config.json + *.safetensors [+ tokenizer])")
     p.add_argument("--adapter", default=None, help="adapter folder (save_pretrained); default: a random adapter")
-    p.add_argument("--exit-layer", type=int, default=2, help="exit layer for a random adapter (default 2)")
+    p.add_argument("--exit-layer", type=int, default=None,
+                   help="exit layer (default: the adapter's; 2 for a random adapter)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (needs the folder's tokenizer); repeat for "
                                                        "a batch")

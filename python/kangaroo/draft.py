@@ -1,154 +1,143 @@
-"""The draft side of a Kangaroo cycle: adapter-cache catch-up and the draft loop (chain or tree).
+"""The draft side of a Kangaroo cycle: adapter-cache catch-up and the draft loop.
 
-Every function here works on the static buffers of a `kangaroo.generate.DecodeState` in place, reads no device
-data on the host and has fixed shapes, so one cycle can be captured in a CUDA graph; on CPU the same code runs
-eagerly. Rows are predicated with boolean masks (finished rows and rows whose draft exited are no-ops for the
-kernels).
+In place on a DecodeState's static buffers (kangaroo.state), fixed shapes, predicated rows (finished and exited
+rows are no-ops for the kernels): CUDA-graph capturable; on CPU the same code runs eagerly.
 
-Chain draft loop (DESIGN.md section 1), γ = st.gamma, ℓ = st.exit_layer, x0 = st.tok at position L0 = st.L0:
-  step i = 0..γ: rows in `proc` run layers 1..ℓ on their current token at position L0 + i (appending shallow K/V)
-  and save the layer-ℓ hidden state in st.hbuf[:, i]; for i < γ the rows still `drafting` run the adapter
-  (appending adapter K/V) and the LM-head exit: d_{i+1} = argmax, c = max softmax; a row keeps drafting while
-  c >= η. A row that stopped after k drafts runs one more shallow-only step on d_k (its layer-ℓ hidden state is
-  what verification needs), so shallow K/V exists for x0, d_1..d_k and adapter K/V for x0, d_1..d_{k-1}.
-Tree mode adds, at every draft step, the top-2..K candidates as leaf siblings of that step's chain draft
-(kept when their probability >= st.sibling_threshold: a confidence-guided node budget). They go through the
-shallow layers together with the next chain token (a T = K block, each seeing the prefix and itself); their
-shallow K/V is parked in side buffers until verification lays the tree out in the cache.
+Draft loop (DESIGN.md section 1), γ = cfg.gamma, ℓ = cfg.exit_layer, x0 = buf.tok at position L0 = buf.L0, K =
+cfg.topk candidates a step (K = 1: the chain; K > 1: a tree):
+  step i = 0..γ: rows in `proc` run layers 1..ℓ on their current token at L0 + i (appending shallow K/V) and save
+  the layer-ℓ hidden state in buf.hbuf[:, i]; for i < γ the rows still `drafting` run the adapter (appending
+  adapter K/V) and the draft head: d_{i+1} = argmax, c = its probability; a row keeps drafting while c >= η. A row
+  that stopped after k drafts runs one more shallow-only step on d_k (verification needs its layer-ℓ hidden state),
+  so shallow K/V exists for x0, d_1..d_k and adapter K/V for x0, d_1..d_{k-1}.
+With K > 1 each step also keeps the top-2..K candidates as leaf siblings of its chain draft (when their probability
+>= cfg.sibling_threshold: a confidence-guided node budget). They go through the shallow layers with the next chain
+token (a T = K block, each seeing the prefix and itself); their shallow K/V and hidden states are parked in side
+buffers until verification lays the tree out in the cache (TreeLayout).
 
-With st.host_exit (CPU models) the loop stops as soon as no row needs another step, reading the exit flags on the
-host (free for CPU tensors); nodes never drafted keep token -1 and are never accepted. On CUDA all γ steps run
-predicated inside one CUDA graph instead.
+CPU early exit (cfg.host_exit): host_done is the one place that reads flags on the host (free for CPU tensors)
+to skip work no row needs; on CUDA every step runs predicated inside the graph instead.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from typing import Optional
 
 import torch
 
-from kangaroo_kernels.ops.adapter_forward import adapter_forward
-from kangaroo_kernels.ops.lm_head_exit import lm_head_exit, lm_head_topk
+from kangaroo_kernels import adapter_forward, build_tree, lm_head_exit, lm_head_topk
 
-__all__ = ["draft_head", "draft_topk", "catch_up", "draft_chain", "draft_tree"]
-
-
-def draft_head(r: torch.Tensor, lm_head: torch.Tensor, threshold: float, norm_weight: torch.Tensor, eps: float,
-               active: torch.Tensor):
-    """(token [B] i32, conf [B] f32, active_out [B] bool) of the draft distribution softmax(lm_head(norm(r)))."""
-    res = lm_head_exit(r, lm_head, threshold, norm_weight=norm_weight, eps=eps, active=active, validate=False)
-    return res[0], res[1], res[2]
+__all__ = ["TreeLayout", "catch_up", "draft", "draft_head", "host_done", "slots"]
 
 
-def draft_topk(r: torch.Tensor, lm_head: torch.Tensor, k: int, norm_weight: torch.Tensor, eps: float):
-    """(tokens [B,k] i32, logprobs [B,k] f32): the k most likely draft tokens, most likely first."""
-    res = lm_head_topk(r, lm_head, k, norm_weight=norm_weight, eps=eps, validate=False)
-    return res[0], res[1]
+@dataclasses.dataclass(frozen=True)
+class TreeLayout:
+    """The node layout of tree drafting, the same every cycle. N = γK nodes: chain nodes 0..γ-1 (node c is
+    d_{c+1}), then the K-1 siblings of step i at γ + i (K-1) + j - 1 (j = 2..K by rank), leaf children of the step's
+    parent chain node. parents [B, N] (-1: the root x0); mask [B, N+1, W]: ancestor bits of [x0, nodes] (the verify
+    block's tree_mask); depth [N+1] (0 for x0): block positions are L0 + depth; siblings [B, K, 1]: the draft
+    step's K-token block, each token seeing the prefix and itself."""
+
+    parents: torch.Tensor
+    mask: torch.Tensor
+    depth: torch.Tensor
+    siblings: torch.Tensor
+
+    @classmethod
+    def build(cls, B: int, gamma: int, K: int, device) -> "TreeLayout":
+        i32 = dict(dtype=torch.int32, device=device)
+        parents = list(range(-1, gamma - 1)) + [i - 1 for i in range(gamma) for _ in range(K - 1)]
+        depth = list(range(1, gamma + 1)) + [i + 1 for i in range(gamma) for _ in range(K - 1)]
+        rows = lambda t: t[None].expand(B, *t.shape).contiguous()  # noqa: E731
+        full = rows(torch.tensor([-1] + [p + 1 for p in parents], **i32))  # [x0, nodes]: x0 is node 0 there
+        return cls(rows(torch.tensor(parents, **i32)), build_tree(full, validate=False).mask,
+                   torch.tensor([0] + depth, **i32), rows((1 << torch.arange(K, **i32))[:, None]))
+
+
+def host_done(st, rows: torch.Tensor) -> bool:
+    """The CPU early exit: True when cfg.host_exit is on and no row in `rows` needs the next step."""
+    return st.cfg.host_exit and not bool(rows.any())
 
 
 def _adapter_step(st, h, pos, active):
-    """The adapter on h[B,D] at position pos (appending its K/V); returns the pre-norm residual (the out norm is
-    applied inside the LM-head exit)."""
-    return adapter_forward(h, st.adapter_weights, st.ak, st.av, pos, pos, active=active, rope_cos_sin=st.rope,
+    """The adapter on h[B,D] at pos (appending its K/V) -> the pre-norm residual (draft_head applies the norm)."""
+    b = st.buf
+    return adapter_forward(h, st.adapter, b.ak, b.av, pos, pos, active=active, rope_cos_sin=st.rope,
                            eps=st.adapter_eps, apply_out_norm=False, validate=False)
-
-
-def catch_up(st) -> None:
-    """Adapter K/V for the last accepted node when the previous cycle accepted a node the adapter never saw
-    (all chain drafts accepted, or a tree path ending in the last chain draft or a sibling): its layer-ℓ hidden
-    state was saved in st.catch_h; its position is L0 - 1."""
-    rows = st.need_catch & st.alive
-    if st.host_exit and not bool(rows.any()):  # CPU only: no row needs it (free read of a CPU tensor)
-        return
-    pos = (st.L0 - 1).clamp_min(0)
-    _adapter_step(st, st.catch_h, pos, rows)
-    st.need_catch.logical_and_(~st.alive)
 
 
 def _shallow(st, tokens, pos, active, tree_mask=None):
     """Layers 1..ℓ on tokens[B,T] all at position pos[B] (T > 1: siblings, each sees the prefix and itself)."""
     m = st.model
-    T = tokens.shape[1]
-    x = m.embed(tokens)
-    positions = pos[:, None].expand(-1, T)
-    return m.forward_layers(x, 0, st.exit_layer, st.cache, pos, positions, tree_mask=tree_mask, active=active)
+    positions = pos[:, None].expand(-1, tokens.shape[1])
+    return m.forward_layers(m.embed(tokens), 0, st.cfg.exit_layer, st.buf.cache, pos, positions,
+                            tree_mask=tree_mask, active=active)
 
 
-def _start_cycle(st):
-    """Resets the per-cycle draft buffers (current token x0, no drafts); returns (proc, drafting): the rows that run
-    the next shallow step and the rows still drafting, both every live row at first."""
-    st.cur.copy_(st.tok)
-    st.n_chain.zero_()
-    st.drafts.fill_(-1)
-    return st.alive.clone(), st.alive.clone()
+def catch_up(st) -> None:
+    """Adapter K/V (position L0 - 1) of a last accepted node the adapter never saw (all chain drafts accepted, or a
+    tree path ending in the last chain draft or a sibling), from its layer-ℓ state saved in buf.catch_h."""
+    b = st.buf
+    rows = b.need_catch & b.alive
+    if host_done(st, rows):
+        return
+    _adapter_step(st, b.catch_h, (b.L0 - 1).clamp_min(0), rows)
+    b.need_catch.logical_and_(~b.alive)
 
 
-def draft_chain(st, steps=None) -> int:
-    """The chain draft loop (see the module docstring). Fills st.drafts[:, :γ] (-1 padded), st.n_chain, st.hbuf.
-    steps (<= γ, default γ): at most this many draft steps this cycle (the adaptive cap of the predicated path).
-    Returns the number of draft steps run."""
-    n_steps = st.gamma if steps is None else steps
-    lm = st.model.lm_head
-    nw = st.adapter_weights.norm_out
-    cur = st.cur
-    proc, drafting = _start_cycle(st)
+def draft_head(st, r: torch.Tensor, drafting: torch.Tensor):
+    """The draft decision on the adapter's pre-norm output r [B, D]: (token [B] i32, rows that keep drafting [B]
+    bool, siblings [B, K-1] i32 with -1 for dropped ones, or None for the chain)."""
+    cfg, nw, lm = st.cfg, st.adapter.norm_out, st.model.lm_head
+    if cfg.topk == 1:  # the fused argmax + confidence + exit flag
+        res = lm_head_exit(r, lm, cfg.threshold, norm_weight=nw, eps=st.adapter_eps, active=drafting, validate=False)
+        return res.token, res.active, None
+    toks, logp = lm_head_topk(r, lm, cfg.topk, norm_weight=nw, eps=st.adapter_eps, validate=False)
+    keep = drafting[:, None] & (logp[:, 1:] >= cfg.log_sibling_threshold)
+    return toks[:, 0], drafting & (logp[:, 0].exp() >= cfg.threshold), torch.where(keep, toks[:, 1:], -1)
+
+
+def slots(st, start: torch.Tensor, n: int) -> torch.Tensor:
+    """Cache slots start[b] + 0..n-1 (clamped into the cache) as a gather/scatter index over the shallow layers'
+    K/V [ℓ, B, Hk, S, Dh]."""
+    b = st.buf
+    idx = (start[:, None] + b.arange_block[:n]).clamp_max(st.S - 1).long()
+    return idx[None, :, None, :, None].expand(st.cfg.exit_layer, -1, b.cache.k.shape[2], -1, b.cache.k.shape[4])
+
+
+def draft(st, n_steps: int) -> Optional[int]:
+    """Catch-up, then the draft loop (module docstring) of at most n_steps <= γ steps (the adaptive cap). Fills
+    buf.drafts (-1 padded), n_chain, hbuf and the parked siblings. Returns the steps run when the CPU early exit
+    stopped the loop, None when all n_steps ran."""
+    catch_up(st)
+    cfg, b = st.cfg, st.buf
+    K, g, ell = cfg.topk, cfg.gamma, cfg.exit_layer
+    b.cur.copy_(b.tok)
+    b.n_chain.zero_()
+    b.drafts.fill_(-1)
+    proc, drafting = b.alive.clone(), b.alive.clone()
+    sib = None
     for i in range(n_steps + 1):
-        pos = st.L0 + i
-        h = _shallow(st, cur[:, None], pos, proc)[:, 0]
-        st.hbuf[:, i].copy_(h)
-        if i == n_steps or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
-            return i
-        r = _adapter_step(st, h, pos, drafting)
-        tok, conf, act_out = draft_head(r, lm, st.threshold, nw, st.adapter_eps, drafting)
-        st.drafts[:, i].copy_(torch.where(drafting, tok, -1))
-        st.n_chain.add_(drafting.to(torch.int32))
-        cur.copy_(torch.where(drafting, tok, cur))
-        proc = drafting
-        drafting = act_out & drafting
-
-
-def draft_tree(st, steps=None) -> int:
-    """The tree draft loop: the chain as in draft_chain plus K-1 leaf siblings per step.
-
-    Node layout (fixed for the whole generation, see DecodeState.tree_parents): chain nodes 0..γ-1 (node c is
-    d_{c+1}), then the siblings of step i at γ + i (K-1) + j - 1 (j = 2..K by rank). Fills st.drafts (-1 for
-    absent nodes), st.hbuf (chain), st.sib_h, and the parked shallow K/V st.side_k/side_v of the siblings.
-    steps: as in draft_chain. Returns the number of draft steps run."""
-    g, K = st.gamma, st.topk
-    n_steps = g if steps is None else steps
-    lm = st.model.lm_head
-    nw = st.adapter_weights.norm_out
-    cur = st.cur
-    proc, drafting = _start_cycle(st)
-    sib = torch.full_like(st.drafts[:, :K - 1], -1)
-    log_sib = math.log(st.sibling_threshold) if st.sibling_threshold > 0 else -math.inf
-    ell = st.exit_layer
-    for i in range(n_steps + 1):
-        pos = st.L0 + i
-        if i == 0:
-            h = _shallow(st, cur[:, None], pos, proc)
+        pos = b.L0 + i
+        if sib is None:
+            h = _shallow(st, b.cur[:, None], pos, proc)
         else:
-            block = torch.cat([cur[:, None], sib.clamp_min(0)], dim=1)
-            h = _shallow(st, block, pos, proc, tree_mask=st.diag_mask)
-            # park the siblings' shallow K/V (slots pos+1..pos+K-1 are overwritten by the next chain step)
-            idx = (pos[:, None] + torch.arange(1, K, device=pos.device)).clamp_max(st.S - 1).long()
-            idx = idx[None, :, None, :, None].expand(ell, -1, st.side_k.shape[2], -1, st.side_k.shape[4])
-            sl = slice((i - 1) * (K - 1), i * (K - 1))
-            st.side_k[:, :, :, sl].copy_(torch.gather(st.cache.k[:ell], 3, idx))
-            st.side_v[:, :, :, sl].copy_(torch.gather(st.cache.v[:ell], 3, idx))
-            st.sib_h[:, sl].copy_(h[:, 1:])
-        st.hbuf[:, i].copy_(h[:, 0])
-        if i == n_steps or (st.host_exit and not bool(drafting.any())):  # the last shallow-only step was this one
+            h = _shallow(st, torch.cat([b.cur[:, None], sib.clamp_min(0)], dim=1), pos, proc, st.tree.siblings)
+            # park the siblings' shallow K/V (slots pos+1..pos+K-1: the next chain step overwrites them) and states
+            idx, sl = slots(st, pos + 1, K - 1), slice((i - 1) * (K - 1), i * (K - 1))
+            b.side_k[:, :, :, sl].copy_(torch.gather(b.cache.k[:ell], 3, idx))
+            b.side_v[:, :, :, sl].copy_(torch.gather(b.cache.v[:ell], 3, idx))
+            b.hbuf[:, g + 1:][:, sl].copy_(h[:, 1:])
+        b.hbuf[:, i].copy_(h0 := h[:, 0])
+        if i == n_steps:
+            return None
+        if host_done(st, drafting):
             return i
-        r = _adapter_step(st, h[:, 0], pos, drafting)
-        toks, logp = draft_topk(r, lm, K, nw, st.adapter_eps)
-        tok = toks[:, 0]
-        act_out = drafting & (logp[:, 0].exp() >= st.threshold)
-        st.drafts[:, i].copy_(torch.where(drafting, tok, -1))
-        keep = drafting[:, None] & (logp[:, 1:] >= log_sib)
-        sib = torch.where(keep, toks[:, 1:], -1)
-        st.drafts[:, g + i * (K - 1):g + (i + 1) * (K - 1)].copy_(sib)
-        st.n_chain.add_(drafting.to(torch.int32))
-        cur.copy_(torch.where(drafting, tok, cur))
-        proc = drafting
-        drafting = act_out
+        tok, keep, sib = draft_head(st, _adapter_step(st, h0, pos, drafting), drafting)
+        b.drafts[:, i].copy_(torch.where(drafting, tok, -1))
+        if sib is not None:
+            b.drafts[:, g + i * (K - 1):g + (i + 1) * (K - 1)].copy_(sib)
+        b.n_chain.add_(drafting.to(torch.int32))
+        b.cur.copy_(torch.where(drafting, tok, b.cur))
+        proc, drafting = drafting, keep

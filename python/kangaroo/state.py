@@ -1,0 +1,186 @@
+"""The request and the state of one generate call: the checked prompts and settings, and the state split by what
+it is: DecodeSettings (host values, frozen), DecodeBuffers (the static device tensors every cycle updates in place;
+CUDA-graph safe) and, in DecodeState, the model side's static inputs and the tree layout (kangaroo.draft.TreeLayout).
+Nothing is assigned onto any of them after construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional
+
+import torch
+
+from kangaroo.draft import TreeLayout
+from kangaroo.model import KVCache, LlamaModel
+from kangaroo_kernels.types import Accepted, AdapterWeights
+
+__all__ = ["DecodeSettings", "DecodeBuffers", "DecodeState", "new_state", "parse_prompts", "check_settings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    exit_layer: int
+    gamma: int               # γ: draft steps a cycle at most
+    topk: int                # K candidates kept a draft step: 1 = the chain, > 1 = a tree
+    threshold: float         # η: a row keeps drafting while its draft's probability >= η
+    sibling_threshold: float
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new: int
+    host_exit: bool          # CPU early exit (kangaroo.draft.host_done)
+    autoregressive: bool = False
+
+    @property
+    def n_nodes(self) -> int:
+        """N, the draft nodes verified a cycle."""
+        return 0 if self.autoregressive else self.gamma * self.topk
+
+    @property
+    def log_sibling_threshold(self) -> float:
+        return math.log(self.sibling_threshold) if self.sibling_threshold > 0 else -math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBuffers:
+    """[B] int32 unless noted. The fields from `cur` on are per-cycle scratch (written before they are read)."""
+
+    cache: KVCache              # shallow and deep K/V; slot p of row b holds position p
+    L0: torch.Tensor            # committed length (= position of x0): the one length of every cache
+    tok: torch.Tensor           # x0, the pending token
+    n_gen: torch.Tensor
+    max_new: torch.Tensor
+    alive: torch.Tensor         # bool
+    need_catch: torch.Tensor    # bool: the adapter has not seen the last accepted node (kangaroo.draft.catch_up)
+    catch_h: torch.Tensor       # [B, D] its layer-ℓ hidden state
+    ak: Optional[torch.Tensor]  # adapter K/V [B, Hk, S, Dh]
+    av: Optional[torch.Tensor]
+    eos: Optional[torch.Tensor]     # sorted EOS ids
+    seed: Optional[torch.Tensor]    # sampling: int64 Philox key and counter [B]
+    offset: Optional[torch.Tensor]
+    arange_block: torch.Tensor  # [N+1] 0..N
+    cur: torch.Tensor           # the draft loop's current token
+    n_chain: torch.Tensor       # chain drafts
+    drafts: torch.Tensor        # [B, N], -1 padded
+    hbuf: torch.Tensor          # [B, N+1, D] layer-ℓ states of x0, the chain drafts, then the siblings
+    acc: Accepted
+    out: torch.Tensor           # [B, 4 + N]: the cycle's host transfer (kangaroo.verify.commit)
+    side_k: Optional[torch.Tensor]  # tree: the siblings' parked shallow K/V [ℓ, B, Hk, N-γ, Dh]
+    side_v: Optional[torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    model: LlamaModel
+    cfg: DecodeSettings
+    buf: DecodeBuffers
+    rope: torch.Tensor                 # the model's RoPE table (adapter_forward, append_attention)
+    adapter: Optional[AdapterWeights]  # None when autoregressive
+    adapter_eps: float
+    tree: Optional[TreeLayout]         # None for the chain
+
+    @property
+    def B(self) -> int:
+        return self.buf.tok.shape[0]
+
+    @property
+    def S(self) -> int:
+        return self.buf.cache.max_len
+
+
+def cache_slots(cfg: DecodeSettings, max_context: int, max_cache_len: Optional[int], longest: int) -> int:
+    """The cache slots S a request needs (the longest prompt, max_new tokens, one draft block); ValueError when the
+    model's context or max_cache_len is too short."""
+    if longest + cfg.max_new > max_context:
+        raise ValueError(f"request too long: prompt ({longest} tokens) + max_new_tokens ({cfg.max_new}) = "
+                         f"{longest + cfg.max_new} exceeds the model's context of {max_context} tokens")
+    S = longest + cfg.max_new + cfg.n_nodes + 1
+    if max_cache_len is not None and S > max_cache_len:
+        raise ValueError(f"request too long for the cache: it needs {S} slots (prompt {longest} + max_new_tokens "
+                         f"{cfg.max_new} + {cfg.n_nodes + 1} for the draft block), max_cache_len is {max_cache_len}")
+    return S
+
+
+def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, seed: Optional[int],
+              eos: Optional[List[int]]) -> DecodeState:
+    """Allocates the buffers of a call with B rows and S cache slots. adapter: a KangarooAdapter or None. seed:
+    the sampling seed (None: drawn from torch's generator); row b's Philox key derives from it."""
+    c, dev, dt = model.config, model.device, model.dtype
+    N, D, g = cfg.n_nodes, c.hidden_size, cfg.gamma
+    i32 = dict(dtype=torch.int32, device=dev)
+    drafting = adapter is not None and not cfg.autoregressive
+    tree = TreeLayout.build(B, g, cfg.topk, dev) if drafting and cfg.topk > 1 else None
+    ak = av = side_k = side_v = None
+    if drafting:
+        ak, av = (torch.zeros(B, adapter.num_kv_heads, S, adapter.head_dim, dtype=dt, device=dev) for _ in "kv")
+    if tree is not None:
+        side_k, side_v = (torch.zeros(cfg.exit_layer, B, c.num_key_value_heads, N - g, c.head_dim, dtype=dt,
+                                      device=dev) for _ in "kv")
+    sampling = cfg.temperature > 0
+    seeds = None
+    if sampling:
+        base = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
+        seeds = torch.tensor([(base * 1000003 + 7919 * b + 1) % (2 ** 63) for b in range(B)], dtype=torch.int64)
+    buf = DecodeBuffers(
+        model.new_cache(B, S), torch.zeros(B, **i32), torch.zeros(B, **i32), torch.zeros(B, **i32),
+        torch.full((B,), cfg.max_new, **i32), torch.ones(B, dtype=torch.bool, device=dev),
+        torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, D, dtype=dt, device=dev), ak, av,
+        torch.tensor(sorted(set(eos)), **i32) if eos else None, seeds.to(dev) if sampling else None,
+        torch.zeros(B, dtype=torch.int64, device=dev) if sampling else None, torch.arange(N + 1, **i32),
+        torch.zeros(B, **i32), torch.zeros(B, **i32), torch.full((B, N), -1, **i32),
+        torch.zeros(B, N + 1, D, dtype=dt, device=dev),
+        Accepted(torch.zeros(B, **i32), torch.zeros(B, N + 1, **i32), torch.zeros(B, N + 1, **i32)),
+        torch.zeros(B, 4 + N, **i32), side_k, side_v)
+    return DecodeState(model, cfg, buf, model.rope_cos_sin(S), adapter.weights() if drafting else None,
+                       adapter.rms_norm_eps if drafting else 0.0, tree)
+
+
+def parse_prompts(input_ids, V: int):
+    """-> (prompts as lists of ints, single: one 1-D prompt). Raises ValueError on empty prompts / bad ids."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be 1-D (one prompt) or 2-D [B, T], got shape {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, (list, tuple, torch.Tensor)):
+        raise ValueError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
+    items = [x.tolist() if isinstance(x, torch.Tensor) else x for x in input_ids]
+    if not items:
+        raise ValueError("input_ids is empty: give at least one prompt token")
+    single = not any(isinstance(x, (list, tuple)) for x in items)
+    if not single and not all(isinstance(x, (list, tuple)) for x in items):
+        raise ValueError("input_ids must be a list of token ids (one prompt) or a list of prompts")
+    prompts = [items] if single else [list(x) for x in items]
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token")
+        for t in p:
+            if not is_int(t):
+                raise ValueError(f"prompt {b} holds a non-integer token {t!r}")
+            if not 0 <= t < V:
+                raise ValueError(f"prompt {b} holds token id {t} outside the vocabulary [0, {V})")
+    return prompts, single
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_settings(V: int, max_new_tokens, threshold, max_draft, temperature, top_k, top_p, tree_topk=2,
+                   sibling_threshold=0.0) -> None:
+    """generate()'s settings (V: the vocabulary size), each failure a ValueError naming the argument."""
+    for ok, msg in (
+            (is_int(tree_topk) and 2 <= tree_topk <= V, f"tree_topk must be an int in [2, vocab_size={V}], "
+                                                         f"got {tree_topk!r}"),
+            (isinstance(sibling_threshold, (int, float)) and 0.0 <= sibling_threshold <= 1.0,
+             f"sibling_threshold must be in [0, 1], got {sibling_threshold!r}"),
+            (is_int(max_new_tokens) and max_new_tokens >= 0, f"max_new_tokens must be an int >= 0, got "
+                                                              f"{max_new_tokens!r}"),
+            (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0,
+             f"threshold must be in [0, 1], got {threshold!r}"),
+            (is_int(max_draft) and max_draft >= 1, f"max_draft must be an int >= 1, got {max_draft!r}"),
+            (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0,
+             f"temperature must be a finite number >= 0, got {temperature!r}"),
+            (is_int(top_k) and top_k >= 0, f"top_k must be an int >= 0 (0: off), got {top_k!r}"),
+            (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p!r}")):
+        if not ok:
+            raise ValueError(msg)
