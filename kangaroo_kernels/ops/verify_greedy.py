@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from kangaroo_kernels import _checks, _ext
-from kangaroo_kernels.types import Accepted, Tree
+from kangaroo_kernels.types import Accepted
 
 __all__ = ["verify_greedy"]
 

@@ -19,13 +19,13 @@ which the per-cycle transfer already carries (next_draft_cap). A cap only shorte
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from typing import Any, List, Optional, Sequence
 
 import torch
 
+from kangaroo import _args
 from kangaroo import draft as _draft
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
@@ -133,44 +133,12 @@ class DecodeState:
 
 def _parse_ids(input_ids, V: int):
     """-> (list of prompts as lists of ints, single: bool). Raises ValueError on empty prompts / bad ids."""
-    single = False
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 1:
-            prompts, single = [input_ids.tolist()], True
-        elif input_ids.dim() == 2:
-            prompts = input_ids.tolist()
-        else:
-            raise ValueError(f"input_ids must be 1-D (one prompt) or 2-D [B, T], got shape {tuple(input_ids.shape)}")
-    elif isinstance(input_ids, (list, tuple)):
-        if len(input_ids) == 0:
-            raise ValueError("input_ids is empty: give at least one prompt token")
-        if all(isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.dim() == 0) for x in input_ids):
-            prompts, single = [[x.item() if isinstance(x, torch.Tensor) else x for x in input_ids]], True
-        else:
-            if not all(isinstance(p, (list, tuple, torch.Tensor)) for p in input_ids):
-                raise ValueError("input_ids must be a list of token ids (one prompt) or a list of prompts")
-            prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in input_ids]
-    else:
-        raise ValueError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
-    if not prompts:
-        raise ValueError("input_ids holds no prompt")
-    for b, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token")
-        for t in p:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"prompt {b} holds a non-integer token {t!r}")
-            if not 0 <= t < V:
-                raise ValueError(f"prompt {b} holds token id {t} outside the vocabulary [0, {V})")
-    return prompts, single
+    return _args.parse_ids(input_ids, V)
 
 
-def _eos_list(eos) -> Optional[List[int]]:
-    if eos is None:
-        return None
-    if isinstance(eos, int):
-        return [eos]
-    return [int(e) for e in eos]
+def _eos_list(eos, V: Optional[int] = None) -> Optional[List[int]]:
+    """None, an id or ids -> a list of ints in [0, V) (V None: the range is checked by generate's checks)."""
+    return _args.eos_list(eos, 2 ** 63 if V is None else V)
 
 
 class KangarooDecoder:
@@ -200,10 +168,14 @@ class KangarooDecoder:
         """path_or_hf_model: a local HF checkpoint folder, a transformers Llama/Mistral/Qwen2 model or a
         LlamaModel. adapter: a KangarooAdapter, an adapter folder (save_pretrained), or None for a freshly
         initialised adapter at exit_layer (with a warning: it drafts poorly, output stays exact)."""
+        _, _, _, dtype, device = _args.check_from_pretrained_args(path_or_hf_model, adapter, exit_layer, dtype, device)
         model = LlamaModel.from_pretrained(path_or_hf_model, dtype=dtype, device=device)
         L = model.config.num_hidden_layers
         if isinstance(adapter, KangarooAdapter):
             ad = adapter
+        elif isinstance(adapter, torch.nn.Module):
+            raise ValueError(f"adapter must be None, a KangarooAdapter or an adapter folder, got "
+                             f"{type(adapter).__name__}")
         elif adapter is not None:
             ad = KangarooAdapter.from_pretrained(adapter, base_model=model, map_location=model.device)
         else:
@@ -237,14 +209,12 @@ class KangarooDecoder:
         target filtered by top_k / top_p, reproducibly for a given seed. eos: an id or ids that end a row (the EOS
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
         streamers; batch 1)."""
-        self._check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top_p)
-        if not isinstance(tree_topk, int) or not 2 <= tree_topk <= self.config.vocab_size:
-            raise ValueError(f"tree_topk must be an int in [2, vocab_size={self.config.vocab_size}], got {tree_topk!r}")
-        if not (isinstance(sibling_threshold, (int, float)) and 0.0 <= sibling_threshold <= 1.0):
-            raise ValueError(f"sibling_threshold must be in [0, 1], got {sibling_threshold!r}")
-        return self._generate(input_ids, max_new_tokens, threshold=threshold, gamma=max_draft, tree=tree,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos=eos,
-                              streamer=streamer, topk=tree_topk, sibling_threshold=sibling_threshold,
+        a = _args.check_generate_args(self.config, input_ids, max_new_tokens, threshold, max_draft, tree,
+                                      temperature, top_k, top_p, seed, eos, streamer, tree_topk, sibling_threshold,
+                                      self.max_cache_len)
+        return self._generate(input_ids, a.max_new_tokens, threshold=a.threshold, gamma=a.max_draft, tree=a.tree,
+                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, eos=a.eos,
+                              streamer=a.streamer, topk=a.tree_topk, sibling_threshold=a.sibling_threshold,
                               autoregressive=False)
 
     @torch.no_grad()
@@ -252,33 +222,23 @@ class KangarooDecoder:
                                 top_p: float = 1.0, seed: Optional[int] = None, eos=None,
                                 streamer=None) -> GenerateOutput:
         """The baseline: one full forward per token on the same model code, caches and sampler."""
-        self._check_settings(max_new_tokens, 0.0, 1, temperature, top_k, top_p)
-        return self._generate(input_ids, max_new_tokens, threshold=0.0, gamma=1, tree=False,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos=eos,
-                              streamer=streamer, topk=2, sibling_threshold=1.0, autoregressive=True)
+        a = _args.check_generate_args(self.config, input_ids, max_new_tokens, 0.0, 1, False, temperature, top_k,
+                                      top_p, seed, eos, streamer, 2, 1.0, self.max_cache_len, autoregressive=True)
+        return self._generate(input_ids, a.max_new_tokens, threshold=0.0, gamma=1, tree=False,
+                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, eos=a.eos,
+                              streamer=a.streamer, topk=2, sibling_threshold=1.0, autoregressive=True)
 
     # ------------------------------------------------------------------ internals
     @staticmethod
     def _check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top_p):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
-            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
-            raise ValueError(f"max_draft must be an int >= 1, got {max_draft!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
-        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        return _args.check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top_p)
 
     def _generate(self, input_ids, max_new, *, threshold, gamma, tree, temperature, top_k, top_p, seed, eos,
                   streamer, topk, sibling_threshold, autoregressive) -> GenerateOutput:
         m = self.model
         c = m.config
         prompts, single = _parse_ids(input_ids, c.vocab_size)
-        eos_ids = _eos_list(eos)
+        eos_ids = _eos_list(eos, c.vocab_size)
         B = len(prompts)
         lens = [len(p) for p in prompts]
         longest = max(lens) + max_new
