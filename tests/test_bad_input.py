@@ -1,0 +1,415 @@
+"""Hostile calls to every public op: each bad argument raises a ValueError that names it and leaves the in-place
+outputs, caches, lengths and counters unchanged; the legitimate neighbours of each bad class still work.
+
+The harness builds one good call per op (small shapes), then enumerates classes of bad tensor arguments
+(not a tensor, wrong dtype, rank, size, device) for every tensor the call takes, bad scalars, and bad device
+data (ids out of range, int64 values that would wrap when narrowed to int32, NaN/inf, tiny temperatures).
+The same cases run on CUDA where a GPU is (marker cuda). Data checks run with validate=True; with
+validate=False the ops must handle the same data on the device the documented way (no wrap-around).
+"""
+
+import math
+from typing import Callable, Dict, List, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+import kangaroo_kernels as kk
+from kangaroo_kernels.compat import flashinfer as fi_compat
+from kangaroo_kernels.compat import sglang as sgl_compat
+from kangaroo_kernels.compat import vllm as vllm_compat
+from kangaroo_kernels.types import Accepted, AdapterWeights, LmHeadExit, LmHeadTopk, LookupTree, Tree
+
+DEVS = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+I32, I64, F32 = torch.int32, torch.int64, torch.float32
+BIG = 2 ** 32  # an int64 value that narrows to 0 by wrap-around
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Call(NamedTuple):
+    fn: Callable
+    kw: Dict
+    keep: List[str]      # paths of tensors that must not change on a rejected call
+    defining: List[str]  # paths whose shape defines B, N, ... (a size change is reported on another argument)
+
+
+def _get(kw, path):
+    head, *rest = path.split(".")
+    v = kw[head]
+    return getattr(v, rest[0]) if rest else v
+
+
+def _set(kw, path, value):
+    kw = dict(kw)
+    head, *rest = path.split(".")
+    kw[head] = kw[head]._replace(**{rest[0]: value}) if rest else value
+    return kw
+
+
+def _ints(shape, hi, dev, dtype=I32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, hi, shape, generator=g).to(dtype=dtype, device=dev)
+
+
+def _randn(shape, dev, dtype=F32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=dev)
+
+
+def _accepted(B, N, dev):
+    return Accepted(torch.full((B,), 7, dtype=I32, device=dev), torch.full((B, N + 1), 7, dtype=I32, device=dev),
+                    torch.full((B, N + 1), 7, dtype=I32, device=dev))
+
+
+def _tree(dev, B=2, N=4):
+    return kk.build_tree(torch.tensor([[-1, 0, 0, 1]] * B, dtype=I32, device=dev)[:, :N])
+
+
+OPS: Dict[str, Callable[[torch.device], Call]] = {}
+
+
+def op(name):
+    def reg(f):
+        OPS[name] = f
+        return f
+    return reg
+
+
+@op("verify_greedy")
+def _vg(dev):
+    B, N, V = 2, 3, 5
+    kw = dict(draft_tokens=_ints((B, N), V, dev), target=_randn((B, N + 1, V), dev),
+              parents=torch.tensor([[-1, 0, 1]] * B, dtype=I32, device=dev), out=_accepted(B, N, dev),
+              validate=True)
+    return Call(lambda **k: kk.verify_greedy(k.pop("draft_tokens"), k.pop("target"), **k), kw,
+                ["out.accept_len", "out.path", "out.tokens"], ["draft_tokens"])
+
+
+@op("verify_greedy_tree")
+def _vgt(dev):
+    B, N, V = 2, 4, 5
+    kw = dict(draft_tokens=_ints((B, N), V, dev), target=_ints((B, N + 1), V, dev), tree=_tree(dev),
+              out=_accepted(B, N, dev), validate=True)
+    return Call(lambda **k: kk.verify_greedy(k.pop("draft_tokens"), k.pop("target"), **k), kw,
+                ["out.accept_len", "out.path", "out.tokens"], ["draft_tokens", "tree.depth"])
+
+
+@op("verify_sample")
+def _vs(dev):
+    B, N, V = 2, 3, 6
+    q = torch.softmax(_randn((B, N, V), dev, seed=1), -1)
+    kw = dict(draft_tokens=_ints((B, N), V, dev), target_logits=_randn((B, N + 1, V), dev), draft_probs=q,
+              parents=torch.tensor([[-1, 0, 0]] * B, dtype=I32, device=dev),
+              temperature=torch.tensor([0.7, 0.0], device=dev), top_k=torch.tensor([0, 3], device=dev),
+              top_p=torch.tensor([1.0, 0.9], device=dev), seed=torch.tensor([1, 2], device=dev),
+              offset=torch.tensor([5, 6], device=dev), out=_accepted(B, N, dev), validate=True)
+    return Call(lambda **k: kk.verify_sample(k.pop("draft_tokens"), k.pop("target_logits"), **k), kw,
+                ["out.accept_len", "out.path", "out.tokens", "offset"], ["draft_tokens"])
+
+
+@op("verify_sample_uniforms")
+def _vsu(dev):
+    B, N, V = 2, 3, 6
+    kw = dict(draft_tokens=_ints((B, N), V, dev), target_logits=_randn((B, N + 1, V), dev),
+              uniforms=torch.full((B, N + 1), 0.5, device=dev), temperature=0.8, out=_accepted(B, N, dev),
+              validate=True)
+    return Call(lambda **k: kk.verify_sample(k.pop("draft_tokens"), k.pop("target_logits"), **k), kw,
+                ["out.accept_len", "out.path", "out.tokens"], ["draft_tokens"])
+
+
+@op("build_tree")
+def _bt(dev):
+    B, N = 2, 4
+    W = 1
+    out = Tree(*(torch.full(s, 7, dtype=I32, device=dev) for s in ((B, N), (B, N, W), (B, N), (B, N), (B,))),
+               torch.zeros((B, N), dtype=I32, device=dev))
+    kw = dict(parents=torch.tensor([[-1, 0, 0, 1]] * B, dtype=I32, device=dev),
+              num_nodes=torch.tensor([4, 3], dtype=I32, device=dev), out=out, validate=True)
+    return Call(lambda **k: kk.build_tree(k.pop("parents"), **k), kw,
+                ["out.depth", "out.mask", "out.first_child", "out.next_sibling", "out.root_first_child"],
+                ["parents"])
+
+
+@op("compact_kv")
+def _ckv(dev):
+    L, B, Hk, S, Dh, N = 2, 2, 1, 12, 4, 3
+    kw = dict(k_cache=_randn((L, B, Hk, S, Dh), dev), v_cache=_randn((L, B, Hk, S, Dh), dev, seed=1),
+              cache_lens=torch.tensor([2, 5], dtype=I32, device=dev),
+              path=torch.tensor([[0, 2, -1, -1], [1, -1, -1, -1]], dtype=I32, device=dev),
+              accept_len=torch.tensor([2, 1], dtype=I32, device=dev), validate=True)
+    return Call(lambda **k: kk.compact_kv(k.pop("k_cache"), k.pop("v_cache"), k.pop("cache_lens"), k.pop("path"),
+                                          k.pop("accept_len"), **k), kw,
+                ["k_cache", "v_cache", "cache_lens"], ["k_cache"])
+
+
+@op("lm_head_exit")
+def _lhe(dev):
+    B, D, V = 2, 8, 11
+    out = LmHeadExit(torch.full((B,), 7, dtype=I32, device=dev), torch.full((B,), 7.0, device=dev),
+                     torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), 7.0, device=dev),
+                     torch.full((B, V), 7.0, device=dev))
+    kw = dict(hidden=_randn((B, D), dev), lm_head_weight=_randn((V, D), dev, seed=1), threshold=0.5,
+              norm_weight=torch.ones(D, device=dev), active=torch.ones(B, dtype=torch.bool, device=dev),
+              temperature=torch.tensor([0.5, 0.0], device=dev), seed=torch.tensor([1, 2], device=dev),
+              offset=torch.tensor([0, 3], device=dev), return_probs=True, out=out, validate=True)
+    return Call(lambda **k: kk.lm_head_exit(k.pop("hidden"), k.pop("lm_head_weight"), k.pop("threshold"), **k), kw,
+                ["out.token", "out.conf", "out.active", "out.token_prob", "out.probs", "offset"], ["hidden"])
+
+
+@op("lm_head_topk")
+def _lht(dev):
+    B, D, V, K = 2, 8, 11, 3
+    out = LmHeadTopk(torch.full((B, K), 7, dtype=I32, device=dev), torch.full((B, K), 7.0, device=dev))
+    kw = dict(hidden=_randn((B, D), dev), lm_head_weight=_randn((V, D), dev, seed=1), k=K,
+              norm_weight=torch.ones(D, device=dev), out=out)
+    return Call(lambda **k: kk.lm_head_topk(k.pop("hidden"), k.pop("lm_head_weight"), k.pop("k"), **k), kw,
+                ["out.tokens", "out.logprobs"], ["hidden"])
+
+
+@op("append_attention")
+def _aa(dev):
+    B, T, Hq, Hk, Dh, S = 2, 3, 2, 1, 32, 10
+    kw = dict(q=_randn((B, T, Hq, Dh), dev), k_new=_randn((B, T, Hk, Dh), dev, seed=1),
+              v_new=_randn((B, T, Hk, Dh), dev, seed=2), k_cache=_randn((B, Hk, S, Dh), dev, seed=3),
+              v_cache=_randn((B, Hk, S, Dh), dev, seed=4), cache_lens=torch.tensor([2, 4], dtype=I32, device=dev),
+              tree_mask=_tree(dev, B, T).mask, active=torch.ones(B, dtype=torch.bool, device=dev),
+              positions=torch.tensor([[2, 3, 3], [4, 5, 5]], dtype=I32, device=dev),
+              rope_cos_sin=kk.make_rope_cos_sin(16, Dh, device=dev), out=torch.full((B, T, Hq, Dh), 7.0, device=dev),
+              validate=True)
+    names = ["q", "k_new", "v_new", "k_cache", "v_cache", "cache_lens"]
+    return Call(lambda **k: kk.append_attention(*[k.pop(n) for n in names], **k), kw,
+                ["k_cache", "v_cache", "cache_lens", "out"], ["q"])
+
+
+def _adapter_weights(dev, D, Hq, Hk, Dh, bias=True):
+    r = lambda *s, seed=0: _randn(s, dev, seed=seed) * 0.1  # noqa: E731
+    return AdapterWeights(torch.ones(D, device=dev), r(Hq * Dh, D), r(Hk * Dh, D, seed=1), r(Hk * Dh, D, seed=2),
+                          r(D, Hq * Dh, seed=3), torch.ones(D, device=dev), Hq, Hk,
+                          *((r(Hq * Dh, seed=4), r(Hk * Dh, seed=5), r(Hk * Dh, seed=6)) if bias else ()))
+
+
+@op("adapter_forward")
+def _af(dev):
+    B, D, Hq, Hk, Dh, S = 2, 16, 2, 1, 32, 8
+    kw = dict(h=_randn((B, D), dev), weights=_adapter_weights(dev, D, Hq, Hk, Dh),
+              k_cache=_randn((B, Hk, S, Dh), dev, seed=3), v_cache=_randn((B, Hk, S, Dh), dev, seed=4),
+              cache_lens=torch.tensor([2, 4], dtype=I32, device=dev), positions=torch.tensor([2, 4], device=dev),
+              active=torch.ones(B, dtype=torch.bool, device=dev), rope_cos_sin=kk.make_rope_cos_sin(16, Dh, device=dev),
+              out=torch.full((B, D), 7.0, device=dev), validate=True)
+    names = ["h", "weights", "k_cache", "v_cache", "cache_lens", "positions"]
+    return Call(lambda **k: kk.adapter_forward(*[k.pop(n) for n in names], **k), kw,
+                ["k_cache", "v_cache", "cache_lens", "out"], ["h"])
+
+
+@op("ngram_lookup")
+def _ng(dev):
+    B, S, M = 2, 9, 3
+    out = (torch.full((B, M), 7, dtype=I32, device=dev), torch.full((B,), 7, dtype=I32, device=dev))
+    kw = dict(history=torch.tensor([[1, 2, 3, 1, 2, 0, 0, 0, 0], [4, 4, 5, 4, 4, 5, 4, 0, 0]], device=dev),
+              lens=torch.tensor([5, 7], device=dev), n_min=1, n_max=3, M=M, out=out, validate=True)
+    return Call(lambda **k: kk.ngram_lookup(*[k.pop(n) for n in ("history", "lens", "n_min", "n_max", "M")], **k),
+                kw, [], ["history"])
+
+
+@op("merge_lookup_tree")
+def _ml(dev):
+    B, N, M = 2, 4, 3
+    out = LookupTree(*(torch.full(s, 7, dtype=I32, device=dev) for s in ((B, N + M),) * 3 + ((B,), (B, M))))
+    kw = dict(draft=_ints((B, N), 5, dev), look=_ints((B, M), 5, dev, seed=1), n_look=torch.tensor([3, 1], device=dev),
+              parents=torch.tensor([[-1, 0, 0, 1]] * B, dtype=I32, device=dev), out=out, validate=True)
+    return Call(lambda **k: kk.merge_lookup_tree(k.pop("draft"), k.pop("look"), **k), kw,
+                ["out.tokens", "out.parents", "out.source", "out.n_shared", "out.lookup_nodes"], ["draft"])
+
+
+@op("tree_to_flashinfer_mask")
+def _tfm(dev):
+    return Call(lambda **k: kk.tree_to_flashinfer_mask(k["tree"], k["prefix_lens"]),
+                dict(tree=_tree(dev), prefix_lens=[3, 0]), [], ["tree.depth"])
+
+
+@op("tree_to_sglang")
+def _tsg(dev):
+    kw = dict(tree=_tree(dev), draft_tokens=_ints((2, 4), 9, dev), root_tokens=torch.tensor([1, 2], device=dev))
+    return Call(lambda **k: kk.tree_to_sglang(k.pop("tree"), **k), kw, [], ["tree.depth"])
+
+
+# ----------------------------------------------------------------------------------- bad tensor arguments
+def _mutations(t: torch.Tensor, defining: bool):
+    """(id, bad value) pairs for a good tensor argument t."""
+    out = [("list", lambda t: t.tolist()), ("number", lambda t: 1.0), ("numpy", lambda t: t.cpu().numpy()),
+           ("string", lambda t: "x")]
+    if t.dtype == torch.bool:
+        out += [("dtype_int32", lambda t: t.to(I32))]
+    elif t.is_floating_point():
+        out += [("dtype_int32", lambda t: t.to(I32)), ("dtype_bool", lambda t: t.bool())]
+        if t.dtype == F32:
+            out += [("dtype_float64", lambda t: t.double())]
+    else:
+        out += [("dtype_float32", lambda t: t.float()), ("dtype_bool", lambda t: t.bool()),
+                ("dtype_int16", lambda t: t.to(torch.int16))]
+    out += [("rank_plus", lambda t: t.unsqueeze(0)),
+            ("rank_minus", lambda t: t.flatten() if t.dim() > 1 else t.reshape(-1)[0])]
+    if not defining:
+        out += [("size_dim0", lambda t: torch.cat([t, t[:1]], 0)),
+                ("meta", lambda t: t.to("meta"))]
+        if t.dim() > 1:
+            out += [("size_last", lambda t: torch.cat([t, t[..., :1]], -1))]
+    return out
+
+
+def _tensor_paths(kw):
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor):
+            yield k
+        elif isinstance(v, tuple) and hasattr(v, "_fields"):
+            for f in v._fields:
+                if isinstance(getattr(v, f), torch.Tensor):
+                    yield f"{k}.{f}"
+
+
+# mutations that are legitimate calls, not bad ones (each is exercised as accepted in test_legit_mutations)
+LEGIT = {
+    # a free size: V, max_pos, N + 1 or M is whatever the tensor says
+    "verify_greedy-target-size_last", "verify_sample_uniforms-target_logits-size_last",
+    "lm_head_topk-lm_head_weight-size_dim0", "append_attention-rope_cos_sin-size_dim0",
+    "adapter_forward-rope_cos_sin-size_dim0", "compact_kv-path-size_last",
+    # a scalar where a [B] tensor is optional, and float64 where float64 is accepted
+    "verify_sample-temperature-number", "verify_sample-top_p-number", "lm_head_exit-temperature-number",
+    "verify_sample-temperature-dtype_float64", "verify_sample-top_p-dtype_float64",
+    "lm_head_exit-temperature-dtype_float64", "verify_sample_uniforms-uniforms-dtype_float64",
+}
+# a free size that then contradicts another argument, which the message names
+ELSEWHERE = {"verify_sample-target_logits-size_last": "draft_probs", "lm_head_exit-lm_head_weight-size_dim0":
+             "out.probs", "merge_lookup_tree-look-size_last": "out.tokens"}
+IGNORED = {"build_tree-out.parents"}  # documented: out's parents field is ignored (the result holds the input)
+
+
+def _tensor_cases():
+    cases, legit = [], []
+    cpu = torch.device("cpu")
+    for name, build in OPS.items():
+        c = build(cpu)
+        for path in _tensor_paths(c.kw):
+            if f"{name}-{path}" in IGNORED:
+                continue
+            t = _get(c.kw, path)
+            for mid, _ in _mutations(t, path in c.defining):
+                cid = f"{name}-{path}-{mid}"
+                (legit if cid in LEGIT else cases).append(pytest.param(name, path, mid, id=cid))
+    assert len(legit) == len(LEGIT), "a LEGIT entry matches no case"
+    return cases, legit
+
+
+TENSOR_CASES, LEGIT_CASES = _tensor_cases()
+
+
+def _snap(c):
+    return {p: _get(c.kw, p).clone() for p in c.keep}
+
+
+def _assert_unchanged(c, snaps):
+    for p, s in snaps.items():
+        assert torch.equal(_get(c.kw, p), s), f"{p} was modified by a rejected call"
+
+
+def _expect_bad(c, kw, name):
+    snaps = _snap(c)
+    with pytest.raises(ValueError) as e:
+        c.fn(**kw)
+    assert name in str(e.value), f"the message does not name {name!r}: {e.value}"
+    _assert_unchanged(c, snaps)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("op_name,path,mid", TENSOR_CASES)
+def test_bad_tensor_argument(dev, op_name, path, mid):
+    c = OPS[op_name](torch.device(dev))
+    t = _get(c.kw, path)
+    bad = dict(_mutations(t, path in c.defining))[mid](t)
+    _expect_bad(c, _set(c.kw, path, bad), ELSEWHERE.get(f"{op_name}-{path}-{mid}", path))
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("op_name,path,mid", LEGIT_CASES)
+def test_legit_mutations(dev, op_name, path, mid):
+    c = OPS[op_name](torch.device(dev))
+    t = _get(c.kw, path)
+    c.fn(**_set(c.kw, path, dict(_mutations(t, path in c.defining))[mid](t)))
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("op_name", sorted(OPS))
+def test_good_call_runs(dev, op_name):
+    """The baseline of every hostile case: the unmodified call is accepted."""
+    c = OPS[op_name](torch.device(dev))
+    c.fn(**c.kw)
+
+
+# ----------------------------------------------------------------------------------- bad scalars
+NOT_NUMBERS = ["x", None, [1.0], torch.ones(2), True]
+SCALAR_CASES = {
+    ("verify_sample_uniforms", "temperature"): [1e-40, 1e-50, -1.0, 0.0, math.nan, math.inf, "x", [1.0], True],
+    ("verify_sample_uniforms", "top_k"): [-1, 1.5, "3", True, None],
+    ("verify_sample_uniforms", "top_p"): [0.0, 1.5, math.nan, "x", None],
+    ("lm_head_exit", "threshold"): [math.nan, "x", None, True],
+    ("lm_head_exit", "eps"): [math.inf, -1.0, math.nan, "x", None],
+    ("lm_head_topk", "k"): [0, 17, 12, 2.0, "3", True, None],
+    ("lm_head_topk", "eps"): [math.inf, -1e-3, "x"],
+    ("append_attention", "sm_scale"): [math.nan, math.inf, -math.inf, 0.0, -0.5, "x", True, [0.1]],
+    ("append_attention", "num_splits"): [0, -1, 1.5, "2", True],
+    ("adapter_forward", "eps"): [math.inf, -1.0, math.nan, "x", True],
+    ("adapter_forward", "weights.num_heads"): ["2", 2.0, None, 0, True],
+    ("adapter_forward", "weights.num_kv_heads"): ["1", 1.0, None, 0],
+    ("ngram_lookup", "n_min"): [0, -1, 1.0, "1", True, None, 2 ** 31],
+    ("ngram_lookup", "n_max"): [0, 2.5, "3", None],
+    ("ngram_lookup", "M"): [0, 3.0, "3", None, 2 ** 40],
+    ("tree_to_flashinfer_mask", "prefix_lens"): [1.5, -1, "3", None, [1], [1, 2, 3], [1.5, 2], [np.float32(1), 2],
+                                                 torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), {0: 1}, True,
+                                                 2 ** 40],
+}
+
+
+def _scalar_cases():
+    out = []
+    for (name, arg), vals in SCALAR_CASES.items():
+        for i, v in enumerate(vals):
+            out.append(pytest.param(name, arg, i, id=f"{name}-{arg}-{i}-{str(v)[:12]}"))
+    return out
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("op_name,arg,i", _scalar_cases())
+def test_bad_scalar(dev, op_name, arg, i):
+    c = OPS[op_name](torch.device(dev))
+    v = SCALAR_CASES[(op_name, arg)][i]
+    if isinstance(v, torch.Tensor) and arg != "prefix_lens":
+        v = v.to(dev)
+    _expect_bad(c, _set(c.kw, arg, v), arg)
+
+
+def test_adapter_forward_rope_theta(device):
+    c = OPS["adapter_forward"](device)
+    for v in (0.0, -1.0, math.inf, math.nan, "x", None, True):
+        _expect_bad(c, _set(_set(c.kw, "rope_cos_sin", None), "rope_theta", v), "rope_theta")
+
+
+def test_adapter_weights_from_wqkv_head_counts():
+    w = torch.zeros(64, 8)
+    for name, kw in (("num_heads", dict(num_heads="1", num_kv_heads=1)), ("num_heads", dict(num_heads=0,
+                                                                                              num_kv_heads=1)),
+                     ("num_kv_heads", dict(num_heads=1, num_kv_heads=1.0))):
+        with pytest.raises(ValueError, match=name):
+            AdapterWeights.from_wqkv(w[0], w, w, w[0], **kw)
+    with pytest.raises(ValueError, match="wqkv"):
+        AdapterWeights.from_wqkv(w[0], "w", w, w[0], 1, 1)
+    assert AdapterWeights.from_wqkv(w[0], torch.zeros(96, 8), w, w[0], np.int64(1), np.int32(1)).head_dim == 32
+
+
+def test_verify_greedy_target_not_a_tensor(device):
+    """Issue 15, class 3: the target was used before it was checked."""
+    c = OPS["verify_greedy"](device)
+    for v in (1.0, None, "x", [[1, 2]], np.zeros((2, 4, 5), dtype=np.float32)):
+        _expect_bad(c, _set(c.kw, "target", v), "target")
