@@ -413,3 +413,290 @@ def test_verify_greedy_target_not_a_tensor(device):
     c = OPS["verify_greedy"](device)
     for v in (1.0, None, "x", [[1, 2]], np.zeros((2, 4, 5), dtype=np.float32)):
         _expect_bad(c, _set(c.kw, "target", v), "target")
+
+
+# ----------------------------------------------------------------------------------- bad device data
+def _bad_data(c, changes, name, validate=True):
+    kw = dict(c.kw, validate=validate)
+    for path, v in changes.items():
+        kw = _set(kw, path, v)
+    return _expect_bad(c, kw, name)
+
+
+def _run(c, changes, validate=False):
+    kw = dict(c.kw, validate=validate)
+    for path, v in changes.items():
+        kw = _set(kw, path, v)
+    return c.fn(**kw)
+
+
+def _eq(a, b):
+    if isinstance(a, tuple):
+        return all(_eq(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
+
+
+def _clone_out(kw):
+    """A fresh copy of every tensor (buffers, caches) so two runs do not share state."""
+    def cl(v):
+        if isinstance(v, torch.Tensor):
+            return v.clone()
+        if isinstance(v, tuple) and hasattr(v, "_fields"):
+            return type(v)(*(cl(x) for x in v))
+        if isinstance(v, tuple):
+            return tuple(cl(x) for x in v)
+        return v
+    return {k: cl(v) for k, v in kw.items()}
+
+
+def _same_as(dev, op_name, bad, good, validate=False, compare=None):
+    """The op on `bad` (int64 values that must not wrap) equals the op on `good` (their documented meaning)."""
+    c = OPS[op_name](dev)
+    kb, kg = _clone_out(c.kw), _clone_out(c.kw)
+    for p, v in bad.items():
+        kb = _set(kb, p, v)
+    for p, v in good.items():
+        kg = _set(kg, p, v)
+    rb = c.fn(**dict(kb, validate=validate))
+    rg = c.fn(**dict(kg, validate=validate))
+    # a Tree's parents field is the (narrowed) input itself
+    assert _eq(rb[:5], rg[:5]) if isinstance(rb, Tree) else _eq(rb, rg)
+    for p in compare or ():
+        assert torch.equal(_get(kb, p).long(), _get(kg, p).long()), p
+    return rb
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_verify_greedy_int64_ids_do_not_wrap(dev):
+    dev = torch.device(dev)
+    c = OPS["verify_greedy_tree"](dev)
+    draft = torch.tensor([[4, 1, 2, 3]] * 2, dtype=I64, device=dev)
+    target = torch.tensor([[BIG + 4, 1, 2, 3, 0], [4, 1, 2, 3, 0]], dtype=I64, device=dev)
+    _bad_data(c, {"draft_tokens": draft, "target": target}, "target")
+    _bad_data(c, {"draft_tokens": draft + torch.tensor([[BIG], [0]], device=dev), "target": target.abs() % BIG},
+              "draft_tokens")
+    _bad_data(c, {"draft_tokens": draft, "target": target - 2 * BIG}, "target")
+    # without validation a wrapped id matches nothing: row 0 accepts no draft (its 2^32 + 4 is not token 4)
+    acc = _run(c, {"draft_tokens": draft, "target": target})
+    assert acc.accept_len.tolist()[0] == 0 and acc.tokens[0, 0].item() != 4
+    acc = _run(c, {"draft_tokens": draft + torch.tensor([[BIG], [0]], device=dev), "target": target % BIG})
+    assert acc.accept_len[0].item() == 0
+    # chain with logits: an int64 draft id >= V is rejected; unvalidated it is padding (never accepted)
+    c = OPS["verify_greedy"](dev)
+    tgt = c.kw["target"]
+    good = tgt.argmax(-1)[:, :3].to(I64)
+    assert _run(c, {"draft_tokens": good, "parents": None}).accept_len.tolist() == [3, 3]
+    _bad_data(c, {"draft_tokens": good + BIG, "parents": None}, "draft_tokens")
+    _same_as(dev, "verify_greedy", {"draft_tokens": good + BIG, "parents": None},
+             {"draft_tokens": torch.full_like(good, -1), "parents": None})
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_verify_sample_int64_ids_do_not_wrap(dev):
+    dev = torch.device(dev)
+    c = OPS["verify_sample_uniforms"](dev)
+    d = c.kw["draft_tokens"].to(I64)
+    bad = d.clone()
+    bad[0, 0] = BIG + int(d[0, 0])
+    _bad_data(c, {"draft_tokens": bad}, "draft_tokens")
+    pad = d.clone()
+    pad[0, 0] = -1
+    _same_as(dev, "verify_sample_uniforms", {"draft_tokens": bad}, {"draft_tokens": pad})
+    # int64 parents outside int32 are out of range (the node is never reached), not parent 0
+    c = OPS["verify_sample"](dev)
+    par = c.kw["parents"].to(I64)
+    pb = par.clone()
+    pb[:, 2] = BIG
+    _bad_data(c, {"parents": pb}, "parents")
+    pg = par.clone()
+    pg[:, 2] = 2  # parents[j] = j: not topological, never reached
+    _same_as(dev, "verify_sample", {"parents": pb, "offset": c.kw["offset"].clone()},
+             {"parents": pg, "offset": c.kw["offset"].clone()}, compare=["offset"])
+    # int64 top_k rows beyond int32 mean "off", as top_k >= V does
+    _same_as(dev, "verify_sample", {"top_k": torch.tensor([BIG + 1, 3], device=dev), "offset": c.kw["offset"].clone()},
+             {"top_k": torch.tensor([0, 3], device=dev), "offset": c.kw["offset"].clone()}, validate=True)
+    # the scalar top_k likewise (it does not wrap in the kernel)
+    cu = OPS["verify_sample_uniforms"](dev)
+    ra = _run(cu, {"top_k": 2 ** 40}, validate=True)
+    rb = _run(cu, {"top_k": 0}, validate=True)
+    assert _eq(ra, rb)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_build_tree_int64_does_not_wrap(dev):
+    dev = torch.device(dev)
+    c = OPS["build_tree"](dev)
+    par = c.kw["parents"].to(I64)
+    pb = par.clone()
+    pb[:, 3] = BIG  # wraps to 0: node 3 would become a child of node 0
+    _bad_data(c, {"parents": pb}, "parents")
+    pg = par.clone()
+    pg[:, 3] = 3
+    t = _same_as(dev, "build_tree", {"parents": pb}, {"parents": pg}, compare=[])
+    assert t.depth[:, 3].tolist() == [-1, -1]
+    nb = torch.tensor([BIG + 2, 3], dtype=I64, device=dev)
+    _bad_data(c, {"num_nodes": nb}, "num_nodes")
+    _same_as(dev, "build_tree", {"num_nodes": nb}, {"num_nodes": torch.tensor([4, 3], device=dev)})
+    _same_as(dev, "build_tree", {"num_nodes": -nb}, {"num_nodes": torch.tensor([0, -3], device=dev)})
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_compact_kv_int64_does_not_wrap(dev):
+    dev = torch.device(dev)
+    c = OPS["compact_kv"](dev)
+    lens, path, acc = (c.kw[k].to(I64) for k in ("cache_lens", "path", "accept_len"))
+    # validation names the argument and changes nothing
+    _bad_data(c, {"accept_len": acc + BIG, "cache_lens": lens.clone()}, "accept_len")
+    pb = path.clone()
+    pb[0, 1] = BIG + 2
+    _bad_data(c, {"path": pb, "cache_lens": lens.clone()}, "path")
+    _bad_data(c, {"cache_lens": lens + BIG}, "cache_lens")
+    # unvalidated: accept_len 2^32 + 1 is clamped to N (not 1), a path entry 2^32 + 2 moves nothing (not node 2),
+    # a row with cache_lens 2^32 + 2 is left alone (and keeps its value, not 2)
+    _same_as(dev, "compact_kv", {"accept_len": acc + BIG, "cache_lens": lens.clone()},
+             {"accept_len": torch.tensor([99, 99], device=dev), "cache_lens": lens.clone()},
+             compare=["k_cache", "v_cache", "cache_lens"])
+    pg = path.clone()
+    pg[0, 1] = 99
+    _same_as(dev, "compact_kv", {"path": pb, "cache_lens": lens.clone()}, {"path": pg, "cache_lens": lens.clone()},
+             compare=["k_cache", "v_cache", "cache_lens"])
+    kb = _clone_out(c.kw)
+    big = torch.tensor([BIG + 2, 5], dtype=I64, device=dev)
+    kc = kb["k_cache"].clone()
+    kk.compact_kv(kb["k_cache"], kb["v_cache"], big, kb["path"], kb["accept_len"], validate=False)
+    assert big.tolist() == [BIG + 2, 6]
+    assert torch.equal(kb["k_cache"][:, 0], kc[:, 0])
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_attention_int64_lengths_do_not_wrap(dev):
+    dev = torch.device(dev)
+    c = OPS["append_attention"](dev)
+    S = c.kw["k_cache"].shape[2]
+    lens = torch.tensor([BIG + 1, 4], dtype=I64, device=dev)  # wraps to 1: would write positions 1..3 of row 0
+    _bad_data(c, {"cache_lens": lens}, "cache_lens")
+    _same_as(dev, "append_attention", {"cache_lens": lens, "positions": None, "rope_cos_sin": None},
+             {"cache_lens": torch.tensor([S, 4], device=dev), "positions": None, "rope_cos_sin": None},
+             compare=["k_cache", "v_cache", "out"])
+    pos = torch.tensor([[BIG + 2, 3, 3], [4, 5, 5]], dtype=I64, device=dev)
+    _bad_data(c, {"positions": pos}, "positions")
+    _same_as(dev, "append_attention", {"positions": pos},
+             {"positions": torch.tensor([[15, 3, 3], [4, 5, 5]], device=dev)}, compare=["k_cache", "out"])
+    c = OPS["adapter_forward"](dev)
+    _bad_data(c, {"cache_lens": lens}, "cache_lens")
+    _bad_data(c, {"positions": torch.tensor([BIG + 2, 4], device=dev)}, "positions")
+    _bad_data(c, {"positions": torch.tensor([BIG + 2, 4], device=dev), "rope_cos_sin": None}, "positions")
+    _same_as(dev, "adapter_forward", {"cache_lens": lens}, {"cache_lens": torch.tensor([S, 4], device=dev)},
+             compare=["k_cache", "v_cache", "out"])
+    _same_as(dev, "adapter_forward", {"positions": torch.tensor([BIG + 2, 4], device=dev)},
+             {"positions": torch.tensor([15, 4], device=dev)}, compare=["k_cache", "out"])
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_lookup_ops_int64_do_not_wrap(dev):
+    dev = torch.device(dev)
+    c = OPS["merge_lookup_tree"](dev)
+    d = c.kw["draft"].to(I64)
+    db = d.clone()
+    db[0, 1] = BIG + int(d[0, 1])
+    _bad_data(c, {"draft": db}, "draft")
+    dg = d.clone()
+    dg[0, 1] = -1
+    _same_as(dev, "merge_lookup_tree", {"draft": db}, {"draft": dg})
+    lk = c.kw["look"].to(I64)
+    lb = lk.clone()
+    lb[1, 0] = BIG + 1
+    _bad_data(c, {"look": lb}, "look")
+    lg = lk.clone()
+    lg[1, 0] = -1
+    _same_as(dev, "merge_lookup_tree", {"look": lb}, {"look": lg})
+    pb = c.kw["parents"].to(I64)
+    pb[:, 2] = BIG
+    _bad_data(c, {"parents": pb}, "parents")
+    c = OPS["ngram_lookup"](dev)
+    _bad_data(c, {"lens": torch.tensor([BIG + 5, 7], device=dev)}, "lens")
+    _same_as(dev, "ngram_lookup", {"lens": torch.tensor([BIG + 5, 7], device=dev)},
+             {"lens": torch.tensor([9, 7], device=dev)})
+    h = c.kw["history"].clone()
+    h[0, 2] = BIG + 3
+    _bad_data(c, {"history": h}, "history")
+
+
+# ----------------------------------------------------------------------------------- tiny temperatures
+TINY = [1e-40, 1e-45, 1e-300, 2.9e-39]  # fl32(1 / T) overflows (3e-39 does not)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("t", TINY)
+def test_tiny_temperature_one_rule(dev, t):
+    dev = torch.device(dev)
+    for validate in (True, False):  # a scalar is host data: always checked
+        _bad_data(OPS["verify_sample_uniforms"](dev), {"temperature": t}, "temperature", validate=validate)
+        _bad_data(OPS["lm_head_exit"](dev), {"temperature": t, "seed": None, "offset": None}, "temperature",
+                  validate=validate)
+    for dt in (torch.float32, torch.float64):
+        rows = torch.tensor([t, 0.5], dtype=dt, device=dev)
+        if dt == torch.float32 and rows[0].item() == 0:
+            continue  # underflows to an exact 0 in float32: a greedy row, legitimately
+        _bad_data(OPS["verify_sample"](dev), {"temperature": rows}, "temperature")
+        _bad_data(OPS["lm_head_exit"](dev), {"temperature": rows}, "temperature")
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_small_but_representable_temperatures_work(dev):
+    dev = torch.device(dev)
+    for t in (1e-30, 1e-38, 3e-39):  # fl32(1 / T) finite
+        _run(OPS["verify_sample_uniforms"](dev), {"temperature": t}, validate=True)
+        _run(OPS["verify_sample"](dev), {"temperature": torch.tensor([t, 0.0], device=dev)}, validate=True)
+        _run(OPS["lm_head_exit"](dev), {"temperature": torch.tensor([t, 0.0], device=dev)}, validate=True)
+        _run(OPS["lm_head_exit"](dev), {"temperature": t, "seed": None, "offset": None}, validate=True)
+    # numpy scalars are numbers
+    _run(OPS["verify_sample_uniforms"](dev), {"temperature": np.float32(0.5), "top_k": np.int64(2),
+                                               "top_p": np.float64(0.9)}, validate=True)
+
+
+# ----------------------------------------------------------------------------------- hand-built trees
+@pytest.mark.parametrize("dev", DEVS)
+def test_hand_built_trees(dev):
+    dev = torch.device(dev)
+    c = OPS["verify_greedy_tree"](dev)
+    t = c.kw["tree"]
+    bad_trees = {
+        "tree": [tuple(t), list(t), "tree", t.parents, t._replace(depth=t.depth[:1]),
+                 t._replace(depth=t.depth.to("meta"))],
+        "tree.depth": [t._replace(depth=t.depth.float())],
+        "tree.parents": [t._replace(parents=t.parents[:, :3]), t._replace(parents=t.parents.long())],
+        "tree.mask": [t._replace(mask=t.mask.bool()), t._replace(mask=t.mask[..., 0])],
+        "tree.root_first_child": [t._replace(root_first_child=None)],
+    }
+    for op_name in ("verify_greedy_tree", "tree_to_flashinfer_mask", "tree_to_sglang"):
+        c = OPS[op_name](dev)
+        for name, trees in bad_trees.items():
+            for bt in trees:
+                _expect_bad(c, dict(c.kw, tree=bt), name)
+    # a tree of another batch or width than the drafts
+    c = OPS["verify_greedy_tree"](dev)
+    _expect_bad(c, dict(c.kw, tree=_tree(dev, B=1)), "tree")
+    _expect_bad(c, dict(c.kw, tree=_tree(dev, N=3)), "tree")
+    # tree and parents together
+    _expect_bad(c, dict(c.kw, parents=t.parents), "tree")
+    # a hand-built tree with right metadata but a non-topological parent: validation names it
+    hb = t._replace(parents=torch.tensor([[-1, 0, 3, 1]] * 2, dtype=I32, device=dev))
+    _expect_bad(c, dict(c.kw, tree=hb), "parents")
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_prefix_lens_forms(dev):
+    dev = torch.device(dev)
+    t = _tree(dev)
+    ref = kk.tree_to_flashinfer_mask(t, [3, 3])
+    for p in (3, np.int64(3), [3, np.int32(3)], (3, 3), torch.tensor([3, 3]), torch.tensor([3, 3], dtype=torch.int32),
+              np.array([3, 3])[0]):
+        assert _eq(kk.tree_to_flashinfer_mask(t, p), ref)
+    with pytest.raises(ValueError, match="prefix_lens"):
+        kk.tree_to_flashinfer_mask(t, np.array([3, 3]))
+    if dev.type != "cpu":
+        with pytest.raises(ValueError, match="prefix_lens"):
+            kk.tree_to_flashinfer_mask(t, torch.tensor([3, 3], device=dev))
