@@ -235,6 +235,42 @@ def _tsg(dev):
     return Call(lambda **k: kk.tree_to_sglang(k.pop("tree"), **k), kw, [], ["tree.depth"])
 
 
+@op("compat.flashinfer.chain_speculative_sampling")
+def _fi(dev):
+    B, N, V = 2, 3, 6
+    kw = dict(draft_probs=torch.softmax(_randn((B, N, V), dev), -1), draft_token_ids=_ints((B, N), V, dev),
+              target_probs=torch.softmax(_randn((B, N + 1, V), dev, seed=1), -1),
+              maybe_output_accepted_token_num=torch.zeros(B, dtype=I32, device=dev),
+              maybe_output_emitted_draft_token_num=torch.zeros(B, dtype=I32, device=dev), seed=3, offset=0)
+    return Call(lambda **k: fi_compat.chain_speculative_sampling(**k), kw,
+                ["maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num"], ["draft_token_ids"])
+
+
+@op("compat.sglang.verify_tree_greedy")
+def _sg(dev):
+    t = _tree(dev)
+    sg = kk.tree_to_sglang(t, _ints((2, 4), 6, dev), torch.tensor([1, 2], device=dev))
+    bs, D = sg.candidates.shape
+    kw = dict(predicts=torch.full((bs * D,), 7, dtype=I32, device=dev),
+              accept_index=torch.full((bs, 3), 7, dtype=I32, device=dev),
+              accept_token_num=torch.full((bs,), 7, dtype=I32, device=dev), candidates=sg.candidates,
+              retrive_index=sg.retrive_index, retrive_next_token=sg.retrive_next_token,
+              retrive_next_sibling=sg.retrive_next_sibling, target_predict=_ints((bs, D), 6, dev, I64, seed=2))
+    return Call(lambda **k: sgl_compat.verify_tree_greedy(**k), kw, ["predicts", "accept_index", "accept_token_num"],
+                ["candidates"])
+
+
+@op("compat.vllm.rejection_sample_from_logits")
+def _vl(dev):
+    n, V = [2, 1], 6
+    T = sum(n)
+    kw = dict(draft_token_ids=_ints((T,), V, dev), cu_num_draft_tokens=torch.tensor([2, 3], dtype=I32, device=dev),
+              max_spec_len=2, target_logits=_randn((T + len(n), V), dev),
+              temperature=torch.tensor([0.5, 0.0], device=dev), seed=torch.tensor([1, 2], device=dev),
+              offset=torch.tensor([0, 0], device=dev))
+    return Call(lambda **k: vllm_compat.rejection_sample_from_logits(**k), kw, ["offset"], ["draft_token_ids"])
+
+
 # ----------------------------------------------------------------------------------- bad tensor arguments
 def _mutations(t: torch.Tensor, defining: bool):
     """(id, bad value) pairs for a good tensor argument t."""
@@ -279,10 +315,17 @@ LEGIT = {
     "verify_sample-temperature-number", "verify_sample-top_p-number", "lm_head_exit-temperature-number",
     "verify_sample-temperature-dtype_float64", "verify_sample-top_p-dtype_float64",
     "lm_head_exit-temperature-dtype_float64", "verify_sample_uniforms-uniforms-dtype_float64",
+    "compat.vllm.rejection_sample_from_logits-target_logits-size_last",
+    "compat.vllm.rejection_sample_from_logits-temperature-number",
+    "compat.vllm.rejection_sample_from_logits-temperature-dtype_float64",
+    # SGLang's flat predicts buffer may be longer than bs * D; num_spec_step is free
+    "compat.sglang.verify_tree_greedy-predicts-size_dim0", "compat.sglang.verify_tree_greedy-accept_index-size_last",
 }
 # a free size that then contradicts another argument, which the message names
 ELSEWHERE = {"verify_sample-target_logits-size_last": "draft_probs", "lm_head_exit-lm_head_weight-size_dim0":
-             "out.probs", "merge_lookup_tree-look-size_last": "out.tokens"}
+             "out.probs", "merge_lookup_tree-look-size_last": "out.tokens",
+             "compat.flashinfer.chain_speculative_sampling-target_probs-size_last": "draft_probs",
+             "compat.vllm.rejection_sample_from_logits-cu_num_draft_tokens-size_dim0": "target_logits"}
 IGNORED = {"build_tree-out.parents"}  # documented: out's parents field is ignored (the result holds the input)
 
 
@@ -366,6 +409,11 @@ SCALAR_CASES = {
     ("ngram_lookup", "n_min"): [0, -1, 1.0, "1", True, None, 2 ** 31],
     ("ngram_lookup", "n_max"): [0, 2.5, "3", None],
     ("ngram_lookup", "M"): [0, 3.0, "3", None, 2 ** 40],
+    ("compat.flashinfer.chain_speculative_sampling", "seed"): ["x", 1.5, None if False else [1], True],
+    ("compat.flashinfer.chain_speculative_sampling", "offset"): ["x", 1.5, True],
+    ("compat.vllm.rejection_sample_from_logits", "max_spec_len"): [-1, 1.5, "2", True, None, 2 ** 40],
+    ("compat.vllm.rejection_sample_from_logits", "top_k"): [-1, 1.5, "2", True],
+    ("compat.vllm.rejection_sample_from_logits", "top_p"): [0.0, 1.5, math.nan, "x"],
     ("tree_to_flashinfer_mask", "prefix_lens"): [1.5, -1, "3", None, [1], [1, 2, 3], [1.5, 2], [np.float32(1), 2],
                                                  torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), {0: 1}, True,
                                                  2 ** 40],
@@ -700,3 +748,151 @@ def test_prefix_lens_forms(dev):
     if dev.type != "cpu":
         with pytest.raises(ValueError, match="prefix_lens"):
             kk.tree_to_flashinfer_mask(t, torch.tensor([3, 3], device=dev))
+
+
+# ----------------------------------------------------------------------------------- legitimate neighbours
+def _strided(t):
+    """The same values in a non-contiguous view (every dim strided)."""
+    return torch.stack([t, t], -1)[..., 0] if t.dim() else t
+
+
+def _results(c, kw):
+    kw = _clone_out(kw)
+    r = c.fn(**kw)
+    return r, [_get(kw, p).clone() for p in c.keep]
+
+
+def _assert_same(c, kw_a, kw_b):
+    (ra, ka), (rb, kb) = _results(c, kw_a), _results(c, kw_b)
+    if isinstance(ra, Tree):
+        ra, rb = ra[:5], rb[:5]
+    assert _eq(ra, rb)
+    for p, a, b in zip(c.keep, ka, kb):
+        assert torch.equal(a.long() if not a.is_floating_point() else a, b.long() if not b.is_floating_point() else b), p
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("op_name", sorted(OPS))
+def test_int64_in_range_equals_int32(dev, op_name):
+    c = OPS[op_name](torch.device(dev))
+    kw = dict(c.kw)
+    changed = 0
+    for p in _tensor_paths(c.kw):
+        t = _get(c.kw, p)
+        if p.startswith("out") or p in c.keep or t.dtype != I32 or p.startswith("tree.") or p == "tree_mask":
+            continue
+        kw, changed = _set(kw, p, t.to(I64)), changed + 1
+    if op_name == "compact_kv":  # int64 lengths are accepted and updated in place
+        kw, changed = _set(kw, "cache_lens", c.kw["cache_lens"].to(I64)), changed + 1
+    if not changed:
+        pytest.skip("no int32 input")
+    _assert_same(c, c.kw, kw)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("op_name", sorted(OPS))
+def test_non_contiguous_inputs(dev, op_name):
+    c = OPS[op_name](torch.device(dev))
+    kw = dict(c.kw)
+    for p in _tensor_paths(c.kw):
+        if p.startswith("out") or p in c.keep or p.startswith("tree."):
+            continue
+        kw = _set(kw, p, _strided(_get(c.kw, p)))
+    _assert_same(c, c.kw, kw)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_empty_batch_and_single_token_vocab(dev):
+    dev = torch.device(dev)
+    e = torch.zeros((0, 3), dtype=I32, device=dev)
+    acc = kk.verify_greedy(e, torch.zeros((0, 4, 5), device=dev))
+    assert acc.accept_len.shape == (0,) and acc.path.shape == (0, 4)
+    assert kk.verify_greedy(e, torch.zeros((0, 4), dtype=I64, device=dev)).tokens.shape == (0, 4)
+    assert kk.verify_sample(e, torch.zeros((0, 4, 5), device=dev), temperature=0.5).tokens.shape == (0, 4)
+    assert kk.build_tree(e).mask.shape == (0, 3, 1)
+    kc = torch.zeros((0, 1, 4, 32), device=dev)
+    kk.compact_kv(kc, kc.clone(), torch.zeros(0, dtype=I32, device=dev), torch.zeros((0, 2), dtype=I32, device=dev),
+                  torch.zeros(0, dtype=I32, device=dev))
+    r = kk.lm_head_exit(torch.zeros((0, 8), device=dev), torch.zeros((3, 8), device=dev), 0.5)
+    assert r.token.shape == (0,)
+    assert kk.lm_head_topk(torch.zeros((0, 8), device=dev), torch.zeros((3, 8), device=dev), 2).tokens.shape == (0, 2)
+    q = torch.zeros((0, 1, 2, 32), device=dev)
+    o = kk.append_attention(q, q[:, :, :1], q[:, :, :1], torch.zeros((0, 1, 4, 32), device=dev),
+                            torch.zeros((0, 1, 4, 32), device=dev), torch.zeros(0, dtype=I32, device=dev))
+    assert o.shape == (0, 1, 2, 32)
+    w = _adapter_weights(dev, 16, 2, 1, 32)
+    o = kk.adapter_forward(torch.zeros((0, 16), device=dev), w, torch.zeros((0, 1, 4, 32), device=dev),
+                           torch.zeros((0, 1, 4, 32), device=dev), torch.zeros(0, dtype=I32, device=dev),
+                           torch.zeros(0, dtype=I32, device=dev))
+    assert o.shape == (0, 16)
+    assert kk.ngram_lookup(e, torch.zeros(0, dtype=I32, device=dev), 1, 2, 3).tokens.shape == (0, 3)
+    assert kk.merge_lookup_tree(e, torch.zeros((0, 2), dtype=I32, device=dev)).tokens.shape == (0, 5)
+    t = kk.build_tree(e)
+    assert kk.tree_to_flashinfer_mask(t, 2).mask_indptr.tolist() == [0]
+    assert kk.tree_to_sglang(t, e).candidates.shape == (0, 4)
+    # V = 1: one token, always the argmax
+    one = torch.zeros((2, 4, 1), device=dev)
+    d = torch.zeros((2, 3), dtype=I32, device=dev)
+    assert kk.verify_greedy(d, one).accept_len.tolist() == [3, 3]
+    assert kk.verify_sample(d, one, temperature=0.7, seed=torch.tensor([1, 2], device=dev)).accept_len.tolist() == [3, 3]
+    r = kk.lm_head_exit(torch.ones((2, 8), device=dev), torch.ones((1, 8), device=dev), 0.5, temperature=0.5)
+    assert r.token.tolist() == [0, 0] and r.conf.tolist() == [1.0, 1.0]
+    assert kk.lm_head_topk(torch.ones((2, 8), device=dev), torch.ones((1, 8), device=dev), 1).tokens.tolist() == [[0], [0]]
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_numpy_integers_where_ints_are_accepted(dev):
+    dev = torch.device(dev)
+    c = OPS["lm_head_topk"](dev)
+    _assert_same(c, c.kw, dict(c.kw, k=np.int64(3)))
+    c = OPS["ngram_lookup"](dev)
+    _assert_same(c, c.kw, dict(c.kw, n_min=np.int32(1), n_max=np.int64(3), M=np.int16(3)))
+    c = OPS["append_attention"](dev)
+    _assert_same(c, dict(c.kw, num_splits=2, sm_scale=0.25), dict(c.kw, num_splits=np.int64(2),
+                                                                   sm_scale=np.float32(0.25)))
+    c = OPS["adapter_forward"](dev)
+    w = c.kw["weights"]
+    _assert_same(c, c.kw, dict(c.kw, weights=w._replace(num_heads=np.int64(2), num_kv_heads=np.int32(1)),
+                               eps=np.float32(1e-6)))
+    c = OPS["lm_head_exit"](dev)
+    _assert_same(c, c.kw, dict(c.kw, threshold=np.float32(0.5), eps=np.float64(1e-6)))
+
+
+def test_compat_wrappers_do_not_wrap_int64_ids():
+    """The compat wrappers keep their peers' semantics (no data validation, in-place outputs) but an int64 draft
+    id beyond int32 is an invalid id there too (never accepted), not the id it wraps to."""
+    dev = torch.device("cpu")
+    for name, path, bad_at in (("compat.flashinfer.chain_speculative_sampling", "draft_token_ids", (0, 2)),
+                               ("compat.vllm.rejection_sample_from_logits", "draft_token_ids", (1,))):
+        c = OPS[name](dev)
+        d = _get(c.kw, path).to(I64)
+        bad, inv = d.clone(), d.clone()
+        bad[bad_at] = BIG + int(d[bad_at])
+        inv[bad_at] = -1
+        (rb, _), (rg, _) = _results(c, _set(c.kw, path, bad)), _results(c, _set(c.kw, path, inv))
+        assert _eq(rb, rg)
+
+
+@pytest.mark.cuda
+def test_validate_false_reads_no_device_data_on_the_host():
+    """validate=False (the decode hot path) with int64 inputs: the on-device narrowing adds no host sync."""
+    dev = torch.device("cuda")
+    calls = [(name, OPS[name](dev)) for name in ("verify_greedy", "verify_greedy_tree", "verify_sample",
+                                                   "build_tree", "compact_kv", "append_attention", "adapter_forward",
+                                                   "merge_lookup_tree", "ngram_lookup", "lm_head_exit")]
+    prepared = []
+    for name, c in calls:
+        kw = dict(c.kw, validate=False)
+        for p in _tensor_paths(c.kw):
+            t = _get(c.kw, p)
+            if t.dtype == I32 and not p.startswith("out") and not p.startswith("tree.") and p != "tree_mask":
+                kw = _set(kw, p, t.to(I64))
+        prepared.append((c, kw))
+        c.fn(**_clone_out(kw))  # warm up (first calls load libraries and compile kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c, kw in prepared:
+            c.fn(**kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
