@@ -134,7 +134,7 @@ def _bt(dev):
 
 @op("compact_kv")
 def _ckv(dev):
-    L, B, Hk, S, Dh, N = 2, 2, 1, 12, 4, 3
+    L, B, Hk, S, Dh = 2, 2, 1, 12, 4
     kw = dict(k_cache=_randn((L, B, Hk, S, Dh), dev), v_cache=_randn((L, B, Hk, S, Dh), dev, seed=1),
               cache_lens=torch.tensor([2, 5], dtype=I32, device=dev),
               path=torch.tensor([[0, 2, -1, -1], [1, -1, -1, -1]], dtype=I32, device=dev),
@@ -205,7 +205,7 @@ def _af(dev):
 
 @op("ngram_lookup")
 def _ng(dev):
-    B, S, M = 2, 9, 3
+    B, M = 2, 3
     out = (torch.full((B, M), 7, dtype=I32, device=dev), torch.full((B,), 7, dtype=I32, device=dev))
     kw = dict(history=torch.tensor([[1, 2, 3, 1, 2, 0, 0, 0, 0], [4, 4, 5, 4, 4, 5, 4, 0, 0]], device=dev),
               lens=torch.tensor([5, 7], device=dev), n_min=1, n_max=3, M=M, out=out, validate=True)
@@ -768,7 +768,8 @@ def _assert_same(c, kw_a, kw_b):
         ra, rb = ra[:5], rb[:5]
     assert _eq(ra, rb)
     for p, a, b in zip(c.keep, ka, kb):
-        assert torch.equal(a.long() if not a.is_floating_point() else a, b.long() if not b.is_floating_point() else b), p
+        wide = (lambda t: t if t.is_floating_point() else t.long())  # noqa: E731
+        assert torch.equal(wide(a), wide(b)), p
 
 
 @pytest.mark.parametrize("dev", DEVS)
@@ -834,10 +835,12 @@ def test_empty_batch_and_single_token_vocab(dev):
     one = torch.zeros((2, 4, 1), device=dev)
     d = torch.zeros((2, 3), dtype=I32, device=dev)
     assert kk.verify_greedy(d, one).accept_len.tolist() == [3, 3]
-    assert kk.verify_sample(d, one, temperature=0.7, seed=torch.tensor([1, 2], device=dev)).accept_len.tolist() == [3, 3]
+    seed = torch.tensor([1, 2], device=dev)
+    assert kk.verify_sample(d, one, temperature=0.7, seed=seed).accept_len.tolist() == [3, 3]
     r = kk.lm_head_exit(torch.ones((2, 8), device=dev), torch.ones((1, 8), device=dev), 0.5, temperature=0.5)
     assert r.token.tolist() == [0, 0] and r.conf.tolist() == [1.0, 1.0]
-    assert kk.lm_head_topk(torch.ones((2, 8), device=dev), torch.ones((1, 8), device=dev), 1).tokens.tolist() == [[0], [0]]
+    r = kk.lm_head_topk(torch.ones((2, 8), device=dev), torch.ones((1, 8), device=dev), 1)
+    assert r.tokens.tolist() == [[0], [0]]
 
 
 @pytest.mark.parametrize("dev", DEVS)

@@ -45,7 +45,7 @@ def _is_int(v) -> bool:
 
 
 def _is_np_bool(v) -> bool:
-    return type(v).__name__ == "bool_" and type(v).__module__ == "numpy"
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
 
 
 def _int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None, what: str = "") -> int:
