@@ -32,6 +32,9 @@ class Tree(NamedTuple):
     of row j is set iff node i is an ancestor of j or i == j (the tree_mask of append_attention).
     first_child / next_sibling [B, N] and root_first_child [B]: children in increasing index order, -1 when none.
     parents [B, N]: the parent indices the tree was built from.
+    Build it with build_tree. A Tree is a plain tuple, so a hand-built one is possible: every op that takes a Tree
+    checks its fields' types, dtypes, shapes and device where it enters (a ValueError naming tree.<field>), and
+    verify_greedy's validation also checks the parents' topology; the kernels bound every index either way.
     """
 
     depth: torch.Tensor

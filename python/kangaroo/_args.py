@@ -14,6 +14,8 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from kangaroo_kernels._checks import inv_temperature_finite
+
 __all__ = ["GenerateArgs", "check_generate_args", "check_settings", "parse_ids", "eos_list", "check_streamer",
            "check_from_pretrained_args", "MAX_TREE_TOPK"]
 
@@ -80,8 +82,7 @@ def check_settings(max_new_tokens, threshold, max_draft, temperature, top_k, top
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature > 0:
         # the one rule of the op library (lm_head_exit, verify_sample): fl32(1 / T) must be finite
-        inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temperature, dtype=torch.float32)
-        if not math.isfinite(float(inv)):
+        if not inv_temperature_finite(temperature):
             raise ValueError(f"temperature {temperature!r} is too small: 1 / T overflows float32")
     top_k = _int("top_k", top_k, 0, what=" >= 0 (0: off)")
     top_p = _real("top_p", top_p, "in (0, 1]")
