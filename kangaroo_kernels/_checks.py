@@ -4,6 +4,7 @@ import math
 import numbers
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from kangaroo_kernels.types import Tree
@@ -102,8 +103,9 @@ def check_real(name: str, v, *, lo: Optional[float] = None, lo_open: bool = Fals
 
 def inv_temperature_finite(temperature: float) -> bool:
     """True iff fl32(1 / T) is finite (T > 0): the one rule for how small a sampling temperature may be."""
-    return math.isfinite(float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temperature,
-                                                                                       dtype=torch.float32)))
+    # numpy scalars, not torch: host arithmetic that the decoder's host-read counters must not see as a tensor read
+    with np.errstate(over="ignore", divide="ignore"):
+        return math.isfinite(float(np.float32(1.0) / np.float32(temperature)))
 
 
 def check_tree(name: str, tree, *, device: Optional[torch.device] = None):
