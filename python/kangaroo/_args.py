@@ -230,7 +230,8 @@ def check_from_pretrained_args(path_or_hf_model, adapter, exit_layer, dtype, dev
     if adapter is not None and not isinstance(adapter, (str, os.PathLike, torch.nn.Module)):
         raise ValueError(f"adapter must be None, a KangarooAdapter or an adapter folder (str or path), got "
                          f"{type(adapter).__name__} {adapter!r}")
-    exit_layer = _int("exit_layer", exit_layer, 1, what=" >= 1")
+    if exit_layer is not None:  # None: the adapter's (or 2 for a fresh adapter)
+        exit_layer = _int("exit_layer", exit_layer, 1, what=" >= 1 (or None)")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be None or a torch.dtype, got {type(dtype).__name__} {dtype!r}")
     if dtype is not None and not dtype.is_floating_point:
