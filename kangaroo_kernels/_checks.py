@@ -1,8 +1,13 @@
 """Input checks shared by the op wrappers. Every failure is a ValueError naming the argument."""
 
+import math
+import numbers
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
+
+from kangaroo_kernels.types import Tree
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -48,3 +53,77 @@ def validating(validate: Optional[bool]) -> bool:
     if validate is not None:
         return validate
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+I32_MIN, I32_MAX = -2 ** 31, 2 ** 31 - 1
+
+
+def to_int32(t: torch.Tensor, *, pad: Optional[int] = None) -> torch.Tensor:
+    """An index tensor narrowed to contiguous int32 on its device (no host sync), never wrapping around.
+
+    int64 values outside the int32 range either saturate to I32_MIN / I32_MAX (pad=None: they stay outside every
+    valid range, so the kernels' guards treat them as the docstrings promise: clamped, skipped or padding) or
+    become `pad` (e.g. -1 for token ids: padding, never accepted). int32 input is returned as is (contiguous).
+    """
+    if t.dtype == torch.int32:
+        return t.contiguous()
+    if pad is None:
+        t = t.clamp(I32_MIN, I32_MAX)
+    else:
+        t = torch.where((t >= I32_MIN) & (t <= I32_MAX), t, pad)
+    return t.to(torch.int32).contiguous()
+
+
+def check_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """A Python or numpy integer (not a bool) in [lo, hi]; returns it as an int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name} must be an int in {rng}, got {v}")
+    return v
+
+
+def check_real(name: str, v, *, lo: Optional[float] = None, lo_open: bool = False, hi: Optional[float] = None,
+               finite: bool = True) -> float:
+    """A real number (Python or numpy; not a bool, not a string) that is finite (unless finite=False) and >= lo
+    (> lo when lo_open) and <= hi; returns it as a float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if math.isnan(f) or (finite and math.isinf(f)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (f <= lo if lo_open else f < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+    if hi is not None and f > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v!r}")
+    return f
+
+
+def inv_temperature_finite(temperature: float) -> bool:
+    """True iff fl32(1 / T) is finite (T > 0): the one rule for how small a sampling temperature may be."""
+    # numpy scalars, not torch: host arithmetic that the decoder's host-read counters must not see as a tensor read
+    with np.errstate(over="ignore", divide="ignore"):
+        return math.isfinite(float(np.float32(1.0) / np.float32(temperature)))
+
+
+def check_tree(name: str, tree, *, device: Optional[torch.device] = None):
+    """A Tree (normally from build_tree) whose fields have build_tree's metadata: int32 depth/first_child/
+    next_sibling/parents [B, N], mask [B, N, ceil(N/32)], root_first_child [B], all on one device. Reads no device
+    data (a hand-built tree with consistent metadata but a wrong topology is only as safe as the kernels' guards).
+    Returns (B, N)."""
+    if not isinstance(tree, Tree):
+        raise ValueError(f"{name} must be a Tree from build_tree, got {type(tree).__name__}")
+    check_tensor(f"{name}.depth", tree.depth, dtypes=(torch.int32,), ndim=2, device=device, expected="[B, N] int32")
+    B, N = tree.depth.shape
+    dev = tree.depth.device
+    W = (N + 31) // 32
+    check_tensor(f"{name}.mask", tree.mask, dtypes=(torch.int32,), shape=(B, N, W), device=dev,
+                 expected=f"[B={B}, N={N}, ceil(N/32)={W}] int32")
+    for field in ("first_child", "next_sibling", "parents"):
+        check_tensor(f"{name}.{field}", getattr(tree, field), dtypes=(torch.int32,), shape=(B, N), device=dev,
+                     expected=f"[B={B}, N={N}] int32")
+    check_tensor(f"{name}.root_first_child", tree.root_first_child, dtypes=(torch.int32,), shape=(B,), device=dev,
+                 expected=f"[B={B}] int32")
+    return B, N

@@ -3,6 +3,7 @@
 Imports torch only: the reference modules build these without importing an op module (which would register ops).
 """
 
+import numbers
 from typing import Mapping, NamedTuple, Optional
 
 import torch
@@ -31,6 +32,9 @@ class Tree(NamedTuple):
     of row j is set iff node i is an ancestor of j or i == j (the tree_mask of append_attention).
     first_child / next_sibling [B, N] and root_first_child [B]: children in increasing index order, -1 when none.
     parents [B, N]: the parent indices the tree was built from.
+    Build it with build_tree. A Tree is a plain tuple, so a hand-built one is possible: every op that takes a Tree
+    checks its fields' types, dtypes, shapes and device where it enters (a ValueError naming tree.<field>), and
+    verify_greedy's validation also checks the parents' topology; the kernels bound every index either way.
     """
 
     depth: torch.Tensor
@@ -102,7 +106,13 @@ class AdapterWeights(NamedTuple):
     def from_wqkv(cls, norm_in, wqkv, wo, norm_out, num_heads: int, num_kv_heads: int,
                   bqkv: Optional[torch.Tensor] = None) -> "AdapterWeights":
         """Splits a fused wqkv[(Hq + 2 Hk) * Dh, D] (and bqkv) into row views; no copy."""
-        if num_heads < 1 or num_kv_heads < 1 or wqkv.dim() != 2 or wqkv.shape[0] % (num_heads + 2 * num_kv_heads):
+        for name, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+        num_heads, num_kv_heads = int(num_heads), int(num_kv_heads)
+        if not isinstance(wqkv, torch.Tensor):
+            raise ValueError(f"wqkv must be a torch.Tensor [(Hq + 2 Hk) * Dh, D], got {type(wqkv).__name__}")
+        if wqkv.dim() != 2 or wqkv.shape[0] % (num_heads + 2 * num_kv_heads):
             raise ValueError(f"wqkv must be [(Hq + 2 Hk) * Dh, D] with Hq={num_heads}, Hk={num_kv_heads}, "
                              f"got shape {tuple(wqkv.shape)}")
         dh = wqkv.shape[0] // (num_heads + 2 * num_kv_heads)

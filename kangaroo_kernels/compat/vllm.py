@@ -44,8 +44,7 @@ def _layout(draft_token_ids, cu_num_draft_tokens, max_spec_len):
     dev = draft_token_ids.device
     _checks.check_tensor("cu_num_draft_tokens", cu_num_draft_tokens, dtypes=_checks.INDEX_DTYPES, ndim=1,
                          device=dev, expected="[B] (inclusive cumulative sums)")
-    if isinstance(max_spec_len, bool) or not isinstance(max_spec_len, int) or max_spec_len < 0:
-        raise ValueError(f"max_spec_len must be an int >= 0, got {max_spec_len!r}")
+    max_spec_len = _checks.check_int("max_spec_len", max_spec_len, 0, _checks.I32_MAX)
     B = cu_num_draft_tokens.shape[0]
     T = draft_token_ids.shape[0]
     S = max_spec_len

@@ -87,7 +87,8 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
         raise ValueError(f"weights must be an AdapterWeights, got {type(weights).__name__}")
     _checks.check_tensor("k_cache", k_cache, dtypes=(dt,), ndim=4, device=dev,
                          expected=f"[B={B}, Hk, S, Dh] in h's dtype")
-    Hq, Hk = weights.num_heads, weights.num_kv_heads
+    Hq = _checks.check_int("weights.num_heads", weights.num_heads, 1)
+    Hk = _checks.check_int("weights.num_kv_heads", weights.num_kv_heads, 1)
     _, _, S, Dh = k_cache.shape
     _checks.check_tensor("k_cache", k_cache, shape=(B, Hk, S, Dh),
                          expected=f"[B={B}, Hk=weights.num_kv_heads={Hk}, S, Dh]")
@@ -123,10 +124,9 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
                              expected=f"[max_pos, Dh={Dh}] float32 = cat(cos, sin) (make_rope_cos_sin)")
         if rope_cos_sin.shape[0] < 1:
             raise ValueError("rope_cos_sin must have max_pos >= 1 rows (expected [max_pos, Dh])")
-    elif not rope_theta > 0:
-        raise ValueError(f"rope_theta must be > 0, got {rope_theta!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    else:
+        rope_theta = _checks.check_real("rope_theta", rope_theta, lo=0.0, lo_open=True)
+    eps = _checks.check_real("eps", eps, lo=0.0)
     if out is None:
         out = torch.empty((B, D), dtype=dt, device=dev)
     else:
@@ -141,8 +141,8 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
             raise ValueError(f"cache overflow: cache_lens[{b}] = {int(lens[b])}: need 0 <= cache_lens[b] < S = {S} "
                              f"(k_cache [B, Hk, S, Dh]) to append this step's K/V")
         pos = positions.long()
-        bad = pos < 0
-        rng = ">= 0"
+        bad = (pos < 0) | (pos > _checks.I32_MAX)
+        rng = "in [0, 2^31)"
         if rope_cos_sin is not None:
             bad |= pos >= rope_cos_sin.shape[0]
             rng = f"in [0, max_pos={rope_cos_sin.shape[0]}) of rope_cos_sin"
@@ -150,6 +150,10 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
             raise ValueError(f"positions[{b}] = {int(pos[b])} out of range: need {rng}")
+    if cache_lens.dtype == torch.int64:  # the kernels read int32: saturate, so that 2^32 + 1 never means 1
+        cache_lens = _checks.to_int32(cache_lens)
+    if positions.dtype == torch.int64:
+        positions = _checks.to_int32(positions)
     return (h, weights.norm_in, weights.wq, weights.wk, weights.wv, weights.bq, weights.bk, weights.bv, weights.wo,
             weights.norm_out, k_cache, v_cache, cache_lens, positions, active, rope_cos_sin, float(rope_theta),
             float(eps), bool(apply_out_norm), out)
@@ -172,7 +176,8 @@ def adapter_forward(h: torch.Tensor, weights: AdapterWeights, k_cache: torch.Ten
     applies RMSNorm_out inside its GEMV (one launch fewer, same maths).
     active[B] bool: inactive rows write nothing to the caches and get zeros in out (also in a given out=).
     validate (default: on unless capturing a CUDA graph) checks 0 <= cache_lens[b] < S and the positions on the
-    device data (a host sync); the kernels mask every access either way.
+    device data (a host sync); the kernels mask every access either way (int64 lengths and positions outside
+    int32 saturate instead of wrapping). eps: finite >= 0; rope_theta: finite > 0.
     """
     args = _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_theta, rope_cos_sin, eps,
                     apply_out_norm, out, validate)

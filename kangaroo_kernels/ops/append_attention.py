@@ -6,6 +6,7 @@ any head dim, the prefix read in place); CUDA tensors run the Triton split-KV ke
 (kangaroo_kernels/triton/append_attention.py).
 """
 
+import numbers
 from typing import Optional
 
 import torch
@@ -102,12 +103,12 @@ def _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, s
             raise ValueError("positions is only used with rope_cos_sin (fused RoPE); pass both or neither")
         _checks.check_tensor("positions", positions, dtypes=_checks.INDEX_DTYPES, shape=(B, T), device=dev,
                              expected=f"[B={B}, T={T}] int32")
-    if sm_scale is None:
-        sm_scale = Dh ** -0.5
+    sm_scale = Dh ** -0.5 if sm_scale is None else _checks.check_real("sm_scale", sm_scale, lo=0.0, lo_open=True)
     if num_splits is None:
         num_splits = 0
-    elif not isinstance(num_splits, int) or num_splits < 1:
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None (automatic), got {num_splits!r}")
+    num_splits = int(num_splits)
     if out is None:
         out = torch.empty((B, T, Hq, Dh), dtype=q.dtype, device=dev)
     else:
@@ -130,6 +131,10 @@ def _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, s
                 what = "positions" if positions is not None else "cache_lens[b] + t (default positions)"
                 raise ValueError(f"{what} out of range of rope_cos_sin [max_pos={max_pos}, Dh]: row {b}, "
                                  f"t {t}: {int(pos[b, t])}")
+    if cache_lens.dtype == torch.int64:  # the kernels read int32: saturate, so that 2^32 + 1 never means 1
+        cache_lens = _checks.to_int32(cache_lens)
+    if positions is not None and positions.dtype == torch.int64:
+        positions = _checks.to_int32(positions)
     return (q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, positions, rope_cos_sin,
             float(sm_scale), num_splits, out)
 
@@ -155,7 +160,8 @@ def append_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     cache_len + depth) and the rotated k is what the cache receives.
     num_splits: KV splits of the flash-decoding kernel (None: chosen from B, Hk, T and S; no host sync).
     validate (default: on unless capturing a CUDA graph) checks 0 <= cache_lens[b], cache_lens[b] + T <= S
-    and positions < max_pos on the device data; the kernel masks every access either way.
+    and positions < max_pos on the device data; the kernel masks every access either way (int64 lengths and
+    positions outside int32 saturate, so they stay out of range instead of wrapping). sm_scale: finite, > 0.
     """
     args = _prepare(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, active, sm_scale, positions,
                     rope_cos_sin, num_splits, out, validate)

@@ -67,7 +67,9 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.T
     [B, N+1] and accept_len [B] int32/int64, e.g. from verify_greedy / verify_sample. path must be increasing
     on its accepted prefix (it is for a root-to-leaf path). Identity rows (a chain) only update the length.
     Validation: accept_len in [0, N], path entries in [0, N) and increasing, and no cache overflow
-    (cache_lens[b] + max(path[b, :accept_len[b]]) + 1 <= S). Without it, the kernels skip invalid moves.
+    (cache_lens[b] + max(path[b, :accept_len[b]]) + 1 <= S). Without it, the kernels skip invalid moves:
+    accept_len is clamped to [0, N], a path entry outside [0, N) moves nothing, a row whose cache_lens is outside
+    [0, S] is left alone; int64 values outside int32 saturate first (they never wrap into range).
     """
     _checks.check_tensor("k_cache", k_cache, expected="[L, B, Hk, S, Dh] or [B, Hk, S, Dh]")
     if k_cache.dim() not in (4, 5) or not k_cache.is_floating_point():
@@ -92,7 +94,9 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.T
     if _checks.validating(validate):
         _validate(cache_lens, path, accept_len, S)
     lens32 = cache_lens if cache_lens.dtype == torch.int32 and cache_lens.is_contiguous() else \
-        cache_lens.to(torch.int32).contiguous()
-    _op()(k5, v5, lens32, path.to(torch.int32).contiguous(), accept_len.to(torch.int32).contiguous())
+        _checks.to_int32(cache_lens)
+    _op()(k5, v5, lens32, _checks.to_int32(path), _checks.to_int32(accept_len))
     if lens32 is not cache_lens:
+        if cache_lens.dtype == torch.int64:  # a saturated (out-of-range) row was left alone: keep its value
+            lens32 = torch.where((cache_lens >= 0) & (cache_lens <= S), lens32.long(), cache_lens)
         cache_lens.copy_(lens32)

@@ -119,8 +119,8 @@ def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, t
                                                                   torch.float16), shape=(B,), device=dev,
                              expected=f"a number or [B={B}] (0: a greedy row)")
         if _checks.validating(validate):
-            t = temperature.float()
-            if not bool((torch.isfinite(t) & (t >= 0) & ((t == 0) | torch.isfinite(1.0 / t))).all()):
+            t = temperature  # in its own dtype: a float64 1e-50 must not pass as a greedy 0 after narrowing
+            if not bool((torch.isfinite(t) & (t >= 0) & ((t == 0) | torch.isfinite(1.0 / t.float()))).all()):
                 raise ValueError("temperature rows must be finite, >= 0 (0: greedy) and not so small that 1 / T "
                                  "overflows float32")
         inv_t_rows = inv_temperature(temperature).contiguous()

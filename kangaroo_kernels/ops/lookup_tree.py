@@ -74,7 +74,7 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
     draft's device); `out`: a LookupTree of buffers ([B, N+M] x 3, [B], [B, M]) written in place.
     Validation (validate=None: unless capturing a CUDA graph; it syncs): ids in [-1, 2^31), n_look in [0, M],
     parents topological. Without it, a base node whose parent is out of range is never shared (as verify_greedy never
-    reaches it).
+    reaches it), and int64 ids outside int32 count as absent (-1).
     """
     _checks.check_tensor("draft", draft, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
     B, N = draft.shape
@@ -96,6 +96,10 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
             _checks.check_out(f"out.{name}", getattr(out, name), shape, torch.int32, dev)
     if _checks.validating(validate):
         _validate(draft, look, n_look, parents)
+    # int64 ids outside int32 are absent (-1) and int64 parents saturate (out of range): nothing wraps around
+    draft, look = _checks.to_int32(draft, pad=-1), _checks.to_int32(look, pad=-1)
+    if parents is not None:
+        parents = _checks.to_int32(parents)
 
     i32 = torch.int32
     j = torch.arange(M, device=dev, dtype=i32)

@@ -54,9 +54,8 @@ def _op():
     return _OP
 
 
-def _check_int(name: str, v, lo: int, hi: int = _I32_MAX) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+def _check_int(name: str, v, lo: int, hi: int = _I32_MAX) -> int:
+    return _checks.check_int(name, v, lo, hi)
 
 
 def _validate(history: torch.Tensor, lens: torch.Tensor) -> None:
@@ -92,9 +91,9 @@ def ngram_lookup(history: torch.Tensor, lens: torch.Tensor, n_min: int, n_max: i
     B, S = history.shape
     dev = history.device
     _checks.check_tensor("lens", lens, dtypes=_checks.INDEX_DTYPES, shape=(B,), device=dev, expected="[B]")
-    _check_int("n_min", n_min, 1)
-    _check_int("n_max", n_max, n_min)
-    _check_int("M", M, 1)
+    n_min = _check_int("n_min", n_min, 1)
+    n_max = _check_int("n_max", n_max, n_min)
+    M = _check_int("M", M, 1)
     if S >= 2**31:
         raise ValueError(f"history [B, S] needs S < 2^31, got S = {S}")
     if _checks.validating(validate):

@@ -5,6 +5,7 @@ Native op (C++ CPU twin, CUDA kernel: csrc/include/kangaroo/tree.cuh); semantics
 kangaroo_kernels/reference/tree.py.
 """
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -55,7 +56,9 @@ def build_tree(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None, 
     which must be < j (topological order; a chain is -1, 0, 1, ...). num_nodes [B] int (default N): nodes
     j >= num_nodes[b] are padding. Returns Tree (int32; see its docstring). `out`: a Tree of preallocated
     buffers (its parents field is ignored). With validation off, a node whose parent is out of range or not
-    topological, or is padding, is treated as padding (the kernel never reads or writes out of bounds).
+    topological, or is padding, is treated as padding (the kernel never reads or writes out of bounds), and
+    num_nodes is clamped to [0, N]; int64 values outside int32 saturate first (a parent of 2^32 is padding, a
+    num_nodes of 2^32 means N), never wrapping around.
     """
     _checks.check_tensor("parents", parents, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
     B, N = parents.shape
@@ -65,8 +68,8 @@ def build_tree(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None, 
                              expected="[B]")
     if _checks.validating(validate):
         _validate_parents(parents, num_nodes)
-    par32 = parents.to(torch.int32).contiguous()
-    nn32 = num_nodes.to(torch.int32).contiguous() if num_nodes is not None else None
+    par32 = _checks.to_int32(parents)
+    nn32 = _checks.to_int32(num_nodes) if num_nodes is not None else None
     W = (N + 31) // 32
     if out is None:
         out = Tree(torch.empty((B, N), dtype=torch.int32, device=dev),
@@ -121,6 +124,27 @@ def _flat_mask(anc: torch.Tensor, prefix: Sequence[int], N: int, pad_to_bytes: b
     return inside & ((~in_tree) | node_bit)
 
 
+def _host_lens(name: str, v, B: int):
+    """B host integers >= 0 from an int (numpy integers too), a sequence of them or a 1-D integer CPU tensor."""
+    want = f"an int, a sequence of B={B} ints or a CPU integer tensor [B={B}]"
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu":
+            raise ValueError(f"{name} must be host integers ({want}); a device tensor would need a sync because "
+                             f"the mask size depends on it")
+        _checks.check_tensor(name, v, dtypes=(torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8),
+                             shape=(B,), expected=want)
+        v = v.tolist()
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        vals = [v] * B
+    elif isinstance(v, (list, tuple)):
+        vals = list(v)
+    else:
+        raise ValueError(f"{name} must be {want}, got {type(v).__name__} {v!r}")
+    if len(vals) != B:
+        raise ValueError(f"{name} must be {want}, got {len(vals)} values")
+    return [_checks.check_int(f"{name}[{b}]", x, 0, _checks.I32_MAX) for b, x in enumerate(vals)]
+
+
 def tree_to_flashinfer_mask(tree: Tree, prefix_lens: Union[int, Sequence[int], torch.Tensor]) -> FlashInferMask:
     """The tree's attention mask in the layout of FlashInfer's prefill/append attention custom mask.
 
@@ -141,15 +165,8 @@ def tree_to_flashinfer_mask(tree: Tree, prefix_lens: Union[int, Sequence[int], t
     prefix_lens: host integers (an int for all rows, a sequence, or a CPU tensor): the output sizes depend on
     them, which is why they cannot be device data. Pure torch ops on the tree's device, no device sync.
     """
-    B, N, _ = tree.mask.shape
-    if isinstance(prefix_lens, torch.Tensor):
-        if prefix_lens.device.type != "cpu":
-            raise ValueError("prefix_lens must be host integers (int, sequence or CPU tensor [B]); a device tensor "
-                             "would need a sync because the mask size depends on it")
-        prefix_lens = prefix_lens.tolist()
-    prefix = [int(prefix_lens)] * B if isinstance(prefix_lens, int) else [int(p) for p in prefix_lens]
-    if len(prefix) != B or any(p < 0 for p in prefix):
-        raise ValueError(f"prefix_lens must be B = {B} integers >= 0, got {prefix_lens}")
+    B, N = _checks.check_tree("tree", tree)
+    prefix = _host_lens("prefix_lens", prefix_lens, B)
     anc = _unpack_mask(tree.mask, N)
     custom = _flat_mask(anc, prefix, N, pad_to_bytes=False)
     padded = _flat_mask(anc, prefix, N, pad_to_bytes=True)
@@ -174,7 +191,7 @@ def tree_to_sglang(tree: Tree, draft_tokens: torch.Tensor,
     node i, retrive_next_sibling[b, i]: its next sibling, both as row-local indices in increasing order, -1 when
     none. Padding nodes are unlinked. Pure torch ops, no device sync.
     """
-    B, N = tree.depth.shape
+    B, N = _checks.check_tree("tree", tree)
     _checks.check_tensor("draft_tokens", draft_tokens, dtypes=_checks.INDEX_DTYPES, shape=(B, N),
                          device=tree.depth.device, expected="[B, N]")
     dev = tree.depth.device

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from kangaroo_kernels import _checks, _ext
-from kangaroo_kernels.types import Accepted, Tree
+from kangaroo_kernels.types import Accepted
 
 __all__ = ["verify_greedy"]
 
@@ -32,18 +32,21 @@ def _op():
 
 def _validate(draft: torch.Tensor, target: torch.Tensor, parents: Optional[torch.Tensor], V: Optional[int]):
     N = draft.shape[1]
-    checks = [(draft < -1) | (draft >= V) if V is not None else draft < -1]
-    checks.append(target < 0 if V is None else torch.zeros((), dtype=torch.bool, device=draft.device))
+    top = V - 1 if V is not None else _checks.I32_MAX  # int64 ids are narrowed to int32: no id may wrap
+    checks = [(draft < -1) | (draft > top)]
+    checks.append((target < 0) | (target > _checks.I32_MAX) if V is None else
+                  torch.zeros((), dtype=torch.bool, device=draft.device))
     if parents is not None:
         j = torch.arange(N, device=draft.device)
         checks.append((parents < -1) | (parents >= j))
     flags = torch.stack([c.any() for c in checks]).tolist()
     if flags[0]:
-        rng = f"[-1, V = {V})" if V is not None else ">= -1"
+        rng = f"[-1, V = {V})" if V is not None else "in [-1, 2^31)"
         raise ValueError(f"draft_tokens [B, N] must hold token ids {rng} (-1 = padding); got "
                          f"min {int(draft.min())}, max {int(draft.max())}")
     if flags[1]:
-        raise ValueError(f"target tokens [B, N+1] must be >= 0, got min {int(target.min())}")
+        raise ValueError(f"target tokens [B, N+1] must be in [0, 2^31), got min {int(target.min())}, "
+                         f"max {int(target.max())}")
     if parents is not None and flags[2]:
         raise ValueError("parents [B, N] must satisfy -1 <= parents[b, j] < j (topological order)")
 
@@ -60,10 +63,15 @@ def verify_greedy(draft_tokens: torch.Tensor, target: torch.Tensor, *, parents: 
     index order whose draft equals the argmax of the current node's row; stop when none does. argmax is
     torch.argmax in fp32: ties go to the lowest index and NaN compares greater than every number (a row with
     NaN yields its first NaN's index). Returns Accepted (see its docstring); `out`: an Accepted of buffers.
+    A tree's fields are checked for build_tree's dtypes and shapes (metadata only); validation also checks its
+    parents' topology. Without validation, int64 ids outside int32 become -1 (never accepted, never matched) and
+    int64 parents outside int32 an out-of-range parent (the node is never reached): nothing wraps around.
     """
     _checks.check_tensor("draft_tokens", draft_tokens, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
     B, N = draft_tokens.shape
     dev = draft_tokens.device
+    _checks.check_tensor("target", target, dtypes=_checks.FLOAT_DTYPES + _checks.INDEX_DTYPES, device=dev,
+                         expected="logits [B, N+1, V] or tokens [B, N+1]")
     if target.is_floating_point():
         _checks.check_tensor("target", target, dtypes=_checks.FLOAT_DTYPES, shape=(B, N + 1, None), device=dev,
                              expected="logits [B, N+1, V]")
@@ -78,11 +86,10 @@ def verify_greedy(draft_tokens: torch.Tensor, target: torch.Tensor, *, parents: 
     if tree is not None:
         if parents is not None:
             raise ValueError("pass parents or tree, not both")
-        if not isinstance(tree, Tree):
-            raise ValueError(f"tree must be a Tree from build_tree, got {type(tree).__name__}")
-        _checks.check_tensor("tree.parents", tree.parents, dtypes=(torch.int32,), shape=(B, N), device=dev,
-                             expected="[B, N]")
-        # build_tree validated the topology; padding nodes get a parent that matches no node
+        tb, tn = _checks.check_tree("tree", tree, device=dev)
+        if (tb, tn) != (B, N):
+            raise ValueError(f"tree has B={tb}, N={tn} nodes but draft_tokens is [B={B}, N={N}]")
+        # padding nodes get a parent that matches no node
         par32 = torch.where(tree.depth > 0, tree.parents, -2)
     elif parents is not None:
         _checks.check_tensor("parents", parents, dtypes=_checks.INDEX_DTYPES, shape=(B, N), device=dev,
@@ -91,12 +98,13 @@ def verify_greedy(draft_tokens: torch.Tensor, target: torch.Tensor, *, parents: 
     else:
         par32 = None
     if _checks.validating(validate):
-        _validate(draft_tokens, target if V is None else None, parents, V)
+        _validate(draft_tokens, target if V is None else None,
+                  parents if tree is None else torch.where(tree.depth > 0, tree.parents, -1), V)
     if parents is not None:
-        par32 = parents.to(torch.int32).contiguous()
-    draft32 = draft_tokens.to(torch.int32).contiguous()
+        par32 = _checks.to_int32(parents)
+    draft32 = _checks.to_int32(draft_tokens, pad=-1)
     if V is None:
-        target = target.to(torch.int32).contiguous()
+        target = _checks.to_int32(target, pad=-1)
     if out is None:
         out = Accepted(torch.empty((B,), dtype=torch.int32, device=dev),
                        torch.empty((B, N + 1), dtype=torch.int32, device=dev),

@@ -52,7 +52,8 @@ def _row_setting(name, x, B, dev, *, integral):
     """A sampling setting given as a [B] tensor: checked (metadata only) and cast to the op's dtype."""
     kinds = _checks.INDEX_DTYPES if integral else (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     _checks.check_tensor(name, x, dtypes=kinds, shape=(B,), device=dev, expected=f"a number or [B={B}]")
-    return x.to(torch.int32 if integral else torch.float32).contiguous()
+    # int64 top_k rows saturate (top_k >= V is off either way) instead of wrapping around
+    return _checks.to_int32(x) if integral else x.to(torch.float32).contiguous()
 
 
 def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
@@ -83,7 +84,9 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     Returns Accepted(accept_len [B] i32, path [B, N+1] i32, tokens [B, N+1] i32): path[b, :accept_len] are the
     accepted nodes, tokens[b, :accept_len+1] their tokens then the final one; -1 padded. A target row with a
     NaN or +inf (or no finite value; with probs a negative entry or no positive one) reached by the walk emits
-    -1 as its token.
+    -1 as its token. Temperatures follow lm_head_exit's rule: fl32(1 / T) must be finite (a scalar is checked
+    always, [B] rows when validating; an unvalidated row that breaks it emits -1 like a NaN row). Without
+    validation int64 draft ids outside int32 are padding and int64 parents / top_k rows saturate (never wrap).
     """
     _checks.check_tensor("draft_tokens", draft_tokens, dtypes=_checks.INDEX_DTYPES, ndim=2, expected="[B, N]")
     B, N = draft_tokens.shape
@@ -95,11 +98,14 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
         raise ValueError("target_logits must have V >= 1 (expected [B, N+1, V])")
     temperature_rows = top_k_rows = top_p_rows = None
     if isinstance(temperature, torch.Tensor):
+        temperature_in = temperature
         temperature_rows, temperature = _row_setting("temperature", temperature, B, dev, integral=False), 1.0
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 or a [B] tensor (use verify_greedy for an "
-                         f"all-greedy batch), got {temperature}")
+                         f"all-greedy batch), got {temperature!r}")
+    elif not _checks.inv_temperature_finite(temperature):
+        raise ValueError(f"temperature {temperature!r} is too small: 1 / T overflows float32")
     elif target_is_probs and temperature != 1.0:
         raise ValueError(f"temperature must be 1 with target_is_probs (the probs are used as given), got "
                          f"{temperature}")
@@ -156,11 +162,13 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
             if not bool(((q >= 0) & torch.isfinite(q)).all()):
                 raise ValueError("draft_probs must be finite and non-negative (expected [B, N, V] float32)")
         if temperature_rows is not None:
-            t = temperature_rows
-            ok = ((t == 0) | (t == 1)) if target_is_probs else (torch.isfinite(t) & (t >= 0))
+            t = temperature_in  # in its own dtype: a float64 1e-50 must not pass as a greedy 0 after narrowing
+            ok = ((t == 0) | (t == 1)) if target_is_probs else (
+                torch.isfinite(t) & (t >= 0) & ((t == 0) | torch.isfinite(1.0 / t.float())))
             if not bool(ok.all()):
-                raise ValueError("temperature rows must be " + ("0 (greedy) or 1 with target_is_probs"
-                                                                if target_is_probs else "finite and >= 0 (0: greedy)"))
+                raise ValueError("temperature rows must be " + (
+                    "0 (greedy) or 1 with target_is_probs" if target_is_probs else
+                    "finite, >= 0 (0: greedy) and not so small that 1 / T overflows float32"))
         if top_k_rows is not None and not bool((top_k_rows >= 0).all()):
             raise ValueError("top_k rows must be >= 0 (0: off)")
         if top_p_rows is not None and not bool(((top_p_rows > 0) & (top_p_rows <= 1)).all()):
@@ -170,9 +178,9 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (B,), dtype=torch.int64).to(dev)
     if seed is not None and offset is None:
         offset = torch.zeros(B, dtype=torch.int64, device=dev)
-    draft_tokens = draft_tokens.to(torch.int32).contiguous()
+    draft_tokens = _checks.to_int32(draft_tokens, pad=-1)  # an int64 id outside int32 is padding, never wraps
     if parents is not None:
-        parents = parents.to(torch.int32).contiguous()
+        parents = _checks.to_int32(parents)
     if uniforms is not None:
         uniforms = uniforms.contiguous()
     if seed is not None:
@@ -180,7 +188,8 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     target_logits = _last_dim_contiguous(target_logits)
     if draft_probs is not None:
         draft_probs = _last_dim_contiguous(draft_probs)
+    top_k = 0 if top_k >= V else int(top_k)  # top_k >= V keeps every token: off (and never wraps in the kernel)
     _op()(draft_tokens, target_logits, draft_probs, parents, uniforms, seed, offset, float(temperature),
-          int(top_k), float(top_p), out.accept_len, out.path, out.tokens, temperature_rows, top_k_rows,
+          top_k, float(top_p), out.accept_len, out.path, out.tokens, temperature_rows, top_k_rows,
           top_p_rows, bool(target_is_probs))
     return out

@@ -364,7 +364,8 @@ def ship(built: dict, dest: Path, command: str) -> dict:
     m = dict(built["manifest"])
     train_files, held_files = data.split_stdlib(data.stdlib_source_files())
     m.update({
-        "command": command, "code_revision": m.get("code_revision", _git_revision()),
+        "command": m.get("command", command), "ship_command": command,
+        "code_revision": m.get("code_revision", _git_revision()), "ship_code_revision": _git_revision(),
         "corpus": {"source": "the Python standard library's .py files of the interpreter that trained it",
                    "stdlib_root": str(data.stdlib_root()), "train_files": len(train_files),
                    "heldout_files": len(held_files), "heldout_split": "3 % of files by a hash of their path "

@@ -21,11 +21,12 @@ from typing import Callable, List, Optional
 
 import torch
 
+from kangaroo import _args
 from kangaroo import draft as _draft
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.model import LlamaModel
-from kangaroo.state import DecodeSettings, DecodeState, cache_slots, check_settings, is_int, new_state, parse_prompts
+from kangaroo.state import DecodeSettings, DecodeState, cache_slots, new_state
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
 
 __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", "next_draft_cap"]
@@ -56,11 +57,15 @@ class KangarooDecoder:
         LlamaModel. adapter: a KangarooAdapter, an adapter folder (save_pretrained), or None for a freshly
         initialised adapter at exit_layer (default 2; with a warning: it drafts poorly, output stays exact).
         An exit_layer that contradicts the given adapter's raises ValueError."""
+        path_or_hf_model, adapter, exit_layer, dtype, device = _args.check_from_pretrained_args(
+            path_or_hf_model, adapter, exit_layer, dtype, device)
+        if isinstance(adapter, torch.nn.Module) and not isinstance(adapter, KangarooAdapter):
+            raise ValueError(f"adapter must be a KangarooAdapter, got {type(adapter).__name__}")
         model = LlamaModel.from_pretrained(path_or_hf_model, dtype=dtype, device=device)
         L = model.config.num_hidden_layers
         if adapter is None:
             exit_layer = 2 if exit_layer is None else exit_layer
-            if not is_int(exit_layer) or not 1 <= exit_layer < L:
+            if not 1 <= exit_layer < L:
                 raise ValueError(f"exit_layer must be an int in [1, {L - 1}] for this {L}-layer model, "
                                  f"got {exit_layer!r}")
             warnings.warn("KangarooDecoder: no adapter given, using a freshly initialised (untrained) adapter: "
@@ -91,25 +96,27 @@ class KangarooDecoder:
         target filtered by top_k / top_p, reproducibly for a given seed. eos: an id or ids that end a row (the EOS
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
         streamers; batch 1)."""
-        check_settings(self.config.vocab_size, max_new_tokens, threshold, max_draft, temperature, top_k, top_p,
-                       tree_topk, sibling_threshold)
-        return self._generate(input_ids, max_new_tokens, seed, eos, streamer, threshold, max_draft,
-                              tree_topk if tree else 1, sibling_threshold, temperature, top_k, top_p)
+        a = _args.check_generate_args(self.config, input_ids, max_new_tokens, threshold, max_draft, tree, temperature,
+                                      top_k, top_p, seed, eos, streamer, tree_topk, sibling_threshold,
+                                      self.max_cache_len)
+        return self._generate(input_ids, a.max_new_tokens, a.seed, a.eos, a.streamer, a.threshold, a.max_draft,
+                              a.tree_topk if a.tree else 1, a.sibling_threshold, a.temperature, a.top_k, a.top_p)
 
     @torch.no_grad()
     def generate_autoregressive(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                                 top_p: float = 1.0, seed: Optional[int] = None, eos=None,
                                 streamer=None) -> GenerateOutput:
         """The baseline: one full forward per token on the same model code, caches and sampler."""
-        check_settings(self.config.vocab_size, max_new_tokens, 0.0, 1, temperature, top_k, top_p)
-        return self._generate(input_ids, max_new_tokens, seed, eos, streamer, 0.0, 1, 1, 1.0, temperature, top_k,
-                              top_p, autoregressive=True)
+        a = _args.check_generate_args(self.config, input_ids, max_new_tokens, 0.0, 1, False, temperature, top_k, top_p,
+                                      seed, eos, streamer, 2, 1.0, self.max_cache_len, autoregressive=True)
+        return self._generate(input_ids, a.max_new_tokens, a.seed, a.eos, a.streamer, 0.0, 1, 1, 1.0, a.temperature,
+                              a.top_k, a.top_p, autoregressive=True)
 
     def _generate(self, input_ids, max_new, seed, eos, streamer, threshold, gamma, topk, sibling_threshold,
                   temperature, top_k, top_p, autoregressive=False) -> GenerateOutput:
         m, c = self.model, self.model.config
-        prompts, single = parse_prompts(input_ids, c.vocab_size)
-        eos = [eos] if isinstance(eos, int) else None if eos is None else [int(e) for e in eos]
+        prompts, single = _args.parse_ids(input_ids, c.vocab_size)
+        eos = _args.eos_list(eos, c.vocab_size)
         host_exit = m.device.type == "cpu" if self.host_early_exit is None else bool(self.host_early_exit)
         cfg = DecodeSettings(self.exit_layer, gamma, topk, float(threshold), float(sibling_threshold),
                              float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive)

@@ -16,7 +16,7 @@ from kangaroo.draft import TreeLayout
 from kangaroo.model import KVCache, LlamaModel
 from kangaroo_kernels.types import Accepted, AdapterWeights
 
-__all__ = ["DecodeSettings", "DecodeBuffers", "DecodeState", "new_state", "parse_prompts", "check_settings"]
+__all__ = ["DecodeSettings", "DecodeBuffers", "DecodeState", "new_state", "cache_slots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,52 +135,3 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
         torch.zeros(B, 4 + N, **i32), side_k, side_v)
     return DecodeState(model, cfg, buf, model.rope_cos_sin(S), adapter.weights() if drafting else None,
                        adapter.rms_norm_eps if drafting else 0.0, tree)
-
-
-def parse_prompts(input_ids, V: int):
-    """-> (prompts as lists of ints, single: one 1-D prompt). Raises ValueError on empty prompts / bad ids."""
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must be 1-D (one prompt) or 2-D [B, T], got shape {tuple(input_ids.shape)}")
-    if not isinstance(input_ids, (list, tuple, torch.Tensor)):
-        raise ValueError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
-    items = [x.tolist() if isinstance(x, torch.Tensor) else x for x in input_ids]
-    if not items:
-        raise ValueError("input_ids is empty: give at least one prompt token")
-    single = not any(isinstance(x, (list, tuple)) for x in items)
-    if not single and not all(isinstance(x, (list, tuple)) for x in items):
-        raise ValueError("input_ids must be a list of token ids (one prompt) or a list of prompts")
-    prompts = [items] if single else [list(x) for x in items]
-    for b, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token")
-        for t in p:
-            if not is_int(t):
-                raise ValueError(f"prompt {b} holds a non-integer token {t!r}")
-            if not 0 <= t < V:
-                raise ValueError(f"prompt {b} holds token id {t} outside the vocabulary [0, {V})")
-    return prompts, single
-
-
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_settings(V: int, max_new_tokens, threshold, max_draft, temperature, top_k, top_p, tree_topk=2,
-                   sibling_threshold=0.0) -> None:
-    """generate()'s settings (V: the vocabulary size), each failure a ValueError naming the argument."""
-    for ok, msg in (
-            (is_int(tree_topk) and 2 <= tree_topk <= V, f"tree_topk must be an int in [2, vocab_size={V}], "
-                                                         f"got {tree_topk!r}"),
-            (isinstance(sibling_threshold, (int, float)) and 0.0 <= sibling_threshold <= 1.0,
-             f"sibling_threshold must be in [0, 1], got {sibling_threshold!r}"),
-            (is_int(max_new_tokens) and max_new_tokens >= 0, f"max_new_tokens must be an int >= 0, got "
-                                                              f"{max_new_tokens!r}"),
-            (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0,
-             f"threshold must be in [0, 1], got {threshold!r}"),
-            (is_int(max_draft) and max_draft >= 1, f"max_draft must be an int >= 1, got {max_draft!r}"),
-            (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0,
-             f"temperature must be a finite number >= 0, got {temperature!r}"),
-            (is_int(top_k) and top_k >= 0, f"top_k must be an int >= 0 (0: off), got {top_k!r}"),
-            (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p!r}")):
-        if not ok:
-            raise ValueError(msg)
