@@ -500,17 +500,20 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
     manifest = built["manifest"]
     tuned = dict(manifest.get("tuned") or {})
     given = threshold is not None and max_draft is not None
+    changed = False
     for mode in ("seq", "tree") if tree else ("seq",):
         if given and not retune:
             tuned.setdefault(mode, {"eta": threshold, "gamma": max_draft, "prompt": "(given)"})
-        elif mode not in tuned or retune:
+        elif mode not in tuned or retune or tuned[mode].get("prompt") == "(given)":
             dec.generate(tune_ids, 8, tree=mode == "tree")  # warm-up
             tuned[mode] = tune_decoding(dec, tune_ids, tree=mode == "tree", progress=progress,
-                                        gammas=(2, 3, 4, 6, 8) if mode == "seq" else (2, 3, 4, 6))
+                                        etas=(0.1, 0.2, 0.3, 0.4, 0.6), gammas=(3, 4, 6) if mode == "seq" else (3, 4))
             tuned[mode]["prompt"] = tune_name
-    manifest["tuned"] = tuned
-    if built.get("manifest_path") is not None:
-        Path(built["manifest_path"]).write_text(json.dumps(manifest, indent=1, default=str))
+            changed = True
+    if changed:  # values given on the command line are used, never stored as tuned
+        manifest["tuned"] = tuned
+        if built.get("manifest_path") is not None:
+            Path(built["manifest_path"]).write_text(json.dumps(manifest, indent=1, default=str))
     seq, tr = dict(tuned["seq"]), dict(tuned.get("tree", tuned["seq"]))
     for d in (seq, tr):
         d.update({k: v for k, v in (("eta", threshold), ("gamma", max_draft)) if v is not None})
