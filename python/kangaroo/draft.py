@@ -76,13 +76,19 @@ def _shallow(st, tokens, pos, active, tree_mask=None):
 
 
 def catch_up(st) -> None:
-    """Adapter K/V (position L0 - 1) of a last accepted node the adapter never saw (all chain drafts accepted, or a
-    tree path ending in the last chain draft or a sibling), from its layer-ℓ state saved in buf.catch_h."""
+    """Adapter K/V of the last accepted nodes the adapter never saw (all chain drafts accepted, a tree path ending in
+    the last chain draft or a sibling, a lookup path: buf.catch_n of them, at positions L0 - catch_n .. L0 - 1),
+    from their layer-ℓ states saved in buf.catch_h, one adapter step each."""
     b = st.buf
     rows = b.need_catch & b.alive
     if host_done(st, rows):
         return
-    _adapter_step(st, b.catch_h, (b.L0 - 1).clamp_min(0), rows)
+    start = b.L0 - b.catch_n
+    for t in range(b.catch_h.shape[1]):
+        r = rows & (b.catch_n > t) if t else rows
+        if t and host_done(st, r):
+            break
+        _adapter_step(st, b.catch_h[:, t], (start + t).clamp_min(0), r)
     b.need_catch.logical_and_(~b.alive)
 
 

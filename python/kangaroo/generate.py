@@ -25,7 +25,8 @@ from kangaroo import draft as _draft
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.model import LlamaModel
-from kangaroo.state import DecodeSettings, DecodeState, cache_slots, check_settings, is_int, new_state, parse_prompts
+from kangaroo.state import (DecodeSettings, DecodeState, cache_slots, check_lookup, check_settings, is_int, new_state,
+                            parse_prompts)
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
 
 __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", "next_draft_cap"]
@@ -84,17 +85,22 @@ class KangarooDecoder:
     def generate(self, input_ids, max_new_tokens: int, threshold: float = 0.6, max_draft: int = 6,
                  tree: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Optional[int] = None, eos=None, streamer=None, *, tree_topk: int = 2,
-                 sibling_threshold: float = 0.05) -> GenerateOutput:
+                 sibling_threshold: float = 0.05, lookup: bool = False, lookup_max: int = 8,
+                 lookup_ngram=(1, 3)) -> GenerateOutput:
         """Kangaroo decoding. threshold: the dynamic-exit confidence η; max_draft: γ; tree: top-`tree_topk`
         candidates per draft step (siblings kept when their draft probability >= sibling_threshold).
         temperature 0 is greedy (the output equals plain greedy decoding); > 0 samples losslessly from the
         target filtered by top_k / top_p, reproducibly for a given seed. eos: an id or ids that end a row (the EOS
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
-        streamers; batch 1)."""
+        streamers; batch 1). lookup: Kangaroo + lookup (kangaroo.lookup), each cycle also verifies the up to
+        `lookup_max` tokens that followed the most recent earlier occurrence of the longest suffix of
+        lookup_ngram = (n_min, n_max) tokens of the row's prompt + output (exact and lossless as without it)."""
         check_settings(self.config.vocab_size, max_new_tokens, threshold, max_draft, temperature, top_k, top_p,
                        tree_topk, sibling_threshold)
+        M, ngram = check_lookup(lookup, lookup_max, lookup_ngram)
         return self._generate(input_ids, max_new_tokens, seed, eos, streamer, threshold, max_draft,
-                              tree_topk if tree else 1, sibling_threshold, temperature, top_k, top_p)
+                              tree_topk if tree else 1, sibling_threshold, temperature, top_k, top_p,
+                              lookup=(M, ngram))
 
     @torch.no_grad()
     def generate_autoregressive(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -106,15 +112,17 @@ class KangarooDecoder:
                               top_p, autoregressive=True)
 
     def _generate(self, input_ids, max_new, seed, eos, streamer, threshold, gamma, topk, sibling_threshold,
-                  temperature, top_k, top_p, autoregressive=False) -> GenerateOutput:
+                  temperature, top_k, top_p, autoregressive=False, lookup=(0, (1, 3))) -> GenerateOutput:
         m, c = self.model, self.model.config
         prompts, single = parse_prompts(input_ids, c.vocab_size)
         eos = [eos] if isinstance(eos, int) else None if eos is None else [int(e) for e in eos]
         host_exit = m.device.type == "cpu" if self.host_early_exit is None else bool(self.host_early_exit)
         cfg = DecodeSettings(self.exit_layer, gamma, topk, float(threshold), float(sibling_threshold),
-                             float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive)
+                             float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive,
+                             *lookup)
         B, S = len(prompts), cache_slots(cfg, c.max_context, self.max_cache_len, max(len(p) for p in prompts))
         mode = "autoregressive" if autoregressive else ("kangaroo-tree" if topk > 1 else "kangaroo")
+        mode += "+lookup" if cfg.lookup_max else ""
         tally = Tally(B, max_new, cfg.n_nodes, 0 if autoregressive else gamma, eos, streamer, GenerateStats(mode))
         if max_new == 0:
             return tally.output(single)
@@ -162,6 +170,8 @@ class KangarooDecoder:
         B, Tp = len(prompts), max(len(p) for p in prompts) - 1
         b.tok.copy_(torch.tensor([p[-1] for p in prompts], dtype=torch.int32))
         b.L0.copy_(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int32))
+        if b.lookup is not None:
+            b.lookup.history[:, :Tp + 1].copy_(torch.tensor([p + [0] * (Tp + 1 - len(p)) for p in prompts]))
         if Tp == 0:
             return
         ids = torch.tensor([p[:-1] + [0] * (Tp - len(p) + 1) for p in prompts], dtype=torch.int32, device=dev)
