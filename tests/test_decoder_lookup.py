@@ -296,7 +296,8 @@ def test_sampling_control_fails(monkeypatch):
     assert chi2_pvalue(counts, target_joint(hf, SAMPLE_PROMPT, 1.0, 0, 1.0)) < 1e-6
 
 
-@pytest.mark.parametrize("kw,match", [(dict(lookup=1), "lookup must be"), (dict(lookup=True, lookup_max=0), "lookup_max"),
+@pytest.mark.parametrize("kw,match", [(dict(lookup=1), "lookup must be"),
+                                      (dict(lookup=True, lookup_max=0), "lookup_max"),
                                       (dict(lookup=True, lookup_max=2.0), "lookup_max"),
                                       (dict(lookup=True, lookup_ngram=(3, 2)), "lookup_ngram"),
                                       (dict(lookup=True, lookup_ngram=(0, 2)), "lookup_ngram"),

@@ -25,8 +25,16 @@ from kangaroo import draft as _draft
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.model import LlamaModel
-from kangaroo.state import (DecodeSettings, DecodeState, cache_slots, check_lookup, check_settings, is_int, new_state,
-                            parse_prompts)
+from kangaroo.state import (
+    DecodeSettings,
+    DecodeState,
+    cache_slots,
+    check_lookup,
+    check_settings,
+    is_int,
+    new_state,
+    parse_prompts,
+)
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
 
 __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", "next_draft_cap"]

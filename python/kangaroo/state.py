@@ -16,7 +16,8 @@ from kangaroo.draft import TreeLayout
 from kangaroo.model import KVCache, LlamaModel
 from kangaroo_kernels.types import Accepted, AdapterWeights, LookupTree, NgramMatch
 
-__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "parse_prompts", "check_settings"]
+__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "parse_prompts",
+           "check_settings", "check_lookup"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +145,10 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
                                       device=dev) for _ in "kv")
     lookup = None
     if drafting and M > 0:
-        lookup = LookupBuffers(torch.zeros(B, S, **i32), NgramMatch(torch.full((B, M), -1, **i32), torch.zeros(B, **i32)),
-                               LookupTree(*(torch.full((B, N), -1, **i32) for _ in range(3)), torch.zeros(B, **i32),
-                                          torch.full((B, M), -1, **i32)))
+        look = NgramMatch(torch.full((B, M), -1, **i32), torch.zeros(B, **i32))
+        merged = LookupTree(*(torch.full((B, N), -1, **i32) for _ in range(3)), torch.zeros(B, **i32),
+                            torch.full((B, M), -1, **i32))
+        lookup = LookupBuffers(torch.zeros(B, S, **i32), look, merged)
     sampling = cfg.temperature > 0
     seeds = None
     if sampling:
