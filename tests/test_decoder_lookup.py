@@ -307,3 +307,21 @@ def test_bad_lookup_arguments(kw, match):
     dec = decoder(hf)
     with pytest.raises(ValueError, match=match):
         dec.generate(rep[0], 4, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:KangarooDecoder")
+def test_cli_lookup(tmp_path, capsys):
+    from kangaroo import cli
+
+    hf, rep, _, ref_rep, _ = reference("llama")
+    hf.save_pretrained(tmp_path / "m")
+    ids = " ".join(map(str, rep[0]))
+    rc = cli.main(["generate", str(tmp_path / "m"), "--ids", ids, "--max-new-tokens", str(NEW), "--device", "cpu",
+                   "--lookup", "--lookup-max", "5", "--lookup-ngram", "1", "2", "--baseline"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert cap.out.split() == [str(t) for t in ref_rep[0]]
+    assert "identical output" in cap.err and "from the lookup branch" in cap.err
+    assert cli.main(["generate", str(tmp_path / "m"), "--ids", ids, "--device", "cpu", "--lookup",
+                     "--lookup-max", "0"]) == 2
+    assert "lookup_max" in capsys.readouterr().err
