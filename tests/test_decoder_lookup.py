@@ -325,3 +325,37 @@ def test_cli_lookup(tmp_path, capsys):
     assert cli.main(["generate", str(tmp_path / "m"), "--ids", ids, "--device", "cpu", "--lookup",
                      "--lookup-max", "0"]) == 2
     assert "lookup_max" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("poison_real", [False, True], ids=["past-catch_n", "control"])
+def test_catch_up_block_garbage_is_never_read(poison_real, monkeypatch):
+    """The predicated catch-up block also appends adapter K/V for its tokens past catch_n, at slots L0 .. L0+W-1.
+    Overwriting those slots with 1e4 after the block changes no draft (they are rewritten before any adapter step
+    reads them): the cycles and acceptance statistics equal the clean run's. Control: poisoning the last real
+    catch-up slot L0 - 1 instead does change them."""
+    hf = make_hf("mistral", seed=3)
+    rep, _ = make_lookup_prompts(hf.config.vocab_size, seed=4)
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = KangarooDecoder.from_pretrained(hf, exit_layer=2)
+    dec.host_early_exit = False
+    kw = dict(threshold=0.3, max_draft=3, lookup=True, lookup_max=6)
+    clean = dec.generate(rep, NEW, **kw)
+    real = kdraft._adapter_block
+
+    def poisoned(st, h, start, active):
+        real(st, h, start, active)
+        b, W = st.buf, h.shape[1]
+        first = b.L0 - 1 if poison_real else b.L0
+        idx = (first[:, None] + b.arange_block[None, :1 if poison_real else W]).long()
+        for c in (b.ak, b.av):
+            i = idx[:, None, :, None].expand(-1, c.shape[1], -1, c.shape[3])
+            c.scatter_(2, i, torch.where(active[:, None, None, None], 1e4, c.gather(2, i)))
+
+    monkeypatch.setattr(kdraft, "_adapter_block", poisoned)
+    dirty = dec.generate(rep, NEW, **kw)
+    assert [t.tolist() for t in dirty.tokens] == [t.tolist() for t in clean.tokens]  # exact either way
+    same = (dirty.stats.cycles, dirty.stats.accept_hist, dirty.stats.accepted_from_chain) == (
+        clean.stats.cycles, clean.stats.accept_hist, clean.stats.accepted_from_chain)
+    assert same != poison_real, (clean.stats, dirty.stats)
