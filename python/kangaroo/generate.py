@@ -3,6 +3,7 @@
     dec = KangarooDecoder.from_pretrained("path/to/llama", adapter="path/to/adapter")
     out = dec.generate(prompt_ids, max_new_tokens=128)             # greedy, sequence mode
     out = dec.generate(prompts, 128, tree=True, temperature=0.7, seed=0)
+    out = dec.generate(prompt_ids, 128, lookup=True)                # Kangaroo + lookup (kangaroo.lookup)
     out.tokens, out.stats.tokens_per_s, out.stats.mean_accepted
 
 A cycle: draft (kangaroo.draft), verify + commit (kangaroo.verify) on static buffers (kangaroo.state), then one

@@ -3,9 +3,10 @@
 
 In place on a DecodeState's static buffers, no host reads, fixed shapes (CUDA-graph capturable). The verify block
 starts at the root x0 (position L0): target row 0 scores x0, row j + 1 scores draft node j. Accepting `a` nodes
-commits L0 + a + 1 slots; the emitted correction/bonus token is the next x0. Only the adapter K/V of an accepted
-node the adapter never ran on (the last chain draft, or a sibling) is missing: its layer-ℓ state goes to
-buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
+commits L0 + a + 1 slots; the emitted correction/bonus token is the next x0. Only the adapter K/V of accepted
+nodes the adapter never ran on (the last chain draft, a sibling, or with lookup every node from where the path left
+the chain) is missing: their layer-ℓ states go to buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
+With lookup the block is the merged tree of kangaroo.lookup.branch, verified like a tree.
 """
 
 from __future__ import annotations
