@@ -76,8 +76,9 @@ def check_caches(dec, prompts, outs, tol=1e-4):
             m.forward_layers(x, ell, m.config.num_hidden_layers, cache, zeros, pos)
         torch.testing.assert_close(buf.cache.k[:, b, :, :n], cache.k[:, 0, :, :n], atol=tol, rtol=tol)
         torch.testing.assert_close(buf.cache.v[:, b, :, :n], cache.v[:, 0, :, :n], atol=tol, rtol=tol)
-        # the last cycle's catch-up (adapter K/V of slot L0 - 1) is still pending when generation stops
-        na = min(n, int(buf.L0[b]) - 1) if bool(buf.need_catch[b]) else n
+        # the last cycle's catch-up (adapter K/V of slots L0 - catch_n .. L0 - 1; catch_n = 1 without lookup) is
+        # still pending when generation stops
+        na = min(n, int(buf.L0[b]) - int(buf.catch_n[b])) if bool(buf.need_catch[b]) else n
         torch.testing.assert_close(buf.ak[b, :, :na], ak[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
         torch.testing.assert_close(buf.av[b, :, :na], av[0, :, :na], atol=tol, rtol=tol, msg="adapter cache")
 

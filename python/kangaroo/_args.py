@@ -246,3 +246,17 @@ def check_from_pretrained_args(path_or_hf_model, adapter, exit_layer, dtype, dev
         if device.type == "meta":
             raise ValueError("device must hold real weights, not meta")
     return path_or_hf_model, adapter, exit_layer, dtype, device
+
+
+def check_lookup(lookup, lookup_max, lookup_ngram) -> Tuple[int, Tuple[int, int]]:
+    """generate()'s lookup arguments -> (M, (n_min, n_max)), M = 0 when lookup is off; ValueError naming the
+    argument."""
+    if not isinstance(lookup, bool):
+        raise ValueError(f"lookup must be True or False, got {lookup!r}")
+    if not _is_int(lookup_max) or lookup_max < 1:
+        raise ValueError(f"lookup_max must be an int >= 1, got {lookup_max!r}")
+    if (not isinstance(lookup_ngram, (tuple, list)) or len(lookup_ngram) != 2
+            or not all(_is_int(n) for n in lookup_ngram) or not 1 <= lookup_ngram[0] <= lookup_ngram[1]):
+        raise ValueError(f"lookup_ngram must be a pair of ints (n_min, n_max) with 1 <= n_min <= n_max, "
+                         f"got {lookup_ngram!r}")
+    return (lookup_max if lookup else 0), (int(lookup_ngram[0]), int(lookup_ngram[1]))

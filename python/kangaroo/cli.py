@@ -53,6 +53,12 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.6, help="dynamic-exit confidence η (default 0.6)")
     p.add_argument("--max-draft", type=int, default=6, help="γ, the most draft steps per cycle (default 6)")
     p.add_argument("--tree", action="store_true", help="tree drafting (top-k siblings per step)")
+    p.add_argument("--lookup", action="store_true",
+                   help="Kangaroo + lookup: also verify the continuation of the last earlier occurrence of the "
+                        "sequence's suffix (prompt + output n-gram lookup)")
+    p.add_argument("--lookup-max", type=int, default=8, help="most lookup tokens per cycle (default 8)")
+    p.add_argument("--lookup-ngram", type=int, nargs=2, default=[1, 3], metavar=("N_MIN", "N_MAX"),
+                   help="suffix lengths the lookup matches (default 1 3)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -99,7 +105,8 @@ def _generate(argv: List[str]) -> int:
                                               dtype=dtype, device=device)
         kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos=eos)
         out = dec.generate(prompts, args.max_new_tokens, threshold=args.threshold, max_draft=args.max_draft,
-                           tree=args.tree, **kw)
+                           tree=args.tree, lookup=args.lookup, lookup_max=args.lookup_max,
+                           lookup_ngram=tuple(args.lookup_ngram), **kw)
         base = dec.generate_autoregressive(prompts, args.max_new_tokens, **kw) if args.baseline else None
     except ValueError as e:
         print(f"kangaroo generate: {e}", file=sys.stderr)
@@ -112,6 +119,9 @@ def _generate(argv: List[str]) -> int:
     print(f"# {s.mode}: {s.new_tokens} tokens in {s.time_s:.3f} s = {s.tokens_per_s:.1f} tok/s; {s.cycles} cycles, "
           f"{s.mean_tokens_per_cycle:.2f} tokens/cycle (accepted {s.mean_accepted:.2f} of {s.mean_drafted:.2f} "
           f"drafted); draft {s.draft_time_s:.3f} s, verify {s.verify_time_s:.3f} s", file=sys.stderr)
+    if args.lookup:
+        print(f"# lookup: accepted {s.accepted_from_chain} from the chain, {s.accepted_from_lookup} from the lookup "
+              f"branch; lookup hit in {100 * s.lookup_hit_rate:.0f} % of row-cycles", file=sys.stderr)
     if s.accept_per_position:
         print("# acceptance per position: " + " ".join(f"{x:.2f}" for x in s.accept_per_position), file=sys.stderr)
     if base is not None:

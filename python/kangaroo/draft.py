@@ -25,8 +25,10 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from kangaroo_kernels import adapter_forward, build_tree, lm_head_exit, lm_head_topk
+from kangaroo.model import rms_norm
+from kangaroo_kernels import adapter_forward, append_attention, build_tree, lm_head_exit, lm_head_topk
 
 __all__ = ["TreeLayout", "catch_up", "draft", "draft_head", "host_done", "slots"]
 
@@ -76,14 +78,38 @@ def _shallow(st, tokens, pos, active, tree_mask=None):
 
 
 def catch_up(st) -> None:
-    """Adapter K/V (position L0 - 1) of a last accepted node the adapter never saw (all chain drafts accepted, or a
-    tree path ending in the last chain draft or a sibling), from its layer-ℓ state saved in buf.catch_h."""
+    """Adapter K/V of the last accepted nodes the adapter never saw (all chain drafts accepted, a tree path ending in
+    the last chain draft or a sibling, a lookup path: buf.catch_n of them, at positions L0 - catch_n .. L0 - 1),
+    from their layer-ℓ states saved in buf.catch_h: one adapter step each (CPU early exit, or a single node), else
+    one static block of W = cfg.catch_width (its tokens past catch_n land at slots from L0 on, which this cycle's
+    draft steps or the next catch-up rewrite before any adapter step reads them)."""
     b = st.buf
     rows = b.need_catch & b.alive
     if host_done(st, rows):
         return
-    _adapter_step(st, b.catch_h, (b.L0 - 1).clamp_min(0), rows)
+    start = b.L0 - b.catch_n
+    if b.catch_h.shape[1] > 1 and not st.cfg.host_exit:
+        _adapter_block(st, b.catch_h, start.clamp_min(0), rows)
+    else:
+        for t in range(b.catch_h.shape[1]):
+            r = rows & (b.catch_n > t) if t else rows
+            if t and host_done(st, r):
+                break
+            _adapter_step(st, b.catch_h[:, t], (start + t).clamp_min(0), r)
     b.need_catch.logical_and_(~b.alive)
+
+
+def _adapter_block(st, h, start, active) -> None:
+    """The adapter's K/V of a block h[B,T,D] at positions start[b] + t (causal inside the block), appended at those
+    slots; the same maths as _adapter_step token by token (KangarooAdapter.prefill's), its output unused."""
+    w, b = st.adapter, st.buf
+    B, T, _ = h.shape
+    x = rms_norm(h, w.norm_in, st.adapter_eps)
+    q = F.linear(x, w.wq, w.bq).view(B, T, w.num_heads, w.head_dim)
+    k = F.linear(x, w.wk, w.bk).view(B, T, w.num_kv_heads, w.head_dim)
+    v = F.linear(x, w.wv, w.bv).view(B, T, w.num_kv_heads, w.head_dim)
+    append_attention(q, k, v, b.ak, b.av, start, active=active, positions=start[:, None] + b.arange_block[:T],
+                     rope_cos_sin=st.rope, validate=False)
 
 
 def draft_head(st, r: torch.Tensor, drafting: torch.Tensor):

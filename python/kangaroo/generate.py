@@ -3,6 +3,7 @@
     dec = KangarooDecoder.from_pretrained("path/to/llama", adapter="path/to/adapter")
     out = dec.generate(prompt_ids, max_new_tokens=128)             # greedy, sequence mode
     out = dec.generate(prompts, 128, tree=True, temperature=0.7, seed=0)
+    out = dec.generate(prompt_ids, 128, lookup=True)                # Kangaroo + lookup (kangaroo.lookup)
     out.tokens, out.stats.tokens_per_s, out.stats.mean_accepted
 
 A cycle: draft (kangaroo.draft), verify + commit (kangaroo.verify) on static buffers (kangaroo.state), then one
@@ -89,18 +90,23 @@ class KangarooDecoder:
     def generate(self, input_ids, max_new_tokens: int, threshold: float = 0.6, max_draft: int = 6,
                  tree: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Optional[int] = None, eos=None, streamer=None, *, tree_topk: int = 2,
-                 sibling_threshold: float = 0.05) -> GenerateOutput:
+                 sibling_threshold: float = 0.05, lookup: bool = False, lookup_max: int = 8,
+                 lookup_ngram=(1, 3)) -> GenerateOutput:
         """Kangaroo decoding. threshold: the dynamic-exit confidence η; max_draft: γ; tree: top-`tree_topk`
         candidates per draft step (siblings kept when their draft probability >= sibling_threshold).
         temperature 0 is greedy (the output equals plain greedy decoding); > 0 samples losslessly from the
         target filtered by top_k / top_p, reproducibly for a given seed. eos: an id or ids that end a row (the EOS
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
-        streamers; batch 1)."""
+        streamers; batch 1). lookup: Kangaroo + lookup (kangaroo.lookup), each cycle also verifies the up to
+        `lookup_max` tokens that followed the most recent earlier occurrence of the longest suffix of
+        lookup_ngram = (n_min, n_max) tokens of the row's prompt + output (exact and lossless as without it)."""
         a = _args.check_generate_args(self.config, input_ids, max_new_tokens, threshold, max_draft, tree, temperature,
                                       top_k, top_p, seed, eos, streamer, tree_topk, sibling_threshold,
                                       self.max_cache_len)
+        M, ngram = _args.check_lookup(lookup, lookup_max, lookup_ngram)
         return self._generate(input_ids, a.max_new_tokens, a.seed, a.eos, a.streamer, a.threshold, a.max_draft,
-                              a.tree_topk if a.tree else 1, a.sibling_threshold, a.temperature, a.top_k, a.top_p)
+                              a.tree_topk if a.tree else 1, a.sibling_threshold, a.temperature, a.top_k, a.top_p,
+                              lookup=(M, ngram))
 
     @torch.no_grad()
     def generate_autoregressive(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -113,15 +119,17 @@ class KangarooDecoder:
                               a.top_k, a.top_p, autoregressive=True)
 
     def _generate(self, input_ids, max_new, seed, eos, streamer, threshold, gamma, topk, sibling_threshold,
-                  temperature, top_k, top_p, autoregressive=False) -> GenerateOutput:
+                  temperature, top_k, top_p, autoregressive=False, lookup=(0, (1, 3))) -> GenerateOutput:
         m, c = self.model, self.model.config
         prompts, single = _args.parse_ids(input_ids, c.vocab_size)
         eos = _args.eos_list(eos, c.vocab_size)
         host_exit = m.device.type == "cpu" if self.host_early_exit is None else bool(self.host_early_exit)
         cfg = DecodeSettings(self.exit_layer, gamma, topk, float(threshold), float(sibling_threshold),
-                             float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive)
+                             float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive,
+                             *lookup)
         B, S = len(prompts), cache_slots(cfg, c.max_context, self.max_cache_len, max(len(p) for p in prompts))
         mode = "autoregressive" if autoregressive else ("kangaroo-tree" if topk > 1 else "kangaroo")
+        mode += "+lookup" if cfg.lookup_max else ""
         tally = Tally(B, max_new, cfg.n_nodes, 0 if autoregressive else gamma, eos, streamer, GenerateStats(mode))
         if max_new == 0:
             return tally.output(single)
@@ -169,6 +177,8 @@ class KangarooDecoder:
         B, Tp = len(prompts), max(len(p) for p in prompts) - 1
         b.tok.copy_(torch.tensor([p[-1] for p in prompts], dtype=torch.int32))
         b.L0.copy_(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int32))
+        if b.lookup is not None:
+            b.lookup.history[:, :Tp + 1].copy_(torch.tensor([p + [0] * (Tp + 1 - len(p)) for p in prompts]))
         if Tp == 0:
             return
         ids = torch.tensor([p[:-1] + [0] * (Tp - len(p) + 1) for p in prompts], dtype=torch.int32, device=dev)

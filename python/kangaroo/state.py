@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from kangaroo.draft import TreeLayout
 from kangaroo.model import KVCache, LlamaModel
-from kangaroo_kernels.types import Accepted, AdapterWeights
+from kangaroo_kernels.types import Accepted, AdapterWeights, LookupTree, NgramMatch
 
-__all__ = ["DecodeSettings", "DecodeBuffers", "DecodeState", "new_state", "cache_slots"]
+__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "cache_slots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +32,24 @@ class DecodeSettings:
     max_new: int
     host_exit: bool          # CPU early exit (kangaroo.draft.host_done)
     autoregressive: bool = False
+    lookup_max: int = 0      # M: the lookup branch's most tokens a cycle (0: no lookup; kangaroo.lookup)
+    lookup_ngram: Tuple[int, int] = (1, 3)  # (n_min, n_max) of the suffix the lookup matches
+
+    @property
+    def n_base(self) -> int:
+        """The adapter's draft nodes a cycle: γ chain nodes, then the siblings (tree)."""
+        return 0 if self.autoregressive else self.gamma * self.topk
 
     @property
     def n_nodes(self) -> int:
-        """N, the draft nodes verified a cycle."""
-        return 0 if self.autoregressive else self.gamma * self.topk
+        """N, the draft nodes verified a cycle (the adapter's, then the M lookup slots)."""
+        return 0 if self.autoregressive else self.n_base + self.lookup_max
+
+    @property
+    def catch_width(self) -> int:
+        """The most accepted positions a cycle whose adapter K/V the next cycle's catch-up must append: 1 (the last
+        chain draft or a sibling), or with lookup the deepest path (a path that leaves the chain at depth 1)."""
+        return max(self.gamma, self.lookup_max) if self.lookup_max else 1
 
     @property
     def log_sibling_threshold(self) -> float:
@@ -53,8 +66,9 @@ class DecodeBuffers:
     n_gen: torch.Tensor
     max_new: torch.Tensor
     alive: torch.Tensor         # bool
-    need_catch: torch.Tensor    # bool: the adapter has not seen the last accepted node (kangaroo.draft.catch_up)
-    catch_h: torch.Tensor       # [B, D] its layer-ℓ hidden state
+    need_catch: torch.Tensor    # bool: the adapter has not seen the last accepted nodes (kangaroo.draft.catch_up)
+    catch_n: torch.Tensor       # how many (the last catch_n committed positions before x0)
+    catch_h: torch.Tensor       # [B, W, D] their layer-ℓ hidden states (W = cfg.catch_width)
     ak: Optional[torch.Tensor]  # adapter K/V [B, Hk, S, Dh]
     av: Optional[torch.Tensor]
     eos: Optional[torch.Tensor]     # sorted EOS ids
@@ -66,9 +80,19 @@ class DecodeBuffers:
     drafts: torch.Tensor        # [B, N], -1 padded
     hbuf: torch.Tensor          # [B, N+1, D] layer-ℓ states of x0, the chain drafts, then the siblings
     acc: Accepted
-    out: torch.Tensor           # [B, 4 + N]: the cycle's host transfer (kangaroo.verify.commit)
+    out: torch.Tensor           # [B, 6 + N]: the cycle's host transfer (kangaroo.verify.commit)
     side_k: Optional[torch.Tensor]  # tree: the siblings' parked shallow K/V [ℓ, B, Hk, N-γ, Dh]
     side_v: Optional[torch.Tensor]
+    lookup: Optional["LookupBuffers"] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupBuffers:
+    """The lookup branch's buffers (kangaroo.lookup): the committed sequence and per-cycle scratch."""
+
+    history: torch.Tensor       # [B, S] the committed tokens (prompt + output; position p at p, x0 at L0)
+    look: NgramMatch            # ngram_lookup's tokens [B, M], n [B]         (scratch from here on)
+    merged: LookupTree          # merge_lookup_tree's [B, N+M] tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +132,7 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     """Allocates the buffers of a call with B rows and S cache slots. adapter: a KangarooAdapter or None. seed:
     the sampling seed (None: drawn from torch's generator); row b's Philox key derives from it."""
     c, dev, dt = model.config, model.device, model.dtype
-    N, D, g = cfg.n_nodes, c.hidden_size, cfg.gamma
+    N, Nb, D, g, M = cfg.n_nodes, cfg.n_base, c.hidden_size, cfg.gamma, cfg.lookup_max
     i32 = dict(dtype=torch.int32, device=dev)
     drafting = adapter is not None and not cfg.autoregressive
     tree = TreeLayout.build(B, g, cfg.topk, dev) if drafting and cfg.topk > 1 else None
@@ -116,8 +140,14 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     if drafting:
         ak, av = (torch.zeros(B, adapter.num_kv_heads, S, adapter.head_dim, dtype=dt, device=dev) for _ in "kv")
     if tree is not None:
-        side_k, side_v = (torch.zeros(cfg.exit_layer, B, c.num_key_value_heads, N - g, c.head_dim, dtype=dt,
+        side_k, side_v = (torch.zeros(cfg.exit_layer, B, c.num_key_value_heads, Nb - g, c.head_dim, dtype=dt,
                                       device=dev) for _ in "kv")
+    lookup = None
+    if drafting and M > 0:
+        look = NgramMatch(torch.full((B, M), -1, **i32), torch.zeros(B, **i32))
+        merged = LookupTree(*(torch.full((B, N), -1, **i32) for _ in range(3)), torch.zeros(B, **i32),
+                            torch.full((B, M), -1, **i32))
+        lookup = LookupBuffers(torch.zeros(B, S, **i32), look, merged)
     sampling = cfg.temperature > 0
     seeds = None
     if sampling:
@@ -126,12 +156,13 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     buf = DecodeBuffers(
         model.new_cache(B, S), torch.zeros(B, **i32), torch.zeros(B, **i32), torch.zeros(B, **i32),
         torch.full((B,), cfg.max_new, **i32), torch.ones(B, dtype=torch.bool, device=dev),
-        torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, D, dtype=dt, device=dev), ak, av,
+        torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, **i32),
+        torch.zeros(B, cfg.catch_width, D, dtype=dt, device=dev), ak, av,
         torch.tensor(sorted(set(eos)), **i32) if eos else None, seeds.to(dev) if sampling else None,
         torch.zeros(B, dtype=torch.int64, device=dev) if sampling else None, torch.arange(N + 1, **i32),
-        torch.zeros(B, **i32), torch.zeros(B, **i32), torch.full((B, N), -1, **i32),
+        torch.zeros(B, **i32), torch.zeros(B, **i32), torch.full((B, Nb), -1, **i32),
         torch.zeros(B, N + 1, D, dtype=dt, device=dev),
         Accepted(torch.zeros(B, **i32), torch.zeros(B, N + 1, **i32), torch.zeros(B, N + 1, **i32)),
-        torch.zeros(B, 4 + N, **i32), side_k, side_v)
+        torch.zeros(B, 6 + N, **i32), side_k, side_v, lookup)
     return DecodeState(model, cfg, buf, model.rope_cos_sin(S), adapter.weights() if drafting else None,
                        adapter.rms_norm_eps if drafting else 0.0, tree)

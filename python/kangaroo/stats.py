@@ -30,6 +30,9 @@ class GenerateStats:
     verify_time_s: float = 0.0
     cuda_graphs: bool = False
     mean_draft_steps: float = 0.0       # adapter + LM-head draft steps run per cycle (the cost side of drafting)
+    accepted_from_chain: int = 0        # accepted draft nodes the adapter drafted (chain or siblings; shared too)
+    accepted_from_lookup: int = 0       # accepted private lookup-branch nodes (lookup=True)
+    lookup_hit_rate: float = 0.0        # share of row-cycles where the lookup found a match (lookup=True)
 
 
 @dataclasses.dataclass
@@ -82,15 +85,18 @@ class Tally:
         self.max_new, self.eos, self.streamer, self.stats = max_new, set(eos or ()), streamer, stats
         self.hist, self.drafted, self.accepted = [0] * (n_nodes + 1), [0] * n_pos, [0] * n_pos
         self.draft_steps = 0
+        self.lookup_hits = 0
 
     def any_alive(self) -> bool:
         return any(self.alive)
 
     def absorb(self, res: List[List[int]], draft_steps: int) -> None:
-        """res: rows [accept_len, n_chain, was_alive, tokens...] of a cycle (buf.out); draft_steps: the cycle's."""
+        """res: rows [accept_len, n_chain, was_alive, accepted lookup nodes, lookup hit, tokens...] of a cycle
+        (buf.out); draft_steps: the cycle's."""
         self.stats.cycles += 1
         self.draft_steps += draft_steps
-        for b, (a, n_chain, was_alive, *toks) in enumerate(res):
+        s = self.stats
+        for b, (a, n_chain, was_alive, n_look, hit, *toks) in enumerate(res):
             if not was_alive:  # the device finished the row: never wait on it (no endless loop)
                 self.alive[b] = False
             if not self.alive[b]:
@@ -101,9 +107,12 @@ class Tally:
             out.extend(new)
             self.alive[b] = len(out) < self.max_new and not (new and new[-1] in self.eos)
             self.hist[a] += 1
-            for i in range(n_chain):
+            s.accepted_from_lookup += n_look
+            s.accepted_from_chain += a - n_look
+            self.lookup_hits += hit
+            for i in range(n_chain):  # the adapter's accepted nodes are the path's leading ones
                 self.drafted[i] += 1
-                self.accepted[i] += i < a
+                self.accepted[i] += i < a - n_look
             if self.streamer is not None and new:
                 if hasattr(self.streamer, "put"):  # HF streamers (batch 1)
                     self.streamer.put(torch.tensor([new]))
@@ -124,6 +133,7 @@ class Tally:
             accepted = sum(i * n for i, n in enumerate(self.hist))
             s.mean_accepted, s.mean_tokens_per_cycle = accepted / rows, (accepted + rows) / rows
             s.mean_drafted = sum(self.drafted) / rows
+            s.lookup_hit_rate = self.lookup_hits / rows
         s.accept_hist, s.drafted_per_position = self.hist, self.drafted
         s.accept_per_position = [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
         return s

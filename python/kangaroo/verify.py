@@ -3,9 +3,10 @@
 
 In place on a DecodeState's static buffers, no host reads, fixed shapes (CUDA-graph capturable). The verify block
 starts at the root x0 (position L0): target row 0 scores x0, row j + 1 scores draft node j. Accepting `a` nodes
-commits L0 + a + 1 slots; the emitted correction/bonus token is the next x0. Only the adapter K/V of an accepted
-node the adapter never ran on (the last chain draft, or a sibling) is missing: its layer-ℓ state goes to
-buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
+commits L0 + a + 1 slots; the emitted correction/bonus token is the next x0. Only the adapter K/V of accepted
+nodes the adapter never ran on (the last chain draft, a sibling, or with lookup every node from where the path left
+the chain) is missing: their layer-ℓ states go to buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
+With lookup the block is the merged tree of kangaroo.lookup.branch, verified like a tree.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from kangaroo import lookup as _lookup
 from kangaroo.draft import slots
 from kangaroo_kernels import compact_kv, verify_greedy, verify_sample
 
@@ -21,11 +23,11 @@ __all__ = ["verify", "decide", "commit", "autoregressive_step"]
 
 
 def decide(st, logits: torch.Tensor, parents=None, drafts=None):
-    """verify_greedy (temperature 0) or lossless verify_sample (deterministic drafts = one-hot q). With `drafts`
-    (a leading slice of buf.drafts) the result is a fresh Accepted of that size, else it is written to buf.acc."""
+    """verify_greedy (temperature 0) or lossless verify_sample (deterministic drafts = one-hot q). drafts: buf.drafts
+    by default; the result goes to buf.acc when it has the drafts' width, else it is a fresh Accepted."""
     cfg, b = st.cfg, st.buf
-    out = b.acc if drafts is None else None
     drafts = b.drafts if drafts is None else drafts
+    out = b.acc if b.acc.path.shape[1] == drafts.shape[1] + 1 else None
     if cfg.temperature > 0:
         return verify_sample(drafts, logits, parents=parents, temperature=cfg.temperature, top_k=cfg.top_k,
                              top_p=cfg.top_p, seed=b.seed, offset=b.offset, out=out, validate=False)
@@ -35,39 +37,73 @@ def decide(st, logits: torch.Tensor, parents=None, drafts=None):
 def verify(st, n_drafted: Optional[int] = None) -> None:
     """Layers ℓ+1..L over [x0, draft nodes] at L0, decide, commit. Chain: a causal block of x0, d_1..d_γ (only
     x0, d_1..d_n with n_drafted = n: the CPU early exit). Tree: all nodes, the siblings' parked shallow K/V
-    scattered to L0 + 1 + node, the ancestor mask; compact_kv then moves the accepted path's K/V into place."""
+    scattered to L0 + 1 + node, the ancestor mask; compact_kv then moves the accepted path's K/V into place.
+    Lookup (cfg.lookup_max > 0): the merged tree of kangaroo.lookup.branch instead, laid out like a tree."""
     m, cfg, b, tree = st.model, st.cfg, st.buf, st.tree
-    ell, g, N = cfg.exit_layer, cfg.gamma, cfg.n_nodes
-    T = N + 1 if n_drafted is None or tree is not None else n_drafted + 1
-    if tree is None:
+    ell, g, Nb = cfg.exit_layer, cfg.gamma, cfg.n_base
+    T = Nb + 1 if n_drafted is None or tree is not None else n_drafted + 1
+    lk = _lookup.branch(st, T - 1) if b.lookup is not None else None
+    drafts = None if T == Nb + 1 else b.drafts[:, :T - 1]
+    if lk is not None:
+        T, positions, mask, parents, drafts = lk.T, lk.positions, lk.mask, lk.parents, lk.tokens
+    elif tree is None:
         positions, mask, parents = b.L0[:, None] + b.arange_block[:T], None, None
     else:
-        idx = slots(st, b.L0 + 1 + g, N - g)
+        idx = slots(st, b.L0 + 1 + g, Nb - g)
         b.cache.k[:ell].scatter_(3, idx, b.side_k)
         b.cache.v[:ell].scatter_(3, idx, b.side_v)
         positions, mask, parents = b.L0[:, None] + tree.depth, tree.mask, tree.parents
     h = m.forward_layers(b.hbuf[:, :T], ell, m.config.num_hidden_layers, b.cache, b.L0, positions, tree_mask=mask,
                          active=b.alive)
-    acc = decide(st, m.logits(h), parents, drafts=None if T == N + 1 else b.drafts[:, :T - 1])
+    acc = decide(st, m.logits(h), parents, drafts)
     a = torch.where(b.alive, acc.accept_len, 0)
-    last = (a - 1).clamp_min(0).long()  # the last accepted node (chain: a - 1)
-    if tree is not None:
+    if tree is not None or lk is not None:
         compact_kv(b.cache.k, b.cache.v, b.L0 + 1, acc.path, a, validate=False)
-        last = acc.path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
-    need = b.alive & (a > 0) & (last >= b.n_chain - 1)  # the adapter saw x0 and chain nodes 0..n-2 only
-    commit(st, acc.tokens, a, need, b.hbuf[torch.arange(st.B, device=a.device), last + 1])
+    catch_n, catch_h = _catch(st, acc.path, a)
+    n_look = None
+    if b.lookup is not None:
+        on_path = b.arange_block[None, :acc.path.shape[1]] < a[:, None]
+        src = 0 if lk is None else lk.source.gather(1, acc.path.clamp_min(0).long())
+        n_look = (on_path & (src == 2)).sum(1, dtype=torch.int32)
+    commit(st, acc.tokens, a, catch_n, catch_h, n_look)
 
 
-def commit(st, toks: torch.Tensor, a: torch.Tensor, need_catch: torch.Tensor, catch_h: torch.Tensor) -> None:
-    """Length update, next x0, catch-up request, EOS / length bookkeeping, and the packed per-cycle result
-    buf.out = [accept_len, n_chain, alive_after, tokens...] (the one device -> host transfer of a cycle; the host
-    reads tokens[:a + 1] of toks, the emitted tokens of the cycle's Accepted)."""
+def _catch(st, path: torch.Tensor, a: torch.Tensor):
+    """(catch_n [B], catch_h [B, W, D]): the accepted positions the adapter has no K/V for and their layer-ℓ
+    states. The adapter ran on x0 and chain nodes 0..n_chain-2 only, so the path lacks it from its first node that
+    is not one of those (the last chain draft, a sibling, a private lookup node) to its end."""
+    b, W = st.buf, st.cfg.catch_width
+    rows = torch.arange(st.B, device=a.device)
+    if W == 1:  # at most the last accepted node: the last chain draft or a sibling (siblings are leaves)
+        last = (a - 1).clamp_min(0).long()
+        if st.tree is not None:
+            last = path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
+        need = b.alive & (a > 0) & (last >= b.n_chain - 1)
+        return need.to(torch.int32), b.hbuf[rows, last + 1][:, None]
+    i = b.arange_block[None, :path.shape[1]]
+    seen = (path == i) & (i < b.n_chain[:, None] - 1) & (i < a[:, None])
+    first = torch.cumprod(seen, 1, dtype=torch.int32).sum(1, dtype=torch.int32)
+    idx = (first[:, None] + b.arange_block[None, :W]).clamp_max(path.shape[1] - 1).long()
+    nodes = path.gather(1, idx).clamp_min(0).long() + 1
+    h = b.hbuf.gather(1, nodes[:, :, None].expand(-1, -1, b.hbuf.shape[2]))
+    return torch.where(b.alive, a - first, 0), h
+
+
+def commit(st, toks: torch.Tensor, a: torch.Tensor, catch_n: torch.Tensor, catch_h: torch.Tensor,
+           n_look: Optional[torch.Tensor] = None) -> None:
+    """Length update, next x0, catch-up request, EOS / length bookkeeping, the lookup history, and the packed
+    per-cycle result buf.out = [accept_len, n_chain, alive_after, accepted lookup nodes, lookup hit, tokens...] (the
+    one device -> host transfer of a cycle; the host reads tokens[:a + 1] of toks, the emitted tokens of the cycle's
+    Accepted)."""
     b = st.buf
     alive = b.alive
+    if b.lookup is not None:
+        _lookup.record(st, toks, a)
     b.tok.copy_(torch.where(alive, toks.gather(1, a.long()[:, None])[:, 0], b.tok))
     b.L0.add_(torch.where(alive, a + 1, 0))
-    b.need_catch.copy_(torch.where(alive, need_catch, b.need_catch))  # a finished row keeps its state
-    b.catch_h.copy_(torch.where(alive[:, None], catch_h, b.catch_h))
+    b.catch_n.copy_(torch.where(alive, catch_n, b.catch_n))  # a finished row keeps its state
+    b.need_catch.copy_(b.catch_n > 0)
+    b.catch_h.copy_(torch.where(alive[:, None, None], catch_h, b.catch_h))
     emitted = b.arange_block[None, :toks.shape[1]] <= a[:, None]  # an emitted EOS ends the row
     hit = torch.zeros_like(alive) if b.eos is None else (emitted & (toks[:, :, None] == b.eos).any(dim=2)).any(dim=1)
     b.n_gen.add_(torch.where(alive, a + 1, 0))
@@ -75,7 +111,10 @@ def commit(st, toks: torch.Tensor, a: torch.Tensor, need_catch: torch.Tensor, ca
     b.out[:, 0].copy_(a)
     b.out[:, 1].copy_(torch.where(alive, b.n_chain, 0))
     b.out[:, 2].copy_(alive.to(torch.int32))
-    b.out[:, 3:3 + toks.shape[1]].copy_(toks)
+    if n_look is not None:
+        b.out[:, 3].copy_(torch.where(alive, n_look, 0))
+        b.out[:, 4].copy_((alive & (b.lookup.look.n > 0)).to(torch.int32))
+    b.out[:, 5:5 + toks.shape[1]].copy_(toks)
     alive.copy_(new_alive)
 
 
@@ -85,4 +124,5 @@ def autoregressive_step(st, n_drafted: Optional[int] = None) -> None:
     h = m.forward_layers(m.embed(b.tok[:, None]), 0, m.config.num_hidden_layers, b.cache, b.L0, b.L0[:, None],
                          active=b.alive)
     acc = decide(st, m.logits(h))
-    commit(st, acc.tokens, torch.zeros_like(acc.accept_len), torch.zeros_like(b.alive), b.catch_h)
+    zero = torch.zeros_like(acc.accept_len)
+    commit(st, acc.tokens, zero, zero, b.catch_h)

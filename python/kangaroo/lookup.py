@@ -1,0 +1,72 @@
+"""The lookup branch of a Kangaroo + lookup cycle (issue 12): besides the adapter's chain (or tree), the up to M
+tokens that followed the most recent earlier occurrence of the longest suffix (n_min..n_max tokens) of the row's
+committed sequence (kangaroo_kernels.ngram_lookup), merged into the cycle's tree (merge_lookup_tree: the tokens it
+shares with the chain from the root are the chain's nodes, from the first disagreement on it is its own branch).
+
+Verification runs layers ℓ+1..L on layer-ℓ states, so the merged tree first gets one block through layers 1..ℓ:
+[x0, the N+M merged nodes] at cache slots L0.., positions L0 + depth, the merged ancestor mask. That rewrites x0's
+and the adapter's nodes' shallow K/V with the same maths (a block, as the deep verify already is) and gives every
+node's layer-ℓ state in buf.hbuf; node x sits at slot L0 + 1 + x, so compact_kv of the accepted path lays the
+cache out as for a tree. Absent nodes (token -1) run as token 0 and are never accepted.
+
+Static shapes and no host read on the predicated path (CUDA). CPU early exit (cfg.host_exit): the lookup slots are
+cut to the longest match, and the block and merge are skipped when no row has a private lookup node: the cycle
+then is Kangaroo's (plus the lookup itself).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from kangaroo_kernels import build_tree, merge_lookup_tree, ngram_lookup
+
+__all__ = ["Branch", "branch", "record"]
+
+
+class Branch(NamedTuple):
+    """A cycle's merged tree as the verify block sees it: T = 1 + nodes, positions [B, T], mask [B, T, W]
+    ([x0, nodes] ancestor bits), parents / tokens / source [B, T-1] (merge_lookup_tree's)."""
+
+    T: int
+    positions: torch.Tensor
+    mask: torch.Tensor
+    parents: torch.Tensor
+    tokens: torch.Tensor
+    source: torch.Tensor
+
+
+def branch(st, n_base: int) -> Optional[Branch]:
+    """The lookup (into buf.lookup.look), the merge with the first n_base adapter nodes, and the merged tree's
+    shallow pass (layer-ℓ states into buf.hbuf[:, :T]). None: the CPU early exit found no private lookup node."""
+    cfg, b, lb, m = st.cfg, st.buf, st.buf.lookup, st.model
+    n_min, n_max = cfg.lookup_ngram
+    look = ngram_lookup(lb.history, b.L0 + 1, n_min, n_max, cfg.lookup_max, out=tuple(lb.look), validate=False)
+    base, parents = b.drafts[:, :n_base], None if st.tree is None else st.tree.parents
+    if cfg.host_exit:  # host reads of CPU tensors are free
+        m_eff = int(torch.where(b.alive, look.n, 0).max())
+        if m_eff == 0:
+            return None
+        merged = merge_lookup_tree(base, look.tokens[:, :m_eff], n_look=look.n, parents=parents, validate=False)
+        if not bool(((merged.source[:, n_base:] == 2) & b.alive[:, None]).any()):
+            return None
+    else:
+        merged = merge_lookup_tree(base, look.tokens, n_look=look.n, parents=parents, out=lb.merged, validate=False)
+    B, N = merged.tokens.shape
+    root = torch.full((B, 1), -1, dtype=torch.int32, device=b.tok.device)
+    tree = build_tree(torch.cat([root, torch.where(merged.parents >= 0, merged.parents + 1, 0)], 1), validate=False)
+    positions = b.L0[:, None] + tree.depth - 1  # x0 is node 0 of this tree, at depth 1
+    tokens = torch.cat([b.tok[:, None], merged.tokens.clamp_min(0)], 1)
+    h = m.forward_layers(m.embed(tokens), 0, cfg.exit_layer, b.cache, b.L0, positions, tree_mask=tree.mask,
+                         active=b.alive)
+    b.hbuf[:, :N + 1].copy_(h)
+    return Branch(N + 1, positions, tree.mask, merged.parents, merged.tokens, merged.source)
+
+
+def record(st, toks: torch.Tensor, a: torch.Tensor) -> None:
+    """Appends a cycle's emitted tokens toks[:, :a+1] to the live rows' committed history (before L0 advances).
+    The static-width write also lands toks[:, a+1:] past the new committed length, where nothing reads it."""
+    b, h = st.buf, st.buf.lookup.history
+    idx = (b.L0[:, None] + 1 + b.arange_block[:toks.shape[1]]).clamp_max(h.shape[1] - 1).long()
+    h.scatter_(1, idx, torch.where(b.alive[:, None], toks, h.gather(1, idx)))
