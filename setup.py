@@ -132,8 +132,11 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels and a reference decoder for Kangaroo self-speculative decoding",
     packages=["kangaroo_kernels", "kangaroo_kernels.ops", "kangaroo_kernels.triton", "kangaroo_kernels.reference",
-              "kangaroo"],
+              "kangaroo_kernels.compat", "kangaroo"],
     package_dir={"kangaroo": "python/kangaroo"},
+    # the shipped demo model (kangaroo.demo.shipped_dir): a non-editable install carries it
+    package_data={"kangaroo": ["default_model/manifest.json", "default_model/*/*.json",
+                               "default_model/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",

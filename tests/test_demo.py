@@ -43,7 +43,7 @@ def test_tiny_build_is_cached_and_decodes_exactly(tmp_path, one_thread):
                               progress=False, threads=1)
     assert len(res["rows"]) == res["n_prompts"] == 2
     ours = {k: v for k, v in res["methods"].items() if v["ours"]}
-    assert len(ours) == 3 and all(v["identical"] == 2 for v in ours.values())
+    assert len(ours) == 4 and all(v["identical"] == 2 for v in ours.values())
     for k, v in ours.items():
         if "tokens_per_cycle" in v:
             assert 1.0 <= v["tokens_per_cycle"] <= 5.0, k

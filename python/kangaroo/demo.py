@@ -260,7 +260,7 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parent / "default_model"
 
 
-SHIPPED_FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+SHIPPED_FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
                  "base/config.json", "base/generation_config.json", "base/model.safetensors",
                  "adapter/adapter_config.json", "adapter/adapter.safetensors")
 
@@ -462,7 +462,9 @@ def _methods(dec, base, exit_layer, new_tokens, seq, tree, hf_peers):
           Method("Kangaroo, sequence (this library)", ours("seq", threshold=seq["eta"], max_draft=seq["gamma"]),
                  True, True),
           Method("Kangaroo, tree (this library)", ours("tree", threshold=tree["eta"], max_draft=tree["gamma"],
-                                                       tree=True), True, True)]
+                                                       tree=True), True, True),
+          Method("Kangaroo + lookup, sequence (this library)", ours("lookup", threshold=seq["eta"],
+                                                                    max_draft=seq["gamma"], lookup=True), True, True)]
     if hf_peers:
         ms += [Method("transformers greedy", hf(), False),
                Method(f"transformers assistant_early_exit={exit_layer}", hf(assistant_early_exit=exit_layer), False),
