@@ -67,3 +67,34 @@ def test_the_check_sees_an_undeclared_import(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("import json\nfrom kangaroo import model\nimport not_a_declared_pkg.sub\n")
     assert undeclared([str(planted)], _declared()) == {"not_a_declared_pkg": [os.path.relpath(planted, ROOT)]}
+
+
+def _setup_kwarg(name):
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            for kw in node.keywords:
+                if kw.arg == name:
+                    return ast.literal_eval(kw.value)
+    raise AssertionError(f"setup() has no {name}=")
+
+
+def test_every_package_and_the_shipped_model_are_installed():
+    """A non-editable `pip install .` carries every subpackage (compat, ops, ...) and the shipped demo model."""
+    import fnmatch
+
+    packages = set(_setup_kwarg("packages"))
+    found = set()
+    for base, pkg in (("kangaroo_kernels", "kangaroo_kernels"), (os.path.join("python", "kangaroo"), "kangaroo")):
+        for d, _, files in os.walk(os.path.join(ROOT, base)):
+            if "__init__.py" in files:
+                rel = os.path.relpath(d, os.path.join(ROOT, base))
+                found.add(pkg if rel == "." else pkg + "." + rel.replace(os.sep, "."))
+    assert found <= packages, f"packages missing from setup.py: {sorted(found - packages)}"
+    globs = _setup_kwarg("package_data")["kangaroo"]
+    model = os.path.join(ROOT, "python", "kangaroo", "default_model")
+    shipped = [os.path.relpath(os.path.join(d, f), os.path.join(ROOT, "python", "kangaroo"))
+               for d, _, fs in os.walk(model) for f in fs]
+    assert shipped, "no shipped model"
+    for f in shipped:
+        assert any(fnmatch.fnmatch(f, g) for g in globs), f"{f} is not in package_data"
