@@ -103,6 +103,9 @@ def check_real(name: str, v, *, lo: Optional[float] = None, lo_open: bool = Fals
 
 def inv_temperature_finite(temperature: float) -> bool:
     """True iff fl32(1 / T) is finite (T > 0): the one rule for how small a sampling temperature may be."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace np.errstate: the same bound in float64 (T > 0 here)
+        t = float(temperature)
+        return t > 0.0 and 1.0 / t < 3.4028235677973366e38  # the largest value that rounds to a finite float32
     # numpy scalars, not torch: host arithmetic that the decoder's host-read counters must not see as a tensor read
     with np.errstate(over="ignore", divide="ignore"):
         return math.isfinite(float(np.float32(1.0) / np.float32(temperature)))
