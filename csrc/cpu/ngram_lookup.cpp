@@ -6,51 +6,29 @@
 
 #include <string>
 
+#include "cpu/checks.h"
 #include "kangaroo/ngram_lookup.cuh"
 
 namespace kangaroo {
 
-namespace {
-
-std::string ng_shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void ng_check(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape, const char* expected,
-              const c10::Device& dev) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  int64_t d = 0;
-  for (int64_t s : shape) {
-    if (ok && s >= 0 && t.size(d) != s) ok = false;
-    ++d;
-  }
-  TORCH_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", ng_shape_str(t));
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
-}
-
-}  // namespace
-
 // Metadata checks shared by the CPU and CUDA implementations. Returns the filled params.
 NgramLookupParams ngram_lookup_check_args(const at::Tensor& history, const at::Tensor& lens, int64_t n_min,
                                           int64_t n_max, const at::Tensor& tokens, const at::Tensor& n) {
-  TORCH_CHECK_VALUE(history.dim() == 2, "history must have shape [B, S], got ", ng_shape_str(history));
+  TORCH_CHECK_VALUE(history.dim() == 2, "history must have shape [B, S], got ", shape_str(history));
   const int64_t B = history.size(0), S = history.size(1);
   TORCH_CHECK_VALUE(S < (int64_t{1} << 31), "history: S must be < 2^31");
   const auto dev = history.device();
-  ng_check("history", history, {B, S}, "[B, S]", dev);
+  check_meta("history", history, {B, S}, "[B, S]", dev);
   TORCH_CHECK_VALUE(history.scalar_type() == at::kInt || history.scalar_type() == at::kLong,
                     "history must be int32 or int64, got ", history.scalar_type());
-  ng_check("lens", lens, {B}, "[B]", dev);
+  check_meta("lens", lens, {B}, "[B]", dev);
   TORCH_CHECK_VALUE(lens.scalar_type() == at::kInt, "lens must be int32, got ", lens.scalar_type());
   TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(0) == B && tokens.size(1) >= 1,
-                    "tokens must have shape [B, M] with B = ", B, " and M >= 1, got ", ng_shape_str(tokens));
-  ng_check("tokens", tokens, {B, tokens.size(1)}, "[B, M]", dev);
+                    "tokens must have shape [B, M] with B = ", B, " and M >= 1, got ", shape_str(tokens));
+  check_meta("tokens", tokens, {B, tokens.size(1)}, "[B, M]", dev);
   TORCH_CHECK_VALUE(tokens.scalar_type() == at::kInt, "tokens must be int32, got ", tokens.scalar_type());
   TORCH_CHECK_VALUE(tokens.size(1) < (int64_t{1} << 31), "tokens: M must be < 2^31");
-  ng_check("n", n, {B}, "[B]", dev);
+  check_meta("n", n, {B}, "[B]", dev);
   TORCH_CHECK_VALUE(n.scalar_type() == at::kInt, "n must be int32, got ", n.scalar_type());
   TORCH_CHECK_VALUE(n_min >= 1 && n_max >= n_min && n_max < (int64_t{1} << 31),
                     "n_min, n_max must satisfy 1 <= n_min <= n_max < 2^31, got n_min = ", n_min,

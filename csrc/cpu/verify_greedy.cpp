@@ -10,67 +10,45 @@
 #include <optional>
 #include <string>
 
+#include "cpu/checks.h"
 #include "kangaroo/verify_greedy.cuh"
 
 namespace kangaroo {
-
-namespace {
-
-std::string vg_shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void vg_check(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape, const char* expected,
-              const c10::Device& dev) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  int64_t d = 0;
-  for (int64_t s : shape) {
-    if (ok && s >= 0 && t.size(d) != s) ok = false;
-    ++d;
-  }
-  TORCH_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", vg_shape_str(t));
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
-}
-
-}  // namespace
 
 // Metadata checks shared by the CPU and CUDA implementations. Returns the filled params.
 VerifyGreedyParams verify_greedy_check_args(const at::Tensor& draft_tokens, const at::Tensor& target,
                                             const std::optional<at::Tensor>& parents, const at::Tensor& accept_len,
                                             const at::Tensor& path, const at::Tensor& tokens) {
   TORCH_CHECK_VALUE(draft_tokens.dim() == 2, "draft_tokens must have shape [B, N], got ",
-                    vg_shape_str(draft_tokens));
+                    shape_str(draft_tokens));
   const int64_t B = draft_tokens.size(0), N = draft_tokens.size(1);
   TORCH_CHECK_VALUE(N + 1 < (int64_t{1} << 31), "draft_tokens: N is too large");
   const auto dev = draft_tokens.device();
-  vg_check("draft_tokens", draft_tokens, {B, N}, "[B, N]", dev);
+  check_meta("draft_tokens", draft_tokens, {B, N}, "[B, N]", dev);
   TORCH_CHECK_VALUE(draft_tokens.scalar_type() == at::kInt, "draft_tokens must be int32");
   VerifyGreedyParams p;
   const auto tt = target.scalar_type();
   if (tt == at::kInt) {
-    vg_check("target", target, {B, N + 1}, "[B, N+1] (tokens)", dev);
+    check_meta("target", target, {B, N + 1}, "[B, N+1] (tokens)", dev);
     p.kind = TargetKind::kTokens;
   } else {
     TORCH_CHECK_VALUE(tt == at::kFloat || tt == at::kBFloat16 || tt == at::kHalf,
                       "target must be float32/bfloat16/float16 logits [B, N+1, V] or int32 tokens [B, N+1], got ",
                       tt);
-    vg_check("target", target, {B, N + 1, -1}, "[B, N+1, V] (logits)", dev);
+    check_meta("target", target, {B, N + 1, -1}, "[B, N+1, V] (logits)", dev);
     p.V = target.size(2);
     TORCH_CHECK_VALUE(p.V >= 1 && p.V < (int64_t{1} << 31), "target: V must be in [1, 2^31), got ", p.V);
     p.kind = tt == at::kFloat ? TargetKind::kFloat32 : (tt == at::kBFloat16 ? TargetKind::kBFloat16
                                                                              : TargetKind::kFloat16);
   }
   if (parents) {
-    vg_check("parents", *parents, {B, N}, "[B, N]", dev);
+    check_meta("parents", *parents, {B, N}, "[B, N]", dev);
     TORCH_CHECK_VALUE(parents->scalar_type() == at::kInt, "parents must be int32");
     p.parents = parents->data_ptr<int32_t>();
   }
-  vg_check("accept_len", accept_len, {B}, "[B]", dev);
-  vg_check("path", path, {B, N + 1}, "[B, N+1]", dev);
-  vg_check("tokens", tokens, {B, N + 1}, "[B, N+1]", dev);
+  check_meta("accept_len", accept_len, {B}, "[B]", dev);
+  check_meta("path", path, {B, N + 1}, "[B, N+1]", dev);
+  check_meta("tokens", tokens, {B, N + 1}, "[B, N+1]", dev);
   for (const auto* t : {&accept_len, &path, &tokens}) {
     TORCH_CHECK_VALUE(t->scalar_type() == at::kInt,
                       t == &accept_len ? "accept_len" : (t == &path ? "path" : "tokens"), " must be int32");
