@@ -91,7 +91,7 @@ def _timed(fn):
 
 def bench_shape(name, args, rows, summary):
     from kangaroo.generate import KangarooDecoder
-    from kangaroo_kernels.verify_greedy import verify_greedy
+    from kangaroo_kernels import verify_greedy
 
     from kangaroo_kernels.ops.adapter_forward import adapter_forward
     from kangaroo_kernels.ops.lm_head_exit import lm_head_exit
@@ -136,7 +136,6 @@ def bench_shape(name, args, rows, summary):
     S0 = args.prompt_len + n // 2
     Smax = S0 + GAMMA + 2
     cache = model.new_cache(1, Smax)
-    cache.lens.fill_(S0)
     aw = dec.adapter.weights()
     ak = torch.zeros(1, c.num_key_value_heads, Smax, c.head_dim)
     av = torch.zeros_like(ak)
