@@ -87,6 +87,8 @@ def _extensions():
     cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++20 for 2.14, C++17 for 2.11)
+    if sys.platform != "win32":  # `omp simd` loops vectorize their reductions (no OpenMP runtime, no -ffast-math)
+        cxx_flags.append("-fopenmp-simd")
     if not with_cuda:
         print(f"kangaroo_kernels: building without CUDA kernels ({why}); CPU + Triton only", flush=True)
         _write_build_info(False, why, [])

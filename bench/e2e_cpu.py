@@ -6,7 +6,8 @@ the same weights, threads and run:
                  transformers' own greedy `generate`
   verify k       one verify step of k tokens (layers l+1..L on k saved layer-l states, final norm + LM head,
                  verify_greedy), k = 1..gamma+1, over one plain decode step (all layers + LM head + argmax)
-  draft          one draft step (layers 1..l on one token, adapter_forward, lm_head_exit) over one plain step
+  draft          one draft step (layers 1..l on one token, adapter_forward, the decoder's draft head: lm_head_exit or,
+                 with draft_head "auto" where it measures faster, lm_head_exit_int8) over one plain step
   100% accept    Kangaroo (eta 0, gamma 4) over our plain decoding on a model built so that every draft is
                  accepted: the layers after l write nothing into the residual stream (zero o_proj and down_proj)
                  and the adapter has a zero o_proj and the final norm as its out-norm, so the draft distribution
@@ -91,10 +92,12 @@ def _timed(fn):
 
 def bench_shape(name, args, rows, summary):
     from kangaroo.generate import KangarooDecoder
-    from kangaroo_kernels import verify_greedy
+    from kangaroo.state import draft_head_weight
 
+    from kangaroo_kernels import verify_greedy
     from kangaroo_kernels.ops.adapter_forward import adapter_forward
     from kangaroo_kernels.ops.lm_head_exit import lm_head_exit
+    from kangaroo_kernels.ops.lm_head_exit_int8 import lm_head_exit_int8
 
     L, D, H, Hk, inter, V, ell = SHAPES[name]
     hf = hf_llama(name)
@@ -146,6 +149,7 @@ def bench_shape(name, args, rows, summary):
     hid = torch.randn(1, GAMMA + 1, D, generator=gen)
     drafts = torch.randint(0, V, (1, GAMMA), dtype=torch.int32, generator=gen)
     blk = pos[:, None] + torch.arange(GAMMA + 1)
+    head_q, head_desc = draft_head_weight(model, dec.adapter, dec.draft_head)
 
     def decode():
         x = model.forward_layers(model.embed(tok[:, None]), 0, L, cache, lens, pos[:, None])
@@ -155,6 +159,9 @@ def bench_shape(name, args, rows, summary):
         x = model.forward_layers(model.embed(tok[:, None]), 0, ell, cache, lens, pos[:, None])
         r = adapter_forward(x[:, 0], aw, ak, av, lens, pos, rope_cos_sin=rope, eps=dec.adapter.rms_norm_eps,
                             apply_out_norm=False, validate=False)
+        if head_q is not None:  # the decoder's draft head (draft_head="auto": int8 where it measures faster)
+            return lm_head_exit_int8(r, head_q, 0.0, norm_weight=aw.norm_out, eps=dec.adapter.rms_norm_eps,
+                                     validate=False)
         return lm_head_exit(r, model.lm_head, 0.0, norm_weight=aw.norm_out, eps=dec.adapter.rms_norm_eps,
                             validate=False)
 
@@ -186,7 +193,7 @@ def bench_shape(name, args, rows, summary):
            "accept100": statistics.median(r[0] for r in r_acc),
            "accept100_cpu_time": statistics.median(r[1] for r in r_acc),
            "tokens_per_cycle": statistics.median(tpc), "identical_to_hf": identical,
-           "hf_tps": tps[0], "plain_tps": tps[1], "kangaroo_tps": tps[2]}
+           "hf_tps": tps[0], "plain_tps": tps[1], "kangaroo_tps": tps[2], "draft_head_int8": head_q is not None}
     for op in per:
         fig[op] = ratio[op] if op != "decode" else 1.0
         fig[op + "_us"] = us[op]

@@ -55,6 +55,12 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "lm_head_exit_greedy_cpu(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, Tensor? active, "
       "float threshold, float eps, Tensor(a!) token, Tensor(b!) conf, Tensor(c!) active_out, "
       "Tensor(d!) token_prob) -> ()");
+  // The draft-only LM head on an int8 copy of the weights (CPU only: csrc/cpu/lm_head_exit_int8.cpp; wrapper and
+  // checks in kangaroo_kernels/ops/lm_head_exit_int8.py).
+  m.def(
+      "lm_head_exit_int8(Tensor hidden, Tensor qweight, Tensor scale, Tensor? norm_weight, Tensor? active, "
+      "float threshold, float eps, Tensor(a!) token, Tensor(b!) conf, Tensor(c!) active_out, "
+      "Tensor(d!) token_prob) -> ()");
   // One Llama-family decoder layer on x[B,T,D] (kangaroo.model.LlamaModel.layer's maths; appends K/V to layer
   // `layer` of the stacked caches [L,B,Hk,S,Dh] at cache_lens, RoPE at positions[B,T]). CPU only
   // (csrc/cpu/llama_layer.cpp): one dispatcher crossing per layer; CUDA runs the layer's ops (in a CUDA graph).

@@ -74,6 +74,14 @@ class LmHeadExit(NamedTuple):
     probs: Optional[torch.Tensor] = None
 
 
+class Int8Weight(NamedTuple):
+    """An int8 copy of a [V, D] matrix with one fp32 scale per row (symmetric: row v ~= qweight[v] * scale[v]), for
+    lm_head_exit_int8. qweight [V, D] int8 column-major (strides (1, V)), scale [V] fp32 (quantize_lm_head)."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+
 class LmHeadTopk(NamedTuple):
     """Result of lm_head_topk: tokens [B, k] int32 and logprobs [B, k] fp32, sorted descending."""
 

@@ -35,6 +35,8 @@ calls = {
                                                 dtype=torch.int32), torch.ones(B, dtype=torch.int32)),
     "lm_head_exit_ref": lambda: R.lm_head_exit_ref(h, w, 0.5, temperature=0.8, seed=seed),
     "lm_head_topk_ref": lambda: R.lm_head_topk_ref(h, w, 3),
+    "quantize_lm_head_ref": lambda: R.quantize_lm_head_ref(w),
+    "lm_head_exit_int8_ref": lambda: R.lm_head_exit_int8_ref(h, R.quantize_lm_head_ref(w), 0.5),
     "lm_head_logits_ref": lambda: R.lm_head_logits_ref(h, w),
     "lm_head_uniforms_ref": lambda: R.lm_head_uniforms_ref(seed, off, V),
     "philox4x32_10_torch": lambda: R.philox4x32_10_torch(0, 1, 2, 3, 4, 5),

@@ -7,7 +7,7 @@ so `from kangaroo_kernels.reference import verify_greedy_ref` works for every op
 import importlib
 
 _MODULES = ("tree", "verify_greedy", "verify_sample", "compact_kv", "ngram_lookup", "lookup_tree", "lm_head_exit",
-            "append_attention", "adapter_forward")
+            "lm_head_exit_int8", "append_attention", "adapter_forward")
 
 __all__ = []
 for _m in _MODULES:

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from kangaroo.model import rms_norm
-from kangaroo_kernels import adapter_forward, append_attention, build_tree, lm_head_exit, lm_head_topk
+from kangaroo_kernels import (
+    adapter_forward,
+    append_attention,
+    build_tree,
+    lm_head_exit,
+    lm_head_exit_int8,
+    lm_head_topk,
+)
 
 __all__ = ["TreeLayout", "catch_up", "draft", "draft_head", "host_done", "slots"]
 
@@ -116,8 +123,10 @@ def draft_head(st, r: torch.Tensor, drafting: torch.Tensor):
     """The draft decision on the adapter's pre-norm output r [B, D]: (token [B] i32, rows that keep drafting [B]
     bool, siblings [B, K-1] i32 with -1 for dropped ones, or None for the chain)."""
     cfg, nw, lm = st.cfg, st.adapter.norm_out, st.model.lm_head
-    if cfg.topk == 1:  # the fused argmax + confidence + exit flag
-        res = lm_head_exit(r, lm, cfg.threshold, norm_weight=nw, eps=st.adapter_eps, active=drafting, validate=False)
+    if cfg.topk == 1:  # the fused argmax + confidence + exit flag (on an int8 head copy: a CPU draft's largest read)
+        head = lm_head_exit if st.head_q is None else lm_head_exit_int8
+        res = head(r, lm if st.head_q is None else st.head_q, cfg.threshold, norm_weight=nw, eps=st.adapter_eps,
+                   active=drafting, validate=False)
         return res.token, res.active, None
     toks, logp = lm_head_topk(r, lm, cfg.topk, norm_weight=nw, eps=st.adapter_eps, validate=False)
     keep = drafting[:, None] & (logp[:, 1:] >= cfg.log_sibling_threshold)

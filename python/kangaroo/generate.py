@@ -27,7 +27,7 @@ from kangaroo import draft as _draft
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.model import LlamaModel
-from kangaroo.state import DecodeSettings, DecodeState, cache_slots, new_state
+from kangaroo.state import DecodeSettings, DecodeState, cache_slots, draft_head_weight, new_state
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
 
 __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", "next_draft_cap"]
@@ -39,16 +39,24 @@ class KangarooDecoder:
 
     def __init__(self, model: LlamaModel, adapter: KangarooAdapter, *, cuda_graphs: bool = True,
                  max_cache_len: Optional[int] = None, host_early_exit: Optional[bool] = None,
-                 adaptive_draft: bool = True):
+                 adaptive_draft: bool = True, draft_head: str = "auto"):
         """host_early_exit: stop drafting once no row drafts and verify only the drafted block, reading exit flags
         on the host. Default: on for CPU models (the read is free), off on CUDA (predicated steps in a CUDA graph).
-        adaptive_draft: on the predicated path, cap a cycle's draft steps (next_draft_cap; a draft graph per cap)."""
+        adaptive_draft: on the predicated path, cap a cycle's draft steps (next_draft_cap; a draft graph per cap).
+        draft_head: the chain's draft LM head, "auto" (CPU: an int8 copy where it measures faster), "int8" (CPU)
+        or "exact" (kangaroo.state.draft_head_weight); output is the same either way."""
+        if draft_head not in ("auto", "int8", "exact"):
+            raise ValueError(f"draft_head must be 'auto', 'int8' or 'exact', got {draft_head!r}")
+        if draft_head == "int8" and model.device.type != "cpu":
+            raise ValueError(f"draft_head='int8' runs on CPU models (this one is on {model.device})")
         adapter.check_base(model)
         self.model = model
         self.adapter = adapter.to(device=model.device, dtype=model.dtype).eval()
         self.exit_layer = adapter.exit_layer
         self.cuda_graphs, self.host_early_exit, self.adaptive_draft = cuda_graphs, host_early_exit, adaptive_draft
         self.max_cache_len = max_cache_len
+        self.draft_head = draft_head
+        self._head = draft_head_weight(model, self.adapter, draft_head)  # (int8 copy | None, description)
         self.debug_hook: Optional[Callable[[DecodeState], None]] = None
 
     @classmethod
@@ -134,7 +142,9 @@ class KangarooDecoder:
         if max_new == 0:
             return tally.output(single)
         t_start = time.perf_counter()
-        st = new_state(m, None if autoregressive else self.adapter, cfg, B, S, seed, eos)
+        tally.stats.draft_head = "" if autoregressive or topk > 1 else self._head[1]
+        st = new_state(m, None if autoregressive else self.adapter, cfg, B, S, seed, eos,
+                       self._head[0] if tally.stats.draft_head else None)
         self._prefill(st, prompts)
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import List, Optional, Tuple
 
 import torch
 
 from kangaroo.draft import TreeLayout
 from kangaroo.model import KVCache, LlamaModel
-from kangaroo_kernels.types import Accepted, AdapterWeights, LookupTree, NgramMatch
+from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
-__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "cache_slots"]
+__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "cache_slots",
+           "draft_head_weight"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ class DecodeState:
     adapter: Optional[AdapterWeights]  # None when autoregressive
     adapter_eps: float
     tree: Optional[TreeLayout]         # None for the chain
+    head_q: Optional[Int8Weight] = None  # the chain's draft LM head as int8 (CPU; None: the exact head)
 
     @property
     def B(self) -> int:
@@ -128,9 +131,10 @@ def cache_slots(cfg: DecodeSettings, max_context: int, max_cache_len: Optional[i
 
 
 def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, seed: Optional[int],
-              eos: Optional[List[int]]) -> DecodeState:
+              eos: Optional[List[int]], head_q: Optional[Int8Weight] = None) -> DecodeState:
     """Allocates the buffers of a call with B rows and S cache slots. adapter: a KangarooAdapter or None. seed:
-    the sampling seed (None: drawn from torch's generator); row b's Philox key derives from it."""
+    the sampling seed (None: drawn from torch's generator); row b's Philox key derives from it. head_q: an int8
+    draft LM head (kangaroo_kernels.quantize_lm_head) for the chain's draft decision, or None."""
     c, dev, dt = model.config, model.device, model.dtype
     N, Nb, D, g, M = cfg.n_nodes, cfg.n_base, c.hidden_size, cfg.gamma, cfg.lookup_max
     i32 = dict(dtype=torch.int32, device=dev)
@@ -165,4 +169,34 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
         Accepted(torch.zeros(B, **i32), torch.zeros(B, N + 1, **i32), torch.zeros(B, N + 1, **i32)),
         torch.zeros(B, 6 + N, **i32), side_k, side_v, lookup)
     return DecodeState(model, cfg, buf, model.rope_cos_sin(S), adapter.weights() if drafting else None,
-                       adapter.rms_norm_eps if drafting else 0.0, tree)
+                       adapter.rms_norm_eps if drafting else 0.0, tree, head_q if drafting else None)
+
+
+def draft_head_weight(model: LlamaModel, adapter, mode: str) -> Tuple[Optional[Int8Weight], str]:
+    """The chain's draft LM head for KangarooDecoder(draft_head=mode): (an int8 copy, or None for the exact head,
+    and a description). "int8" on a CPU model; "auto": int8 where its kernel measures faster than the exact head on
+    this machine (a few ms, once per decoder: which is faster depends on the CPU and the head's size); "exact".
+    The draft head only proposes tokens (verification uses the exact weights): the choice never changes output."""
+    from kangaroo_kernels import lm_head_exit, lm_head_exit_int8, quantize_lm_head
+
+    if mode == "exact" or model.device.type != "cpu":
+        return None, "exact"
+    q = quantize_lm_head(model.lm_head)
+    if mode == "int8":
+        return q, "int8"
+    nw = adapter.weights().norm_out.to(model.dtype)
+    h = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+
+    def best(f, w):
+        for _ in range(2):
+            f(h, w, 0.5, norm_weight=nw, validate=False)
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            f(h, w, 0.5, norm_weight=nw, validate=False)
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    t_exact, t_q = best(lm_head_exit, model.lm_head), best(lm_head_exit_int8, q)
+    why = f"(measured {t_q * 1e6:.0f} us int8 vs {t_exact * 1e6:.0f} us exact)"
+    return (q, f"int8 {why}") if t_q < t_exact else (None, f"exact {why}")

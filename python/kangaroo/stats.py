@@ -29,6 +29,7 @@ class GenerateStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     cuda_graphs: bool = False
+    draft_head: str = ""                # the chain's draft LM head: "exact" or "int8" (KangarooDecoder draft_head)
     mean_draft_steps: float = 0.0       # adapter + LM-head draft steps run per cycle (the cost side of drafting)
     accepted_from_chain: int = 0        # accepted draft nodes the adapter drafted (chain or siblings; shared too)
     accepted_from_lookup: int = 0       # accepted private lookup-branch nodes (lookup=True)

@@ -1,0 +1,237 @@
+// CPU kernel of kangaroo_kernels::lm_head_exit_int8 (semantics: kangaroo_kernels/reference/lm_head_exit_int8.py):
+// one draft step's LM head on an int8 copy of the weights (per-row scales), fused with the argmax, the confidence
+// 1 / sum(exp(logits - max)) and the exit flag; the [B, V] logits are never written.
+//
+// Why: on a CPU the draft step's LM-head GEMV is memory-bound, and the fp32 head is the largest read of a draft
+// step (4096 x 256 fp32 = 4 MB, as much as a decoder layer). int8 reads a quarter of it. The draft is only a
+// proposal (verification runs on the exact weights), so the draft head's precision changes acceptance, never output.
+//
+// The GEMV streams the weight once, column-major ([D, V] in memory: for each d a contiguous row over V), in blocks
+// of kBlock tokens whose fp32 accumulators stay in L1; the inner loop (int8 -> fp32 convert, FMA) is compiled for
+// AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU (GCC/Clang target_clones): no CPU feature is
+// assumed. Blocks run in parallel (at::parallel_for) and each keeps its own max / first argmax / sum of exp, merged
+// in block order afterwards (so ties go to the lowest index, as torch.argmax).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KANGAROO_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__clang__)
+#define KANGAROO_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KANGAROO_ISA_CLONES
+#endif
+
+namespace kangaroo {
+namespace {
+
+constexpr int64_t kBlock = 512;  // tokens per block: 2 KB of fp32 accumulators per row
+
+// y[j] = sum_d x[d] * q[d * V + v0 + j] for j < n (q column-major [V, D], i.e. [D, V] in memory).
+KANGAROO_ISA_CLONES void gemv_block_int8(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
+                                         int64_t n, float* y) {
+  for (int64_t j = 0; j < n; ++j) y[j] = 0.f;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {  // four weight rows per pass: one accumulator load/store per four FMAs
+    const float x0 = x[d], x1 = x[d + 1], x2 = x[d + 2], x3 = x[d + 3];
+    const int8_t* r0 = q + d * V + v0;
+    const int8_t* r1 = r0 + V;
+    const int8_t* r2 = r1 + V;
+    const int8_t* r3 = r2 + V;
+    for (int64_t j = 0; j < n; ++j)
+      y[j] += x0 * static_cast<float>(r0[j]) + x1 * static_cast<float>(r1[j]) + x2 * static_cast<float>(r2[j]) +
+              x3 * static_cast<float>(r3[j]);
+  }
+  for (; d < D; ++d) {
+    const float xd = x[d];
+    const int8_t* r = q + d * V + v0;
+    for (int64_t j = 0; j < n; ++j) y[j] += xd * static_cast<float>(r[j]);
+  }
+}
+
+// exp(x) for x <= 0 (a logit minus its row's max) in plain float arithmetic that the compiler vectorizes (std::exp
+// does not without -ffast-math): 2^(x log2 e) split into 2^round (exponent bits) and a polynomial of the rest;
+// relative error ~2e-7, far inside the confidence's tolerance. Below -87 the result is 0 (fp32 underflow).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.f) * 1.44269504089f;
+  const float fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23): vectorizes, std::floor does not
+  const float f = t - fi;  // in [-0.5, 0.5]: the Taylor series of 2^f = e^(f ln 2) to degree 6 is within 2e-7
+  float p = 1.54035304e-4f;
+  p = p * f + 1.33335581e-3f;
+  p = p * f + 9.61812911e-3f;
+  p = p * f + 5.55041087e-2f;
+  p = p * f + 2.40226507e-1f;
+  p = p * f + 6.93147181e-1f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return x < -87.f ? 0.f : p * s;
+}
+
+struct BlockStat {
+  float max;    // NaN when the block holds a NaN logit
+  int64_t arg;  // first index of the max (of the first NaN), relative to the block
+  float sum;    // sum of exp(logit - max) over the block
+};
+
+// Scales the block's raw dot products y[0, n) by sc into logits (in place) and returns their statistics. The two
+// passes are `omp simd` reductions (compiled with -fopenmp-simd): vectorized without -ffast-math.
+KANGAROO_ISA_CLONES BlockStat block_stats(float* y, const float* sc, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int nans = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nans)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = y[j] * sc[j];
+    y[j] = v;
+    m = v > m ? v : m;
+    nans += v != v;
+  }
+  BlockStat st{m, 0, 0.f};
+  if (nans > 0) {  // torch.argmax picks the first NaN; the row's conf is NaN
+    while (!std::isnan(y[st.arg])) ++st.arg;
+    st.max = std::numeric_limits<float>::quiet_NaN();
+    return st;
+  }
+  while (st.arg + 1 < n && y[st.arg] != m) ++st.arg;  // the first index of the max
+  if (!std::isfinite(m)) return st;  // all -inf (sum 0) or a +inf logit (conf NaN, decided by the caller)
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_nonpositive(y[j] - m);
+  st.sum = sum;
+  return st;
+}
+
+// x rounded to the dtype of `hidden` (rms_norm_ref rounds its intermediate and its product to hidden's dtype).
+template <typename T>
+inline float round_to(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+// The draft head's input in fp32: RMSNorm(hidden) with rms_norm_ref's rounding, or hidden itself.
+template <typename T>
+void normed_input(const at::Tensor& hidden, const std::optional<at::Tensor>& norm_weight, double eps,
+                  std::vector<float>& x) {
+  const int64_t B = hidden.size(0), D = hidden.size(1);
+  const T* h = hidden.data_ptr<T>();
+  const T* w = norm_weight ? norm_weight->data_ptr<T>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* hb = h + b * D;
+    float* xb = x.data() + b * D;
+    if (!w) {
+      for (int64_t d = 0; d < D; ++d) xb[d] = static_cast<float>(hb[d]);
+      continue;
+    }
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += static_cast<float>(hb[d]) * static_cast<float>(hb[d]);
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d)
+      xb[d] = round_to<T>(static_cast<float>(w[d]) * round_to<T>(static_cast<float>(hb[d]) * r));
+  }
+}
+
+}  // namespace
+
+void lm_head_exit_int8_cpu(const at::Tensor& hidden, const at::Tensor& qweight, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& active,
+                           double threshold, double eps, const at::Tensor& token, const at::Tensor& conf,
+                           const at::Tensor& active_out, const at::Tensor& token_prob) {
+  const c10::Device dev = hidden.device();
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [B, D], got ", shape_str(hidden));
+  const int64_t B = hidden.size(0), D = hidden.size(1);
+  TORCH_CHECK_VALUE(hidden.is_contiguous() && dev.is_cpu(), "hidden must be a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(1) == D && qweight.scalar_type() == at::kChar,
+                    "qweight must be [V, D=", D, "] int8, got ", shape_str(qweight), " ", qweight.scalar_type());
+  const int64_t V = qweight.size(0);
+  TORCH_CHECK_VALUE(qweight.stride(0) == 1 && qweight.stride(1) == V && qweight.device() == dev,
+                    "qweight must be a column-major CPU tensor (strides (1, V)), as quantize_lm_head makes it");
+  check_meta("scale", scale, {V}, "[V]", dev);
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "scale must be float32");
+  if (norm_weight) {
+    check_meta("norm_weight", *norm_weight, {D}, "[D]", dev);
+    TORCH_CHECK_VALUE(norm_weight->scalar_type() == hidden.scalar_type(), "norm_weight must be in hidden's dtype");
+  }
+  check_meta("token", token, {B}, "[B]", dev);
+  check_meta("conf", conf, {B}, "[B]", dev);
+  check_meta("active_out", active_out, {B}, "[B]", dev);
+  check_meta("token_prob", token_prob, {B}, "[B]", dev);
+  TORCH_CHECK_VALUE(token.scalar_type() == at::kInt && conf.scalar_type() == at::kFloat &&
+                        active_out.scalar_type() == at::kBool && token_prob.scalar_type() == at::kFloat,
+                    "token/conf/active_out/token_prob must be int32/float32/bool/float32");
+  if (active) {
+    check_meta("active", *active, {B}, "[B]", dev);
+    TORCH_CHECK_VALUE(active->scalar_type() == at::kBool, "active must be bool");
+  }
+  if (B == 0 || V == 0) return;
+
+  std::vector<float> x(B * D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "lm_head_exit_int8",
+                                  [&] { normed_input<scalar_t>(hidden, norm_weight, eps, x); });
+
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* sc = scale.data_ptr<float>();
+  const int64_t nblk = (V + kBlock - 1) / kBlock;
+  std::vector<BlockStat> stats(nblk * B);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(kBlock);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t v0 = k * kBlock, n = std::min(kBlock, V - v0);
+      for (int64_t b = 0; b < B; ++b) {
+        gemv_block_int8(x.data() + b * D, q, D, V, v0, n, y.data());
+        BlockStat st = block_stats(y.data(), sc + v0, n);
+        st.arg += v0;
+        stats[b * nblk + k] = st;
+      }
+    }
+  });
+
+  const bool* act = active ? active->data_ptr<bool>() : nullptr;
+  int32_t* tok = token.data_ptr<int32_t>();
+  float* cf = conf.data_ptr<float>();
+  float* tp = token_prob.data_ptr<float>();
+  bool* ao = active_out.data_ptr<bool>();  // may alias active: act[b] is read before ao[b] is written
+  const float thr = static_cast<float>(threshold);
+  for (int64_t b = 0; b < B; ++b) {
+    const BlockStat* st = stats.data() + b * nblk;
+    float m = st[0].max;
+    int64_t arg = st[0].arg;
+    bool bad = std::isnan(m);
+    for (int64_t k = 1; k < nblk && !bad; ++k) {
+      if (std::isnan(st[k].max)) {  // a NaN logit: torch.argmax picks the first NaN
+        arg = st[k].arg;
+        bad = true;
+      } else if (st[k].max > m) {  // strictly: ties stay with the lower block
+        m = st[k].max;
+        arg = st[k].arg;
+      }
+    }
+    float c = nan;  // NaN, +inf or all -inf logits: conf NaN (the row exits), as the reference
+    if (!bad && std::isfinite(m)) {
+      float s = 0.f;
+      for (int64_t k = 0; k < nblk; ++k) s += st[k].sum * std::exp(st[k].max - m);
+      c = 1.f / s;
+    }
+    const bool a_in = act ? act[b] : true;
+    tok[b] = static_cast<int32_t>(arg);
+    cf[b] = c;
+    tp[b] = c;
+    ao[b] = a_in && (c >= thr);
+  }
+}
+
+}  // namespace kangaroo
+
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("lm_head_exit_int8", &kangaroo::lm_head_exit_int8_cpu);
+}
