@@ -61,3 +61,21 @@ def test_bench_quick_writes_csv(script, tmp_path):
     except ImportError:
         return
     assert glob.glob(os.path.join(str(tmp_path), "*.png")), "matplotlib is installed but no plot was written"
+
+
+def test_e2e_cpu_quick_writes_its_csv(tmp_path):
+    """bench/e2e_cpu.py (the CPU cycle-cost benchmark, its own CSV layout) runs end to end in --quick mode: every
+    metric of the demo8 shape is written and numeric, and its output equals transformers' (exit status 0)."""
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", KANGAROO_BENCH_RESULTS=str(tmp_path), MPLBACKEND="Agg", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e_cpu.py"), "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"e2e_cpu.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(os.path.join(str(tmp_path), "e2e_cpu.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {r["metric"]: r["value"] for r in rows if r["shape"] == "demo8"}
+    for m in ("plain_vs_hf", "accept100", "draft", "verify5", "tokens_per_cycle", "decode_us"):
+        assert float(got[m]) > 0, (m, got.get(m))
+    assert got["identical_to_hf"] == "True"
+    assert "draft_head_int8" in got
