@@ -87,22 +87,20 @@ def _shallow(st, tokens, pos, active, tree_mask=None):
 def catch_up(st) -> None:
     """Adapter K/V of the last accepted nodes the adapter never saw (all chain drafts accepted, a tree path ending in
     the last chain draft or a sibling, a lookup path: buf.catch_n of them, at positions L0 - catch_n .. L0 - 1),
-    from their layer-ℓ states saved in buf.catch_h: one adapter step each (CPU early exit, or a single node), else
-    one static block of W = cfg.catch_width (its tokens past catch_n land at slots from L0 on, which this cycle's
-    draft steps or the next catch-up rewrite before any adapter step reads them)."""
+    from their layer-ℓ states saved in buf.catch_h: one adapter step for a single node, else one block of W =
+    cfg.catch_width (CPU early exit: W = the longest catch-up this cycle) whose tokens past a row's catch_n land at
+    slots from L0 on, which this cycle's draft steps or the next catch-up rewrite before any adapter step reads them."""
     b = st.buf
     rows = b.need_catch & b.alive
     if host_done(st, rows):
         return
-    start = b.L0 - b.catch_n
-    if b.catch_h.shape[1] > 1 and not st.cfg.host_exit:
-        _adapter_block(st, b.catch_h, start.clamp_min(0), rows)
+    start, W = b.L0 - b.catch_n, b.catch_h.shape[1]
+    if st.cfg.host_exit:  # CPU: as wide as the longest catch-up (a free read), one step when that is one node
+        W = int(torch.where(rows, b.catch_n, 0).max())
+    if W > 1:
+        _adapter_block(st, b.catch_h[:, :W], start.clamp_min(0), rows)
     else:
-        for t in range(b.catch_h.shape[1]):
-            r = rows & (b.catch_n > t) if t else rows
-            if t and host_done(st, r):
-                break
-            _adapter_step(st, b.catch_h[:, t], (start + t).clamp_min(0), r)
+        _adapter_step(st, b.catch_h[:, 0], start.clamp_min(0), rows)
     b.need_catch.logical_and_(~b.alive)
 
 
