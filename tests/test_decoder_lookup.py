@@ -72,13 +72,17 @@ def assert_same(got, ref):
     assert not bad, f"prompt {bad[0]}: kangaroo+lookup {got[bad[0]]} != transformers {ref[bad[0]]}"
 
 
+POLICIES = pytest.mark.parametrize("policy", ["merge", "first"])
+
+
+@POLICIES
 @pytest.mark.parametrize("batch", [1, 4], ids=["b1", "b4"])
 @pytest.mark.parametrize("tree", [False, True], ids=["seq", "tree"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_greedy_equals_transformers(kind, tree, batch):
+def test_greedy_equals_transformers(kind, tree, batch, policy):
     hf, rep, norep, ref_rep, ref_norep = reference(kind)
     dec = decoder(hf)
-    kw = dict(threshold=0.5, max_draft=4, tree=tree, lookup=True, lookup_max=6)
+    kw = dict(threshold=0.5, max_draft=4, tree=tree, lookup=True, lookup_max=6, lookup_policy=policy)
     got, stats = run(dec, rep, batch, **kw)
     assert_same(got, ref_rep)
     assert sum(s.accepted_from_lookup for s in stats) > 0, "the lookup branch was never accepted"
@@ -87,15 +91,16 @@ def test_greedy_equals_transformers(kind, tree, batch):
     assert_same(got, ref_norep)
 
 
+@POLICIES
 @pytest.mark.parametrize("tree", [False, True], ids=["seq", "tree"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_predicated_path_equals_transformers(kind, tree):
+def test_predicated_path_equals_transformers(kind, tree, policy):
     """The CUDA path (no host early exit: the full N + M merged block every cycle, adaptive draft caps)."""
     hf, rep, norep, ref_rep, ref_norep = reference(kind)
     dec = decoder(hf)
     dec.host_early_exit = False
     got, stats = run(dec, rep + norep, 4, threshold=0.6, max_draft=5, tree=tree, lookup=True,
-                     lookup_ngram=(2, 4))
+                     lookup_ngram=(2, 4), lookup_policy=policy)
     assert_same(got, ref_rep + ref_norep)
     assert stats[0].accepted_from_lookup > 0
 
@@ -116,9 +121,10 @@ def test_lookup_raises_acceptance():
     assert plain.stats.accepted_from_lookup == 0 and plain.stats.lookup_hit_rate == 0.0
 
 
+@POLICIES
 @pytest.mark.parametrize("tree", [False, True], ids=["seq", "tree"])
 @pytest.mark.parametrize("host_exit", [True, False], ids=["cpu-exit", "predicated"])
-def test_caches_consistent_with_multi_position_catch_up(tree, host_exit, monkeypatch):
+def test_caches_consistent_with_multi_position_catch_up(tree, host_exit, policy, monkeypatch):
     """After generation every committed position's shallow/deep/adapter K/V equals a fresh prefill (the adapter's
     catch-up of a path that left the chain early covers several positions; the block writes past the committed
     length are overwritten before anything reads them)."""
@@ -138,7 +144,8 @@ def test_caches_consistent_with_multi_position_catch_up(tree, host_exit, monkeyp
 
     monkeypatch.setattr(kdraft, "catch_up", watched)
     ref = hf_greedy(hf, rep)
-    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, tree=tree, lookup=True, lookup_max=6)
+    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, tree=tree, lookup=True, lookup_max=6,
+                       lookup_policy=policy)
     assert [t.tolist() for t in out.tokens] == ref
     assert out.stats.accepted_from_lookup > 0
     assert max(widths) > 1, widths  # a catch-up of several positions ran
@@ -359,3 +366,24 @@ def test_catch_up_block_garbage_is_never_read(poison_real, monkeypatch):
     same = (dirty.stats.cycles, dirty.stats.accept_hist, dirty.stats.accepted_from_chain) == (
         clean.stats.cycles, clean.stats.accept_hist, clean.stats.accepted_from_chain)
     assert same != poison_real, (clean.stats, dirty.stats)
+
+
+def test_lookup_first_skips_the_chain_where_the_lookup_matches(monkeypatch):
+    """lookup_policy="first": a cycle whose rows all found a continuation runs no adapter draft step (only the
+    catch-up of x0 and the accepted path); "merge" drafts the chain every cycle; both give transformers' output."""
+    hf, rep, _, ref_rep, _ = reference("llama")
+    dec = decoder(hf)
+    steps = []
+    real = kdraft.draft_head
+    monkeypatch.setattr(kdraft, "draft_head", lambda st, *a: steps.append(1) or real(st, *a))
+    runs = {}
+    for policy in ("merge", "first"):
+        steps.clear()
+        out = dec.generate(rep[0], NEW, threshold=0.5, max_draft=4, lookup=True, lookup_policy=policy)
+        assert out.tokens.tolist() == ref_rep[0]
+        runs[policy] = (len(steps), out.stats)
+    assert runs["first"][0] < runs["merge"][0]
+    assert runs["first"][1].accepted_from_lookup > 0
+    assert runs["merge"][0] >= runs["merge"][1].cycles  # at least one draft step every cycle
+    with pytest.raises(ValueError, match="lookup_policy"):
+        dec.generate(rep[0], 4, lookup=True, lookup_policy="both")

@@ -248,6 +248,12 @@ def check_from_pretrained_args(path_or_hf_model, adapter, exit_layer, dtype, dev
     return path_or_hf_model, adapter, exit_layer, dtype, device
 
 
+def check_lookup_policy(policy) -> str:
+    if policy not in ("auto", "merge", "first"):
+        raise ValueError(f"lookup_policy must be 'auto', 'merge' or 'first', got {policy!r}")
+    return policy
+
+
 def check_lookup(lookup, lookup_max, lookup_ngram) -> Tuple[int, Tuple[int, int]]:
     """generate()'s lookup arguments -> (M, (n_min, n_max)), M = 0 when lookup is off; ValueError naming the
     argument."""

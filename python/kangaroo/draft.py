@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kangaroo import lookup as _lookup
 from kangaroo.model import rms_norm
 from kangaroo_kernels import (
     adapter_forward,
@@ -150,6 +151,11 @@ def draft(st, n_steps: int) -> Optional[int]:
     b.n_chain.zero_()
     b.drafts.fill_(-1)
     proc, drafting = b.alive.clone(), b.alive.clone()
+    if cfg.lookup_first:  # rows whose lookup found a continuation verify it alone (kangaroo.lookup.branch)
+        proc.logical_and_(_lookup.find(st).n == 0)
+        drafting.copy_(proc)
+        if host_done(st, proc):
+            return 0
     sib = None
     for i in range(n_steps + 1):
         pos = b.L0 + i

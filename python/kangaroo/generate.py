@@ -99,7 +99,7 @@ class KangarooDecoder:
                  tree: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Optional[int] = None, eos=None, streamer=None, *, tree_topk: int = 2,
                  sibling_threshold: float = 0.05, lookup: bool = False, lookup_max: int = 8,
-                 lookup_ngram=(1, 3)) -> GenerateOutput:
+                 lookup_ngram=(1, 3), lookup_policy: str = "auto") -> GenerateOutput:
         """Kangaroo decoding. threshold: the dynamic-exit confidence η; max_draft: γ; tree: top-`tree_topk`
         candidates per draft step (siblings kept when their draft probability >= sibling_threshold).
         temperature 0 is greedy (the output equals plain greedy decoding); > 0 samples losslessly from the
@@ -107,14 +107,19 @@ class KangarooDecoder:
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
         streamers; batch 1). lookup: Kangaroo + lookup (kangaroo.lookup), each cycle also verifies the up to
         `lookup_max` tokens that followed the most recent earlier occurrence of the longest suffix of
-        lookup_ngram = (n_min, n_max) tokens of the row's prompt + output (exact and lossless as without it)."""
+        lookup_ngram = (n_min, n_max) tokens of the row's prompt + output (exact and lossless as without it).
+        lookup_policy: "merge" verifies the lookup merged with the adapter's chain every cycle; "first" lets a row
+        whose lookup found a continuation verify it alone, drafting no chain that cycle (the chain where the lookup
+        finds nothing); "auto": "first" with the CPU early exit (a draft step costs a fifth of a plain step there),
+        "merge" on the predicated (CUDA) path."""
         a = _args.check_generate_args(self.config, input_ids, max_new_tokens, threshold, max_draft, tree, temperature,
                                       top_k, top_p, seed, eos, streamer, tree_topk, sibling_threshold,
                                       self.max_cache_len)
         M, ngram = _args.check_lookup(lookup, lookup_max, lookup_ngram)
+        policy = _args.check_lookup_policy(lookup_policy)
         return self._generate(input_ids, a.max_new_tokens, a.seed, a.eos, a.streamer, a.threshold, a.max_draft,
                               a.tree_topk if a.tree else 1, a.sibling_threshold, a.temperature, a.top_k, a.top_p,
-                              lookup=(M, ngram))
+                              lookup=(M, ngram, policy))
 
     @torch.no_grad()
     def generate_autoregressive(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -127,14 +132,14 @@ class KangarooDecoder:
                               a.top_k, a.top_p, autoregressive=True)
 
     def _generate(self, input_ids, max_new, seed, eos, streamer, threshold, gamma, topk, sibling_threshold,
-                  temperature, top_k, top_p, autoregressive=False, lookup=(0, (1, 3))) -> GenerateOutput:
+                  temperature, top_k, top_p, autoregressive=False, lookup=(0, (1, 3), "merge")) -> GenerateOutput:
         m, c = self.model, self.model.config
         prompts, single = _args.parse_ids(input_ids, c.vocab_size)
         eos = _args.eos_list(eos, c.vocab_size)
         host_exit = m.device.type == "cpu" if self.host_early_exit is None else bool(self.host_early_exit)
         cfg = DecodeSettings(self.exit_layer, gamma, topk, float(threshold), float(sibling_threshold),
                              float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive,
-                             *lookup)
+                             lookup[0], lookup[1], bool(lookup[0]) and (lookup[2] == "first" or (lookup[2] == "auto" and host_exit)))
         B, S = len(prompts), cache_slots(cfg, c.max_context, self.max_cache_len, max(len(p) for p in prompts))
         mode = "autoregressive" if autoregressive else ("kangaroo-tree" if topk > 1 else "kangaroo")
         mode += "+lookup" if cfg.lookup_max else ""

@@ -22,7 +22,7 @@ import torch
 
 from kangaroo_kernels import build_tree, merge_lookup_tree, ngram_lookup
 
-__all__ = ["Branch", "branch", "record"]
+__all__ = ["Branch", "branch", "find", "record"]
 
 
 class Branch(NamedTuple):
@@ -37,12 +37,19 @@ class Branch(NamedTuple):
     source: torch.Tensor
 
 
-def branch(st, n_base: int) -> Optional[Branch]:
-    """The lookup (into buf.lookup.look), the merge with the first n_base adapter nodes, and the merged tree's
-    shallow pass (layer-ℓ states into buf.hbuf[:, :T]). None: the CPU early exit found no private lookup node."""
-    cfg, b, lb, m = st.cfg, st.buf, st.buf.lookup, st.model
+def find(st):
+    """The lookup of this cycle (ngram_lookup of each row's committed sequence) into buf.lookup.look."""
+    cfg, b, lb = st.cfg, st.buf, st.buf.lookup
     n_min, n_max = cfg.lookup_ngram
-    look = ngram_lookup(lb.history, b.L0 + 1, n_min, n_max, cfg.lookup_max, out=tuple(lb.look), validate=False)
+    return ngram_lookup(lb.history, b.L0 + 1, n_min, n_max, cfg.lookup_max, out=tuple(lb.look), validate=False)
+
+
+def branch(st, n_base: int) -> Optional[Branch]:
+    """The lookup (find; with cfg.lookup_first the draft loop already ran it), the merge with the first n_base
+    adapter nodes, and the merged tree's shallow pass (layer-ℓ states into buf.hbuf[:, :T]). None: the CPU early
+    exit found no private lookup node."""
+    cfg, b, lb, m = st.cfg, st.buf, st.buf.lookup, st.model
+    look = lb.look if cfg.lookup_first else find(st)
     base, parents = b.drafts[:, :n_base], None if st.tree is None else st.tree.parents
     if cfg.host_exit:  # host reads of CPU tensors are free
         m_eff = int(torch.where(b.alive, look.n, 0).max())

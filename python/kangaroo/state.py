@@ -36,6 +36,7 @@ class DecodeSettings:
     autoregressive: bool = False
     lookup_max: int = 0      # M: the lookup branch's most tokens a cycle (0: no lookup; kangaroo.lookup)
     lookup_ngram: Tuple[int, int] = (1, 3)  # (n_min, n_max) of the suffix the lookup matches
+    lookup_first: bool = False  # a row whose lookup finds a continuation drafts no adapter chain that cycle
 
     @property
     def n_base(self) -> int:
@@ -50,8 +51,9 @@ class DecodeSettings:
     @property
     def catch_width(self) -> int:
         """The most accepted positions a cycle whose adapter K/V the next cycle's catch-up must append: 1 (the last
-        chain draft or a sibling), or with lookup the deepest path (a path that leaves the chain at depth 1)."""
-        return max(self.gamma, self.lookup_max) if self.lookup_max else 1
+        chain draft or a sibling), or with lookup the deepest path (a path that leaves the chain at depth 1; with
+        lookup_first, x0 and a whole lookup path: the adapter drafted nothing that cycle)."""
+        return max(self.gamma, self.lookup_max + self.lookup_first) if self.lookup_max else 1
 
     @property
     def log_sibling_threshold(self) -> float:

@@ -71,7 +71,8 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
 def _catch(st, path: torch.Tensor, a: torch.Tensor):
     """(catch_n [B], catch_h [B, W, D]): the accepted positions the adapter has no K/V for and their layer-ℓ
     states. The adapter ran on x0 and chain nodes 0..n_chain-2 only, so the path lacks it from its first node that
-    is not one of those (the last chain draft, a sibling, a private lookup node) to its end."""
+    is not one of those (the last chain draft, a sibling, a private lookup node) to its end; a row that drafted no
+    chain (lookup_first) lacks it from x0 on."""
     b, W = st.buf, st.cfg.catch_width
     rows = torch.arange(st.B, device=a.device)
     if W == 1:  # at most the last accepted node: the last chain draft or a sibling (siblings are leaves)
@@ -83,10 +84,12 @@ def _catch(st, path: torch.Tensor, a: torch.Tensor):
     i = b.arange_block[None, :path.shape[1]]
     seen = (path == i) & (i < b.n_chain[:, None] - 1) & (i < a[:, None])
     first = torch.cumprod(seen, 1, dtype=torch.int32).sum(1, dtype=torch.int32)
-    idx = (first[:, None] + b.arange_block[None, :W]).clamp_max(path.shape[1] - 1).long()
-    nodes = path.gather(1, idx).clamp_min(0).long() + 1
+    x0 = (b.n_chain == 0).to(torch.int32)  # lookup_first: the adapter did not run on x0 either (hbuf row 0)
+    j = b.arange_block[None, :W] - x0[:, None]
+    idx = (first[:, None] + j).clamp(0, path.shape[1] - 1).long()
+    nodes = torch.where(j < 0, 0, path.gather(1, idx).clamp_min(0).long() + 1)
     h = b.hbuf.gather(1, nodes[:, :, None].expand(-1, -1, b.hbuf.shape[2]))
-    return torch.where(b.alive, a - first, 0), h
+    return torch.where(b.alive, a - first + x0, 0), h
 
 
 def commit(st, toks: torch.Tensor, a: torch.Tensor, catch_n: torch.Tensor, catch_h: torch.Tensor,
