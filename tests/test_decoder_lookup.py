@@ -329,6 +329,12 @@ def test_cli_lookup(tmp_path, capsys):
     assert rc == 0, cap.err
     assert cap.out.split() == [str(t) for t in ref_rep[0]]
     assert "identical output" in cap.err and "from the lookup branch" in cap.err
+    for flags in (["--lookup-policy", "merge", "--draft-head", "exact"], ["--lookup-policy", "first",
+                                                                            "--draft-head", "int8"]):
+        rc = cli.main(["generate", str(tmp_path / "m"), "--ids", ids, "--max-new-tokens", str(NEW), "--device",
+                       "cpu", "--lookup", *flags])
+        cap = capsys.readouterr()
+        assert rc == 0 and cap.out.split() == [str(t) for t in ref_rep[0]], cap.err
     assert cli.main(["generate", str(tmp_path / "m"), "--ids", ids, "--device", "cpu", "--lookup",
                      "--lookup-max", "0"]) == 2
     assert "lookup_max" in capsys.readouterr().err

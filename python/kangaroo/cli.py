@@ -59,6 +59,11 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-max", type=int, default=8, help="most lookup tokens per cycle (default 8)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=[1, 3], metavar=("N_MIN", "N_MAX"),
                    help="suffix lengths the lookup matches (default 1 3)")
+    p.add_argument("--lookup-policy", choices=["auto", "merge", "first"], default="auto",
+                   help="merge: the lookup merged with the adapter's chain every cycle; first: a matched lookup is "
+                        "verified alone (no chain that cycle); auto: first on CPU, merge on CUDA")
+    p.add_argument("--draft-head", choices=["auto", "int8", "exact"], default="auto",
+                   help="the chain's draft LM head: int8 copy (CPU), exact, or auto (int8 where it measures faster)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -102,11 +107,11 @@ def _generate(argv: List[str]) -> int:
         eos = [tok.eos_token_id]
     try:
         dec = KangarooDecoder.from_pretrained(args.model, adapter=args.adapter, exit_layer=args.exit_layer,
-                                              dtype=dtype, device=device)
+                                              dtype=dtype, device=device, draft_head=args.draft_head)
         kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos=eos)
         out = dec.generate(prompts, args.max_new_tokens, threshold=args.threshold, max_draft=args.max_draft,
                            tree=args.tree, lookup=args.lookup, lookup_max=args.lookup_max,
-                           lookup_ngram=tuple(args.lookup_ngram), **kw)
+                           lookup_ngram=tuple(args.lookup_ngram), lookup_policy=args.lookup_policy, **kw)
         base = dec.generate_autoregressive(prompts, args.max_new_tokens, **kw) if args.baseline else None
     except ValueError as e:
         print(f"kangaroo generate: {e}", file=sys.stderr)

@@ -137,9 +137,10 @@ class KangarooDecoder:
         prompts, single = _args.parse_ids(input_ids, c.vocab_size)
         eos = _args.eos_list(eos, c.vocab_size)
         host_exit = m.device.type == "cpu" if self.host_early_exit is None else bool(self.host_early_exit)
+        first = bool(lookup[0]) and (lookup[2] == "first" or (lookup[2] == "auto" and host_exit))
         cfg = DecodeSettings(self.exit_layer, gamma, topk, float(threshold), float(sibling_threshold),
                              float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive,
-                             lookup[0], lookup[1], bool(lookup[0]) and (lookup[2] == "first" or (lookup[2] == "auto" and host_exit)))
+                             lookup[0], lookup[1], first)
         B, S = len(prompts), cache_slots(cfg, c.max_context, self.max_cache_len, max(len(p) for p in prompts))
         mode = "autoregressive" if autoregressive else ("kangaroo-tree" if topk > 1 else "kangaroo")
         mode += "+lookup" if cfg.lookup_max else ""
