@@ -37,3 +37,21 @@ def build_info() -> dict:
     except ImportError:
         return {"WITH_CUDA": False, "CUDA_SKIP_REASON": "no build info (not built by setup.py)", "CUDA_ARCHS": []}
     return {"WITH_CUDA": bi.WITH_CUDA, "CUDA_SKIP_REASON": bi.CUDA_SKIP_REASON, "CUDA_ARCHS": bi.CUDA_ARCHS}
+
+
+_INPLACE = {}  # a plain dict, not lru_cache: torch.compile traces a hit of it as a constant
+
+
+def inplace_op(name: str):
+    """torch.ops.kangaroo_kernels.<name>.default for a native op that only writes its outputs in place (returns
+    nothing), with its fake (meta) kernel registered on first use, so torch.compile can trace calls to it."""
+    op = _INPLACE.get(name)
+    if op is None:
+        op = getattr(ops(), name).default
+        torch.library.register_fake(f"kangaroo_kernels::{name}")(_returns_nothing)
+        _INPLACE[name] = op
+    return op
+
+
+def _returns_nothing(*args, **kwargs):
+    return None

@@ -13,20 +13,9 @@ from kangaroo_kernels import _checks, _ext
 
 __all__ = ["compact_kv"]
 
-_OP = None
-
 
 def _op():
-    global _OP
-    if _OP is None:
-        ops = _ext.ops()
-
-        @torch.library.register_fake("kangaroo_kernels::compact_kv")
-        def _compact_kv_fake(k_cache, v_cache, cache_lens, path, accept_len):
-            return None
-
-        _OP = ops.compact_kv.default
-    return _OP
+    return _ext.inplace_op("compact_kv")
 
 
 def _validate(cache_lens: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor, S: int) -> None:

@@ -20,21 +20,9 @@ from kangaroo_kernels.types import Int8Weight, LmHeadExit
 
 __all__ = ["Int8Weight", "lm_head_exit_int8", "quantize_lm_head"]
 
-_OP = None
-
 
 def _op():
-    global _OP
-    if _OP is None:
-        ops = _ext.ops()
-
-        @torch.library.register_fake("kangaroo_kernels::lm_head_exit_int8")
-        def _lm_head_exit_int8_fake(hidden, qweight, scale, norm_weight, active, threshold, eps, token, conf,
-                                    active_out, token_prob):
-            return None
-
-        _OP = ops.lm_head_exit_int8.default
-    return _OP
+    return _ext.inplace_op("lm_head_exit_int8")
 
 
 def quantize_lm_head(weight: torch.Tensor) -> Int8Weight:

@@ -38,20 +38,9 @@ _I32_MAX = 2**31 - 1
 
 
 
-_OP = None
-
 
 def _op():
-    global _OP
-    if _OP is None:
-        ops = _ext.ops()
-
-        @torch.library.register_fake("kangaroo_kernels::ngram_lookup")
-        def _ngram_lookup_fake(history, lens, n_min, n_max, tokens, n):
-            return None
-
-        _OP = ops.ngram_lookup.default
-    return _OP
+    return _ext.inplace_op("ngram_lookup")
 
 
 def _check_int(name: str, v, lo: int, hi: int = _I32_MAX) -> int:

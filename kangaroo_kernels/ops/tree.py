@@ -16,20 +16,9 @@ from kangaroo_kernels.types import FlashInferMask, SGLangTree, Tree
 __all__ = ["build_tree", "tree_to_flashinfer_mask", "tree_to_sglang"]
 
 
-_OP = None
-
 
 def _op():
-    global _OP
-    if _OP is None:
-        ops = _ext.ops()
-
-        @torch.library.register_fake("kangaroo_kernels::build_tree")
-        def _build_tree_fake(parents, num_nodes, depth, mask, first_child, next_sibling, root_first_child):
-            return None
-
-        _OP = ops.build_tree.default
-    return _OP
+    return _ext.inplace_op("build_tree")
 
 
 def _validate_parents(parents: torch.Tensor, num_nodes: Optional[torch.Tensor]) -> None:

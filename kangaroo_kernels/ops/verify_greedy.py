@@ -14,20 +14,9 @@ from kangaroo_kernels.types import Accepted
 __all__ = ["verify_greedy"]
 
 
-_OP = None
-
 
 def _op():
-    global _OP
-    if _OP is None:
-        ops = _ext.ops()
-
-        @torch.library.register_fake("kangaroo_kernels::verify_greedy")
-        def _verify_greedy_fake(draft_tokens, target, parents, accept_len, path, tokens):
-            return None
-
-        _OP = ops.verify_greedy.default
-    return _OP
+    return _ext.inplace_op("verify_greedy")
 
 
 def _validate(draft: torch.Tensor, target: torch.Tensor, parents: Optional[torch.Tensor], V: Optional[int]):
