@@ -440,6 +440,27 @@ def tune_decoding(dec, ids, new_tokens: int = 64, etas=(0.1, 0.2, 0.3, 0.4, 0.5,
     return {"eta": best["eta"], "gamma": best["gamma"], "table": table}
 
 
+def tune_lookup(dec, ids, eta: float, gamma: int, new_tokens: int = 64, sizes=(2, 4, 6, 8),
+                ngrams=((1, 3), (2, 3))) -> dict:
+    """The lookup branch's size M and n-gram range with the most tokens/s for Kangaroo + lookup at the sequence
+    mode's (eta, gamma), on the tuning prompt (each setting timed twice, the faster run counts). On a CPU a verify
+    block costs more the wider it is, so the best M is a measurement, not a constant."""
+    best, table = None, []
+    for n in ngrams:
+        for M in sizes:
+            tps = 0.0
+            for _ in range(2):
+                out = dec.generate(ids, new_tokens, threshold=eta, max_draft=gamma, lookup=True, lookup_max=M,
+                                   lookup_ngram=n)
+                tps = max(tps, out.stats.tokens_per_s)
+            table.append({"lookup_max": M, "lookup_ngram": list(n), "tps": tps,
+                          "tokens_per_cycle": out.stats.mean_tokens_per_cycle})
+            if best is None or tps > best["tps"]:
+                best = table[-1]
+    return {"lookup_max": best["lookup_max"], "lookup_ngram": best["lookup_ngram"], "eta": eta, "gamma": gamma,
+            "table": table}
+
+
 @dataclass
 class Method:
     label: str
@@ -448,7 +469,7 @@ class Method:
     speculative: bool = False
 
 
-def _methods(dec, base, exit_layer, new_tokens, seq, tree, hf_peers):
+def _methods(dec, base, exit_layer, new_tokens, seq, tree, hf_peers, lookup):
     def ours(kind, **kw):
         def run(ids):
             o = dec.generate_autoregressive(ids, new_tokens) if kind == "plain" else dec.generate(ids, new_tokens, **kw)
@@ -464,7 +485,8 @@ def _methods(dec, base, exit_layer, new_tokens, seq, tree, hf_peers):
           Method("Kangaroo, tree (this library)", ours("tree", threshold=tree["eta"], max_draft=tree["gamma"],
                                                        tree=True), True, True),
           Method("Kangaroo + lookup, sequence (this library)", ours("lookup", threshold=seq["eta"],
-                                                                    max_draft=seq["gamma"], lookup=True), True, True)]
+                                                                    max_draft=seq["gamma"], lookup=True, **lookup),
+                 True, True)]
     if hf_peers:
         ms += [Method("transformers greedy", hf(), False),
                Method(f"transformers assistant_early_exit={exit_layer}", hf(assistant_early_exit=exit_layer), False),
@@ -512,6 +534,10 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
                                         etas=(0.1, 0.2, 0.3, 0.4, 0.6), gammas=(3, 4, 6) if mode == "seq" else (3, 4))
             tuned[mode]["prompt"] = tune_name
             changed = True
+    if "lookup" not in tuned or retune or "seq" in tuned and tuned["lookup"].get("eta") != tuned["seq"]["eta"]:
+        tuned["lookup"] = tune_lookup(dec, tune_ids, tuned["seq"]["eta"], tuned["seq"]["gamma"])
+        tuned["lookup"]["prompt"] = tune_name
+        changed = True
     if changed:  # values given on the command line are used, never stored as tuned
         manifest["tuned"] = tuned
         if built.get("manifest_path") is not None:
@@ -519,7 +545,8 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
     seq, tr = dict(tuned["seq"]), dict(tuned.get("tree", tuned["seq"]))
     for d in (seq, tr):
         d.update({k: v for k, v in (("eta", threshold), ("gamma", max_draft)) if v is not None})
-    methods = _methods(dec, base, adapter.exit_layer, new_tokens, seq, tr, hf_peers)
+    lk = {"lookup_max": tuned["lookup"]["lookup_max"], "lookup_ngram": tuple(tuned["lookup"]["lookup_ngram"])}
+    methods = _methods(dec, base, adapter.exit_layer, new_tokens, seq, tr, hf_peers, lk)
     if not tree:
         methods = [m for m in methods if "tree" not in m.label]
     for m in methods:  # warm-up: allocations, lazy inits, kernel selection
@@ -612,11 +639,12 @@ def goal_lines(res: dict) -> list[str]:
 def format_results(res: dict) -> str:
     ms = res["methods"]
     n = res["n_prompts"]
-    seq, tr = res["seq"], res["tree"]
+    seq, tr, lk = res["seq"], res["tree"], res.get("tuned", {}).get("lookup", {})
     L = [f"{n} held-out prompts x {res['new_tokens']} new tokens, greedy, CPU, {res['threads']} thread(s), "
          f"median of {res['repeats']} run(s) per prompt and method, a warm-up run of each excluded; exit layer "
          f"{res['exit_layer']}; sequence eta={seq['eta']} gamma={seq['gamma']}, tree eta={tr['eta']} "
-         f"gamma={tr['gamma']} (tuned on the held-out prompt {seq.get('prompt', '?')}, not reported below)"]
+         f"gamma={tr['gamma']}, lookup M={lk.get('lookup_max', '?')} n-gram {lk.get('lookup_ngram', '?')} (tuned on "
+         f"the held-out prompt {seq.get('prompt', '?')}, not reported below)"]
     L.append(f"  {'method':<46} {'tokens/s':>9} {'vs plain':>9} {'per prompt':>13} {'identical':>9} "
              f"{'tok/cycle':>9}")
     for k, v in ms.items():
