@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kangaroo_kernels.reference.filters import top_k_top_p_keep
 from kangaroo_kernels.types import Accepted
 
 __all__ = ["verify_sample_ref", "filtered_probs_ref", "philox_uniforms", "philox4x32_10", "sample_exp_ref"]
@@ -80,16 +81,9 @@ def _filtered_mass(row: torch.Tensor, inv_t: float, top_k: int, top_p: float, pr
         out[int(torch.argmax(z))] = 1.0
         return out
     e = z.double() if probs else sample_exp_ref(z - m).double()
-    keep = torch.ones(V, dtype=torch.bool, device=z.device)
-    if 0 < top_k < V:
-        keep = z >= torch.topk(z, top_k).values[-1]
-    if top_p < 1.0:
-        zk, ek = z[keep], e[keep]
-        order = torch.argsort(zk, descending=True, stable=True)
-        cs = torch.cumsum(ek[order], 0)
-        hit = torch.nonzero(cs >= top_p * ek.sum())
-        if hit.numel():
-            keep = keep & (z >= zk[order][hit[0, 0]])
+    if not (0 < top_k < V or top_p < 1.0):
+        return e
+    keep = top_k_top_p_keep(z[None], e[None], top_k, top_p)[0]
     return torch.where(keep, e, torch.zeros_like(e))
 
 
