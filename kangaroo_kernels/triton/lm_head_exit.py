@@ -18,6 +18,13 @@
    than one group is left, then a final launch (which also sums the blocks' exp partials for the log-sum-exp)
    writes the sorted top-k: one merge launch up to 1024 candidates a row, two at V = 152064 (2376 blocks of 64,
    k = 16).
+3. Sampling with top_k / top_p (any [B] filter tensor, or a scalar that cuts): the block kernel writes z = logits / T
+   to probs (or a [B, V] fp32 scratch: B * V * 4 bytes, against V * D * 2 bytes of weights) instead of the Gumbel
+   partials; the merge gives the unfiltered argmax and conf; _lm_head_filter_kernel (one program a row on the GPU)
+   finds each threshold as an exact key by radix select over the row's scratch (8 passes, 16 candidate keys a
+   pass; top-k by counts, then top-p by exp masses), then draws the Gumbel-max over the kept tokens (the same
+   Philox numbers) and writes token, token_prob, offset += 1 and the filtered probs. Without filters nothing of
+   this runs (the path of 1./2. unchanged).
 Block sizes are GPU guesses (BLOCK_V 64 / 32 rows, no autotuning; not yet measured on a GPU); the interpreter
 takes much wider blocks because it pays per program and per op.
 The number of launches and every buffer size depend on shapes only: no host sync, CUDA-graph capturable.
