@@ -318,7 +318,7 @@ def _radix_threshold(ZROW, OK_B, V, base, goal, Mz, c0,
     for s in range(8):  # not unrolled: the pass is long, the code would be 8 times larger
         step = (j.to(tl.int64) << (28 - 4 * s))[None, :]
         probe = base[:, None] + step  # [ROWS, 16]
-        f = tl.zeros([ROWS, _PROBES], dtype=tl.float32)
+        acc = tl.zeros([ROWS, _PROBES, CHUNK], dtype=tl.float32)  # reduced once a pass, not once a chunk
         for v0 in range(0, V, CHUNK):
             v = v0 + c0
             ok = OK_B[:, None] & (v < V)
@@ -326,9 +326,10 @@ def _radix_threshold(ZROW, OK_B, V, base, goal, Mz, c0,
             ge = ok[:, None, :] & (_key32(z)[:, None, :] >= probe[:, :, None])
             if MASS:
                 e = tl.exp(z - Mz[:, None])
-                f += tl.sum(tl.where(ge, e[:, None, :], 0.0), axis=2)
+                acc += tl.where(ge, e[:, None, :], 0.0)
             else:
-                f += tl.sum(ge.to(tl.float32), axis=2)  # counts exact in fp32 for V <= 2^24
+                acc += ge.to(tl.float32)  # counts exact in fp32 for V <= 2^24
+        f = tl.sum(acc, axis=2)
         valid = f >= goal[:, None]
         if MASS:
             valid = valid & (f > 0.0)
@@ -446,8 +447,9 @@ def _merge_rows(B: int, chunk: int, device: torch.device) -> int:
 
 
 def _filter_blocks(B: int, V: int, device: torch.device):
-    """(ROWS, CHUNK) of the filter kernel. GPU: one row a program, 512 vocabulary entries at a time (a [16, 512]
-    candidate test a step); the interpreter takes up to 4096 entries of several rows at a time."""
+    """(ROWS, CHUNK) of the filter kernel. GPU: one row a program (8 warps), 512 vocabulary entries at a time (a
+    [16, 512] candidate test a step, accumulated in registers); the interpreter takes up to 4096 entries of several
+    rows at a time. Not yet measured on a GPU."""
     if gpu_config(device):
         return 1, min(512, triton.next_power_of_2(V))
     chunk = min(4096, triton.next_power_of_2(V))
@@ -502,7 +504,7 @@ def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, thres
             top_k_rows if top_k_rows is not None else part_f, top_p_rows if top_p_rows is not None else part_f,
             token, token_prob, B, V, int(top_k), float(top_p),
             ROWS=f_rows, CHUNK=f_chunk, PER_ROW=per_row, K_ROWS=top_k_rows is not None,
-            P_ROWS=top_p_rows is not None, WRITE_PROBS=write_probs, num_warps=4,
+            P_ROWS=top_p_rows is not None, WRITE_PROBS=write_probs, num_warps=8 if gpu_config(dev) else 4,
         )
     elif write_probs:
         block = min(1024 if gpu_config(dev) else 4096, triton.next_power_of_2(V))
