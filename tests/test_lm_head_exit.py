@@ -772,3 +772,51 @@ def test_per_row_filters_chi_squared(fn, tdev):
     for i in (0, 1, 2):
         stat, df = _chi2_stat(bad[g == i], want[i])
         assert stat >= _chi2_threshold(df), f"the planted cut bug passed group {i} ({stat:.1f})"
+
+
+@pytest.mark.cuda
+def test_filters_cuda_graph_replay_without_host_sync():
+    """Per-row temperature (a greedy row included) / top_k / top_p tensors captured in a CUDA graph (validate=False,
+    no host sync allowed while capturing): every replay equals an eager call at the advanced offset bit for bit,
+    with new settings written into the same tensors between replays (read on the device, not baked into the
+    graph); greedy rows are the argmax and conf matches the reference."""
+    dev = torch.device("cuda")
+    B, V, D = 4, 3000, 128
+    h, w, nw = _inputs(B, V, D, torch.bfloat16, seed=17, scale=3.0)
+    h_, w_, nw_ = h.to(dev), w.to(dev), nw.to(dev)
+    t_ = torch.tensor([0.8, 0.0, 1.2, 1.0], device=dev)
+    k_ = torch.tensor([40, 5, 0, 200], dtype=torch.int32, device=dev)
+    p_ = torch.tensor([0.9, 0.5, 0.7, 1.0], device=dev)
+    seed = torch.arange(B, dtype=torch.int64, device=dev) * 5 + 3
+    offset = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    def call(off, validate=None):
+        return lm_head_exit(h_, w_, 0.1, norm_weight=nw_, temperature=t_, top_k=k_, top_p=p_, seed=seed, offset=off,
+                            return_probs=True, validate=validate)
+
+    call(offset)  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(g):
+            out = call(offset, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    offset.zero_()
+    logits = lm_head_logits_ref(h, w, nw)
+    for r in range(3):
+        if r == 2:
+            t_.copy_(torch.tensor([0.0, 0.9, 1.2, 0.6], device=dev))
+            k_.fill_(7)
+        g.replay()
+        want = call(torch.full((B,), r, dtype=torch.int64, device=dev))
+        torch.cuda.synchronize()
+        assert offset.cpu().tolist() == [r + 1] * B
+        for a, b in zip(out, want):
+            assert torch.equal(a, b)
+        greedy = (t_ == 0).cpu()
+        assert torch.equal(out.token.cpu()[greedy], logits[greedy].argmax(-1).to(torch.int32))
+        if r == 2:  # the new top_k rows cut every sampled row to at most 7 tokens
+            assert int((out.probs[~greedy.to(dev)] > 0).sum(-1).max()) <= 7
+        torch.testing.assert_close(out.conf.cpu(), torch.softmax(logits, -1).max(-1).values, rtol=2e-2, atol=1e-6)
