@@ -403,6 +403,10 @@ def test_fake_tensor_shapes():
         h, w = torch.empty(2, 64), torch.empty(1000, 64)
         res = lm_head_exit(h, w, 0.5, temperature=0.7, seed=torch.zeros(2, dtype=torch.int64), return_probs=True)
         assert res.token.shape == (2,) and res.probs.shape == (2, 1000)
+        res = lm_head_exit(h, w, 0.5, temperature=torch.empty(2), top_k=torch.zeros(2, dtype=torch.int64),
+                           top_p=torch.empty(2), seed=torch.zeros(2, dtype=torch.int64), return_probs=True,
+                           validate=False)
+        assert res.token_prob.shape == (2,) and res.probs.shape == (2, 1000)
         assert lm_head_topk(h, w, 4).logprobs.shape == (2, 4)
 
 
