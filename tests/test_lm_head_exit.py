@@ -648,6 +648,8 @@ def test_filters_match_reference(case, fn, device):
     if fn is _lm_head_exit_triton:
         _need_triton(device)
     B, V, D, dtype, norm, T, k, n = case
+    if fn is lm_head_exit and device.type == "cpu" and V > 50000:
+        pytest.skip("on CPU the op runs the reference itself: the small shapes cover its plumbing")
     h, w, nw = _inputs(B, V, D, dtype, seed=V + B, scale=3.0, device=device)
     nw = nw if norm else None
     tol = LOGIT_TOL[dtype] if norm else LOGIT_TOL[torch.float32]
@@ -732,7 +734,7 @@ def test_filter_kernel_gpu_configs(tdev, monkeypatch):
 @pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
 def test_per_row_filters_chi_squared(fn, tdev):
     """One launch, one hidden state, five groups of rows with their own (T, top_k, top_p): top-k only, top-p only,
-    both (2048 rows each), greedy (T = 0 with filters that it must ignore, 256 rows) and unfiltered (1024 rows).
+    both (1536 rows each), greedy (T = 0 with filters that it must ignore, 128 rows) and unfiltered (512 rows).
     Each sampled group follows its own filtered softmax (chi-squared, p ~ 1e-6 threshold, against an independent
     formulation of the filters) and token_prob is that distribution's probability of the token; the greedy group
     is all argmax with token_prob = conf. Planted bugs, the same launch with each filtered group's cut moved by one
@@ -742,7 +744,7 @@ def test_per_row_filters_chi_squared(fn, tdev):
     h, w, _ = _inputs(1, V, D, torch.float32, seed=3, scale=1.5)
     logits = lm_head_logits_ref(h, w)[0]
     # (T, top_k, tokens top_p keeps (None: off), rows); the cuts sit where the next token holds >= 8 % of the mass
-    groups = [(1.0, 4, None, 2048), (1.0, 0, 5, 2048), (1.5, 10, 4, 2048), (0.0, 3, None, 256), (1.2, 0, None, 1024)]
+    groups = [(1.0, 4, None, 1536), (1.0, 0, 5, 1536), (1.5, 10, 4, 1536), (0.0, 3, None, 128), (1.2, 0, None, 512)]
     T_g = [gr[0] for gr in groups]
     k_g = [gr[1] for gr in groups]
     p_g = [1.0 if nk is None else _top_p_keeping(logits, T, k, nk) for T, k, nk, _ in groups]
