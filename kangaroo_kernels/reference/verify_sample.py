@@ -8,7 +8,8 @@ csrc/include/kangaroo/verify_sample.cuh):
   exactly 0 more than 87 below the max); all sums in fp64.
 - Filters are thresholds on z: top-k keeps z >= the k-th largest z (ties kept; k = 0 or k >= V: off); top-p
   then keeps z >= t, t the largest z whose mass sum_{z_j >= t} e_j reaches top_p times the top-k mass (ties
-  kept; top_p = 1: off). r0 = e on the kept tokens, 0 elsewhere; S = sum r0.
+  kept; top_p = 1: off; reference.filters, shared with lm_head_exit). r0 = e on the kept tokens, 0 elsewhere;
+  S = sum r0.
 - Children of the current node (parents == node, chain: the next node; drafts of -1 or outside [0, V) are
   padding and never tried) in index order: accept child c with token x iff u[c] * q_c(x) < r(x) / n, where
   q_c = draft_probs[b, c] or one-hot(x), r = r0 and n = S at first; on rejection r <- max(0, r / n - q_c),
