@@ -1,14 +1,16 @@
-"""Benchmark lm_head_exit (greedy and sampled) and lm_head_topk (Triton on GPU; the same kernels in the interpreter
-on CPU) against same-run baselines.
+"""Benchmark lm_head_exit (greedy, sampled, sampled with top-k/top-p) and lm_head_topk (Triton on GPU; the same
+kernels in the interpreter on CPU) against same-run baselines.
 
 Shapes: the LM heads of Vicuna-7B (V=32000, D=4096), Llama-3-8B (128256, 4096) and Qwen2.5-7B (152064, 3584), bf16,
 with the fused RMSNorm (the adapter's out-norm); batch 1, 4, 16. Headline (--quick on GPU): greedy exit at B=1 for
-all three models, top-10 and sampled exit at B=1 for Vicuna-7B; torch.compile runs for the Vicuna-7B headline
-shapes only (each shape is a fresh compile).
+all three models, top-10, sampled and filtered-sampled (top_k 50, top_p 0.9) exit at B=1 for Vicuna-7B;
+torch.compile runs for the Vicuna-7B headline shapes only (each shape is a fresh compile). The filtered case runs
+next to the unfiltered one in the same run: their ratio is the cost of the filter pass.
 
 Impls, all in this run on the same inputs:
   torch-eager     HF-style RMSNorm, bf16 logits = x @ W.T upcast to fp32 ([B, V] materialised), then
-                  softmax + max (exit), softmax(logits / T) + multinomial (sampled), log_softmax + topk (top-k)
+                  softmax + max (exit), softmax(logits / T) + multinomial (sampled), the same after a top-k
+                  threshold and a sort + cumsum top-p cut (filtered), log_softmax + topk (top-k)
   torch-compile   torch.compile of torch-eager
   kangaroo        the op (eager launches, CUDA events per call)
   kangaroo+graph  the op replayed from a CUDA graph
@@ -45,6 +47,7 @@ from _common import (  # noqa: E402
 MODELS = {"vicuna-7b": (32000, 4096), "llama-3-8b": (128256, 4096), "qwen2.5-7b": (152064, 3584)}
 BATCHES = (1, 4, 16)
 TOPK, TEMPERATURE, THRESHOLD = 10, 0.7, 0.6
+FILTER_K, FILTER_P = 50, 0.9  # a common serving setting
 
 
 def _rms_norm(h, w, eps: float):
@@ -67,6 +70,25 @@ def eager_sample(h, lm_head, norm_w, temperature: float, eps: float = 1e-6):
     return token, p.gather(1, token[:, None])[:, 0], torch.softmax(logits, dim=-1).max(dim=-1).values
 
 
+def filtered_probs(logits, temperature: float, k: int, p: float):
+    """softmax(logits / T) after top-k (ties kept) and top-p (the most likely tokens up to mass p, the one that
+    crosses it kept), on materialised fp32 logits."""
+    z = logits / temperature
+    z = z.masked_fill(z < torch.topk(z, k, dim=-1).values[:, -1:], float("-inf"))
+    zs, idx = torch.sort(z, dim=-1, descending=True)
+    ps = torch.softmax(zs, dim=-1)
+    zs = zs.masked_fill(ps.cumsum(-1) - ps >= p, float("-inf"))
+    return torch.softmax(torch.full_like(z, float("-inf")).scatter(1, idx, zs), dim=-1)
+
+
+def eager_sample_filtered(h, lm_head, norm_w, temperature: float, k: int, p: float, eps: float = 1e-6):
+    """Baseline of the filtered sample: a token, its probability and the greedy confidence."""
+    logits = (_rms_norm(h, norm_w, eps) @ lm_head.T).float()
+    q = filtered_probs(logits, temperature, k, p)
+    token = torch.multinomial(q, 1)[:, 0]
+    return token, q.gather(1, token[:, None])[:, 0], torch.softmax(logits, dim=-1).max(dim=-1).values
+
+
 def eager_topk(h, lm_head, norm_w, k: int, eps: float = 1e-6):
     logits = (_rms_norm(h, norm_w, eps) @ lm_head.T).float()
     return torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
@@ -76,6 +98,7 @@ def cases(on_gpu: bool, quick: bool):
     """(op, model, B, headline, compile), headline first."""
     if not on_gpu:
         yield "exit", "small", 1, True, False
+        yield "filtered", "small", 1, False, False
         if not quick:
             yield "topk", "small", 1, False, False
             yield "sample", "small", 1, False, False
@@ -84,6 +107,7 @@ def cases(on_gpu: bool, quick: bool):
     yield "exit", "vicuna-7b", 1, True, True
     yield "topk", "vicuna-7b", 1, True, True
     yield "sample", "vicuna-7b", 1, True, False
+    yield "filtered", "vicuna-7b", 1, True, False
     yield "exit", "llama-3-8b", 1, True, False
     yield "exit", "qwen2.5-7b", 1, True, False
     if quick:
@@ -97,6 +121,9 @@ def cases(on_gpu: bool, quick: bool):
     for B in (4, 16):
         yield "topk", "vicuna-7b", B, False, False
         yield "sample", "vicuna-7b", B, False, False
+        yield "filtered", "vicuna-7b", B, False, False
+    yield "sample", "llama-3-8b", 1, False, False
+    yield "filtered", "llama-3-8b", 1, False, False
 
 
 def main(argv=None):
@@ -115,7 +142,8 @@ def main(argv=None):
     weights = {}
     for op, model, B, headline, allow_compile in cases(on_gpu, args.quick):
         V, D = models[model]
-        name = {"exit": "lm_head_exit", "sample": "lm_head_exit_sample", "topk": "lm_head_topk"}[op]
+        name = {"exit": "lm_head_exit", "sample": "lm_head_exit_sample", "filtered": "lm_head_exit_sample_topk_topp",
+                "topk": "lm_head_topk"}[op]
         shape = f"{op} {model} B={B} V={V} D={D}"
         if rec.out_of_time(shape, reserve=8.0):
             continue
@@ -150,6 +178,14 @@ def main(argv=None):
                 return exit_op(hs[i], w, THRESHOLD, norm_weight=norm_w, temperature=TEMPERATURE, seed=seed,
                                offset=offset, out=outs[i], validate=False)
             eager_fn, eager_args = eager_sample, (w, norm_w, TEMPERATURE)
+        elif op == "filtered":
+            def eager(i):
+                return eager_sample_filtered(hs[i], w, norm_w, TEMPERATURE, FILTER_K, FILTER_P)
+
+            def kernel(i):
+                return exit_op(hs[i], w, THRESHOLD, norm_weight=norm_w, temperature=TEMPERATURE, top_k=FILTER_K,
+                               top_p=FILTER_P, seed=seed, offset=offset, out=outs[i], validate=False)
+            eager_fn, eager_args = eager_sample_filtered, (w, norm_w, TEMPERATURE, FILTER_K, FILTER_P)
         else:
             def eager(i):
                 return eager_topk(hs[i], w, norm_w, TOPK)
@@ -172,9 +208,10 @@ def main(argv=None):
                 and torch.allclose(got.conf, ref[1], rtol=5e-2, atol=1e-3)
             diff = float((got.conf - ref[1]).abs().max())
         else:
+            q = torch.softmax(logits / TEMPERATURE, -1) if op == "sample" else filtered_probs(
+                logits, TEMPERATURE, FILTER_K, FILTER_P)
             ok = torch.allclose(got.conf, ref[2], rtol=5e-2, atol=1e-3) and torch.allclose(
-                got.token_prob, torch.softmax(logits / TEMPERATURE, -1).gather(1, got.token.long()[:, None])[:, 0],
-                rtol=1e-2, atol=1e-4)
+                got.token_prob, q.gather(1, got.token.long()[:, None])[:, 0], rtol=1e-2, atol=1e-4)
             diff = float((got.conf - ref[2]).abs().max())
         note = agree(ok, f"eager vs op (max |diff| {diff:.3g}), {shape}", dev)
         rec.add(name, "torch-eager", shape, "bf16", time_rotating(eager, n, dev, **it), bytes_moved=bytes_moved,

@@ -154,7 +154,18 @@ def _lm_head_cases(full: bool):
         out.append((f"lm_head_exit sample B={B}",
                     lambda h=h, seed=seed, off=off: _lm_head_exit_triton(h, w, 0.6, norm_weight=g, temperature=0.8,
                                                                          seed=seed, offset=off)))
+    for B in ((1, 16) if full else (1, 4)):
+        h = torch.empty(B, D, dtype=DT)
+        seed = torch.zeros(B, dtype=torch.int64)
+        off = torch.zeros(B, dtype=torch.int64)
+        rows = dict(temperature=torch.ones(B), top_k=torch.zeros(B, dtype=torch.int32), top_p=torch.ones(B))
+        out.append((f"lm_head_exit top-k/top-p rows B={B}",
+                    lambda h=h, seed=seed, off=off, rows=rows: _lm_head_exit_triton(
+                        h, w, 0.6, norm_weight=g, seed=seed, offset=off, validate=False, **rows)))
     h = torch.empty(1, D, dtype=DT)
+    out.append(("lm_head_exit top_k=50 top_p=0.9 probs B=1",
+                lambda: _lm_head_exit_triton(h, w, 0.6, temperature=0.8, top_k=50, top_p=0.9,
+                                             seed=torch.zeros(1, dtype=torch.int64), return_probs=True)))
     out.append(("lm_head_exit probs B=1", lambda: _lm_head_exit_triton(h, w, 0.6, return_probs=True)))
     out.append(("lm_head_topk k=8 B=1", lambda: _lm_head_topk_triton(h, w, 8, norm_weight=g)))
     if full:

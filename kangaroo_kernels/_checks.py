@@ -111,6 +111,39 @@ def inv_temperature_finite(temperature: float) -> bool:
         return math.isfinite(float(np.float32(1.0) / np.float32(temperature)))
 
 
+def row_setting(name: str, x: torch.Tensor, B: int, dev: torch.device, *, integral: bool) -> torch.Tensor:
+    """A sampling setting (temperature, top_k, top_p) given as a [B] tensor: checked (metadata only) and cast to
+    the kernels' dtype, contiguous int32 or float32."""
+    kinds = INDEX_DTYPES if integral else (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    check_tensor(name, x, dtypes=kinds, shape=(B,), device=dev, expected=f"a number or [B={B}]")
+    # int64 top_k rows saturate (top_k >= V is off either way) instead of wrapping around
+    return to_int32(x) if integral else x.to(torch.float32).contiguous()
+
+
+def top_k_top_p(top_k, top_p, B: int, dev: torch.device):
+    """The sampling filters as the ops take them: top_k an int >= 0 (0: off) or a [B] int tensor, top_p in (0, 1]
+    (1: off) or a [B] float tensor. Returns (top_k int, top_p float, top_k_rows [B] int32 | None, top_p_rows [B]
+    float32 | None); a tensor leaves its scalar off. Reads no device data (check_top_k_top_p_rows does)."""
+    top_k_rows = top_p_rows = None
+    if isinstance(top_k, torch.Tensor):
+        top_k_rows, top_k = row_setting("top_k", top_k, B, dev, integral=True), 0
+    elif isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off) or a [B] tensor, got {top_k!r}")
+    if isinstance(top_p, torch.Tensor):
+        top_p_rows, top_p = row_setting("top_p", top_p, B, dev, integral=False), 1.0
+    elif isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1: off) or a [B] tensor, got {top_p!r}")
+    return int(top_k), float(top_p), top_k_rows, top_p_rows
+
+
+def check_top_k_top_p_rows(top_k_rows: Optional[torch.Tensor], top_p_rows: Optional[torch.Tensor]) -> None:
+    """Data checks of per-row filters (a host sync: only when validating)."""
+    if top_k_rows is not None and not bool((top_k_rows >= 0).all()):
+        raise ValueError("top_k rows must be >= 0 (0: off)")
+    if top_p_rows is not None and not bool(((top_p_rows > 0) & (top_p_rows <= 1)).all()):
+        raise ValueError("top_p rows must lie in (0, 1] (1: off)")
+
+
 def check_tree(name: str, tree, *, device: Optional[torch.device] = None):
     """A Tree (normally from build_tree) whose fields have build_tree's metadata: int32 depth/first_child/
     next_sibling/parents [B, N], mask [B, N, ceil(N/32)], root_first_child [B], all on one device. Reads no device

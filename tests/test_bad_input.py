@@ -152,7 +152,8 @@ def _lhe(dev):
                      torch.full((B, V), 7.0, device=dev))
     kw = dict(hidden=_randn((B, D), dev), lm_head_weight=_randn((V, D), dev, seed=1), threshold=0.5,
               norm_weight=torch.ones(D, device=dev), active=torch.ones(B, dtype=torch.bool, device=dev),
-              temperature=torch.tensor([0.5, 0.0], device=dev), seed=torch.tensor([1, 2], device=dev),
+              temperature=torch.tensor([0.5, 0.0], device=dev), top_k=torch.tensor([3, 2], dtype=I32, device=dev),
+              top_p=torch.tensor([0.9, 0.5], device=dev), seed=torch.tensor([1, 2], device=dev),
               offset=torch.tensor([0, 3], device=dev), return_probs=True, out=out, validate=True)
     return Call(lambda **k: kk.lm_head_exit(k.pop("hidden"), k.pop("lm_head_weight"), k.pop("threshold"), **k), kw,
                 ["out.token", "out.conf", "out.active", "out.token_prob", "out.probs", "offset"], ["hidden"])
@@ -315,6 +316,7 @@ LEGIT = {
     "verify_sample-temperature-number", "verify_sample-top_p-number", "lm_head_exit-temperature-number",
     "verify_sample-temperature-dtype_float64", "verify_sample-top_p-dtype_float64",
     "lm_head_exit-temperature-dtype_float64", "verify_sample_uniforms-uniforms-dtype_float64",
+    "lm_head_exit-top_p-number", "lm_head_exit-top_p-dtype_float64",
     "compat.vllm.rejection_sample_from_logits-target_logits-size_last",
     "compat.vllm.rejection_sample_from_logits-temperature-number",
     "compat.vllm.rejection_sample_from_logits-temperature-dtype_float64",
@@ -399,6 +401,8 @@ SCALAR_CASES = {
     ("verify_sample_uniforms", "top_p"): [0.0, 1.5, math.nan, "x", None],
     ("lm_head_exit", "threshold"): [math.nan, "x", None, True],
     ("lm_head_exit", "eps"): [math.inf, -1.0, math.nan, "x", None],
+    ("lm_head_exit", "top_k"): [-1, 1.5, "3", True, None],
+    ("lm_head_exit", "top_p"): [0.0, 1.5, math.nan, "x", None],
     ("lm_head_topk", "k"): [0, 17, 12, 2.0, "3", True, None],
     ("lm_head_topk", "eps"): [math.inf, -1e-3, "x"],
     ("append_attention", "sm_scale"): [math.nan, math.inf, -math.inf, 0.0, -0.5, "x", True, [0.1]],
@@ -570,6 +574,27 @@ def test_verify_sample_int64_ids_do_not_wrap(dev):
     ra = _run(cu, {"top_k": 2 ** 40}, validate=True)
     rb = _run(cu, {"top_k": 0}, validate=True)
     assert _eq(ra, rb)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_lm_head_exit_filter_rows(dev):
+    """Per-row top_k / top_p data: bad rows raise when validating; int64 top_k rows beyond int32 mean "off" (as
+    top_k >= V does), also unvalidated, and a scalar top_k >= V is off."""
+    dev = torch.device(dev)
+    c = OPS["lm_head_exit"](dev)
+    _bad_data(c, {"top_k": torch.tensor([-1, 2], device=dev)}, "top_k")
+    for bad in (0.0, -0.5, 1.5, math.nan):
+        _bad_data(c, {"top_p": torch.tensor([0.9, bad], device=dev)}, "top_p")
+    off = c.kw["offset"]
+    # top_p off: a top_k wrapped to 1 would make row 0's probs one-hot instead of its full softmax
+    assert int((_run(c, {"top_p": 1.0, "top_k": 0}).probs[0] > 0).sum()) > 1
+    for validate in (True, False):
+        _same_as(dev, "lm_head_exit", {"top_k": torch.tensor([BIG + 1, 3], device=dev), "top_p": 1.0,
+                                       "offset": off.clone()},
+                 {"top_k": torch.tensor([0, 3], device=dev), "top_p": 1.0, "offset": off.clone()}, validate=validate,
+                 compare=["offset"])
+    _same_as(dev, "lm_head_exit", {"top_k": BIG + 1, "top_p": 1.0, "offset": off.clone()},
+             {"top_k": 0, "top_p": 1.0, "offset": off.clone()}, validate=True)
 
 
 @pytest.mark.parametrize("dev", DEVS)

@@ -18,7 +18,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "compile_report.py")
 KERNELS = {"_lm_head_block_kernel", "_lm_head_exit_merge_kernel", "_lm_head_probs_kernel",
-           "_lm_head_topk_merge_kernel", "_append_attention_kernel", "_append_attention_merge_kernel",
+           "_lm_head_topk_merge_kernel", "_lm_head_filter_kernel", "_append_attention_kernel",
+           "_append_attention_merge_kernel",
            "_adapter_qkv_kernel", "_adapter_out_kernel", "_adapter_out_norm_kernel"}
 
 

@@ -1,8 +1,9 @@
 """lm_head_exit / lm_head_topk: the Triton kernels (interpreter on CPU, compiled on GPU) and the ops vs the
 reference on odd shapes (V = 7, 1000, 32001, 151936; D not a power of two; B = 1, 3); the GPU block configs and
 multi-chunk / multi-level merges; Gumbel-max sampling bit-for-bit against the reference's Philox numbers, with a
-chi-squared test (and planted-bug controls that must fail); ties, NaN rows, strides, out= buffers, input checks;
-the reference against independent formulations."""
+chi-squared test (and planted-bug controls that must fail); top-k / top-p per row mixed with greedy rows (against
+the reference, ties, and a per-row chi-squared test in one batch with planted-bug controls); ties, NaN rows,
+strides, out= buffers, input checks; the reference against independent formulations."""
 
 import math
 import os
@@ -402,6 +403,10 @@ def test_fake_tensor_shapes():
         h, w = torch.empty(2, 64), torch.empty(1000, 64)
         res = lm_head_exit(h, w, 0.5, temperature=0.7, seed=torch.zeros(2, dtype=torch.int64), return_probs=True)
         assert res.token.shape == (2,) and res.probs.shape == (2, 1000)
+        res = lm_head_exit(h, w, 0.5, temperature=torch.empty(2), top_k=torch.zeros(2, dtype=torch.int64),
+                           top_p=torch.empty(2), seed=torch.zeros(2, dtype=torch.int64), return_probs=True,
+                           validate=False)
+        assert res.token_prob.shape == (2,) and res.probs.shape == (2, 1000)
         assert lm_head_topk(h, w, 4).logprobs.shape == (2, 4)
 
 
@@ -447,6 +452,19 @@ def _bad_exit_inputs():
         ("offset", dict(temperature=1.0, seed=seed, offset=seed[:1])),
         ("offset", dict(temperature=1.0, offset=seed)),
         ("offset", dict(temperature=1.0, seed=seed, offset=torch.zeros(B, 2, dtype=torch.int64)[:, 0])),
+        ("top_k", dict(temperature=1.0, top_k=-1)),
+        ("top_k", dict(temperature=1.0, top_k=2.0)),
+        ("top_k", dict(top_k=True)),
+        ("top_k", dict(temperature=1.0, top_k=torch.ones(B))),
+        ("top_k", dict(temperature=1.0, top_k=torch.ones(B + 1, dtype=torch.int64))),
+        ("top_k", dict(temperature=1.0, top_k=torch.tensor([2, -1]))),
+        ("top_p", dict(temperature=1.0, top_p=0.0)),
+        ("top_p", dict(top_p=1.5)),
+        ("top_p", dict(temperature=1.0, top_p=float("nan"))),
+        ("top_p", dict(temperature=1.0, top_p=torch.ones(B, dtype=torch.int32))),
+        ("top_p", dict(temperature=1.0, top_p=torch.ones(1))),
+        ("top_p", dict(temperature=1.0, top_p=torch.tensor([0.5, 0.0]))),
+        ("top_p", dict(temperature=torch.tensor([1.0, 0.0]), top_p=torch.tensor([0.5, 1.5]))),
         ("out", dict(out=(torch.empty(B, dtype=torch.int32),))),
         ("out.token", dict(out=LmHeadExit(torch.empty(B), torch.empty(B), torch.empty(B, dtype=torch.bool),
                                           torch.empty(B)))),
@@ -556,3 +574,255 @@ def test_per_row_temperature_bad_inputs():
                   torch.tensor([0.5, float("nan")]), torch.tensor([1e-45, 1.0])):
         with pytest.raises(ValueError, match="temperature"):
             lm_head_exit(h, w, 0.5, temperature=bad_t, seed=torch.zeros(2, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# top-k / top-p: numbers or [B] tensors, greedy rows (T = 0) in the same call ignore them
+
+
+def _filtered_expected(logits, T, k, p):
+    """An independent formulation of one row's sampling distribution [V] fp64: q = softmax(logits / T); keep the
+    k most likely tokens (ties kept; k = 0 or >= V: all); then the fewest most-likely-first tokens of those whose
+    mass reaches p of theirs (ties kept); renormalise."""
+    q = torch.softmax(logits.double() / T, -1)
+    keep = torch.ones_like(q, dtype=torch.bool)
+    if 0 < k < q.numel():
+        keep = q >= torch.sort(q, descending=True).values[k - 1]
+    if p < 1:
+        kept = torch.where(keep, q, torch.zeros_like(q))
+        vals = torch.sort(kept, descending=True).values
+        n = int((torch.cumsum(vals, 0) / kept.sum() < p).sum()) + 1
+        keep = keep & (q >= vals[n - 1])
+    r = torch.where(keep, q, torch.zeros_like(q))
+    return r / r.sum()
+
+
+def _top_p_keeping(logits, T, k, n):
+    """A top_p that keeps exactly the n most likely of the top-k tokens of the row, midway between two cumulative
+    masses (so float summation order cannot move the cut)."""
+    q = _filtered_expected(logits, T, k, 1.0)
+    cum = torch.cumsum(torch.sort(q, descending=True).values, 0)
+    lo = float(cum[n - 2]) if n > 1 else 0.0
+    return (lo + float(cum[n - 1])) / 2
+
+
+def _row_settings_for(logits, T, k, n):
+    """(top_k, top_p) rows: k[b], and a top_p keeping n[b] tokens (None: top_p off)."""
+    p = [1.0 if n_b is None or t_b == 0 else _top_p_keeping(logits[b], t_b, k_b, n_b)
+         for b, (t_b, k_b, n_b) in enumerate(zip(T, k, n))]
+    return torch.tensor(k, dtype=torch.int64), torch.tensor(p, dtype=torch.float32)
+
+
+def _assert_kept_margin(logits, T, probs, seed, offset, tol):
+    """Per sampled row: the best two Gumbel scores among the kept tokens are > 4 tol / T apart, and the top-k cut
+    has no near tie (tie-free inputs where tokens are compared exactly)."""
+    u = lm_head_uniforms_ref(seed, offset, logits.shape[1])
+    for b in range(logits.shape[0]):
+        if T[b] == 0:
+            continue
+        keep = probs[b] > 0
+        s = (logits[b] / T[b] - torch.log(-torch.log(u[b]))).double()[keep]
+        if s.numel() > 1:
+            top = torch.topk(s, 2).values
+            assert float(top[0] - top[1]) > 4 * tol / T[b], f"row {b}: near tie of Gumbel scores; pick another seed"
+        out = logits[b][~keep]
+        if out.numel():
+            assert float(logits[b][keep].min() - out.max()) > 2 * tol, f"row {b}: near tie at the filter cut"
+
+
+# (B, V, D, dtype, norm, T rows (None: scalar T[0]), top_k, tokens top_p keeps (None: off))
+FILTER_CASES = [
+    (3, 1000, 200, torch.float16, True, [0.8, 0.0, 1.3], [20, 5, 0], [7, 3, 12]),
+    (4, 7, 16, torch.float32, True, [0.5, 1.0, 2.0, 0.7], [7, 1, 3, 0], [None, None, 2, 4]),
+    (1, 32001, 64, torch.bfloat16, False, None, [50], [10]),
+    (2, 151936, 32, torch.float32, False, [1.0, 0.0], [100, 0], [None, None]),
+]
+
+
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: f"B{c[0]}V{c[1]}D{c[2]}-{str(c[3])[6:]}"
+                         f"{'-rows' if c[5] is not None else '-scalars'}")
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_filters_match_reference(case, fn, device):
+    """top-k / top-p per row (or as numbers) with greedy rows in the same call: tokens equal the reference's (same
+    Philox numbers, scores and cuts clear of ties), probs are the filtered distribution, conf stays unfiltered."""
+    if fn is _lm_head_exit_triton:
+        _need_triton(device)
+    B, V, D, dtype, norm, T, k, n = case
+    if fn is lm_head_exit and device.type == "cpu" and V > 50000:
+        pytest.skip("on CPU the op runs the reference itself: the small shapes cover its plumbing")
+    h, w, nw = _inputs(B, V, D, dtype, seed=V + B, scale=3.0, device=device)
+    nw = nw if norm else None
+    tol = LOGIT_TOL[dtype] if norm else LOGIT_TOL[torch.float32]
+    logits = lm_head_logits_ref(h.cpu(), w.cpu(), nw.cpu() if nw is not None else None)
+    scalar = T is None
+    T_rows = [0.9] * B if scalar else T
+    top_k, top_p = _row_settings_for(logits, T_rows, k, n)
+    settings = (dict(temperature=T_rows[0], top_k=int(top_k[0]), top_p=float(top_p[0])) if scalar else
+                dict(temperature=torch.tensor(T_rows), top_k=top_k, top_p=top_p))
+    seed = torch.arange(B, dtype=torch.int64) * 7 + 1
+    offset = torch.arange(B, dtype=torch.int64) + 2 ** 32 - 2
+    ref_off = offset.clone()
+    ref = lm_head_exit_ref(h.cpu(), w.cpu(), 0.01, norm_weight=nw.cpu() if nw is not None else None, seed=seed,
+                           offset=ref_off, return_probs=True, **settings)
+    _assert_kept_margin(logits, T_rows, ref.probs, seed, offset, tol)
+    dev_settings = {a: (v.to(device) if isinstance(v, torch.Tensor) else v) for a, v in settings.items()}
+    off_dev = offset.to(device, copy=True)
+    res = fn(h, w, 0.01, norm_weight=nw, seed=seed.to(device), offset=off_dev, return_probs=True, **dev_settings)
+    _check_exit(res, ref, tol / min(t for t in T_rows if t > 0))
+    assert torch.equal(off_dev.cpu(), offset + 1) and torch.equal(ref_off, offset + 1)
+    conf = torch.softmax(logits, -1).max(-1).values
+    torch.testing.assert_close(ref.conf, conf, rtol=1e-5, atol=0)  # the exit rule ignores T and the filters
+    for b in range(B):
+        kept = int((ref.probs[b] > 0).sum())
+        if T_rows[b] == 0:  # greedy: argmax, token_prob = conf, the full softmax
+            assert int(ref.token[b]) == int(logits[b].argmax()) and kept == V
+            assert float(ref.token_prob[b]) == float(ref.conf[b])
+        else:
+            want = _filtered_expected(logits[b], T_rows[b], int(top_k[b]), float(top_p[b]))
+            assert kept == int((want > 0).sum()) == (n[b] or (k[b] if 0 < k[b] < V else V))
+            torch.testing.assert_close(ref.probs[b].double(), want, rtol=1e-4, atol=1e-7)
+            assert float(ref.probs[b, int(ref.token[b])]) > 0
+
+
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_filters_keep_ties(fn, tdev, monkeypatch):
+    """Equal logits at the cut are all kept: three tokens tie for the best logit of row 0 (top_k = 2 keeps the
+    three), row 1 has one best and two tied second (top_k = 2 keeps three), row 2's three tied best survive a tiny
+    top_p; across filter chunks (16 entries) and rows sharing a program."""
+    monkeypatch.setattr(tl_mod, "_filter_blocks", lambda B, V, device: (2, 16))
+    B, V, D = 3, 100, 40
+    h, w, _ = _inputs(B, V, D, torch.float32, seed=5)
+    w[[3, 57, 90]] = 10 * h[0] / h[0].norm()
+    w[20] = 12 * h[1] / h[1].norm()
+    w[[21, 70]] = 10 * h[1] / h[1].norm()
+    w[[5, 6, 99]] = 10 * h[2] / h[2].norm()
+    seed = torch.tensor([1, 2, 3])
+    res = fn(h.to(tdev), w.to(tdev), 0.0, temperature=1.0, top_k=torch.tensor([2, 2, 0], device=tdev),
+             top_p=torch.tensor([1.0, 1.0, 0.01], device=tdev), seed=seed.to(tdev), return_probs=True)
+    kept = [sorted(torch.nonzero(res.probs[b].cpu() > 0)[:, 0].tolist()) for b in range(B)]
+    assert kept == [[3, 57, 90], [20, 21, 70], [5, 6, 99]]
+    assert float(res.probs[1, 21]) == float(res.probs[1, 70])
+    assert [int(t) in kk for t, kk in zip(res.token.cpu(), kept)] == [True] * 3
+
+
+def test_filter_kernel_gpu_configs(tdev, monkeypatch):
+    """The filter kernel with the GPU configuration (one row a program, 512-entry chunks: 2 at V = 1000, the
+    block kernel's GPU tiles) and with tiny chunks (several rows a program, the last one partial)."""
+    B, V, D = 3, 1000, 48
+    h, w, nw = _inputs(B, V, D, torch.float16, seed=31, scale=3.0)
+    logits = lm_head_logits_ref(h, w, nw)
+    T = [0.9, 1.2, 0.0]
+    top_k, top_p = _row_settings_for(logits, T, [40, 0, 9], [6, 25, None])
+    seed, offset = torch.tensor([4, 5, 6]), torch.tensor([0, 1, 2])
+    ref = lm_head_exit_ref(h, w, 0.05, norm_weight=nw, temperature=torch.tensor(T), top_k=top_k, top_p=top_p,
+                           seed=seed, offset=offset.clone(), return_probs=True)
+    tol = LOGIT_TOL[torch.float16]
+    _assert_kept_margin(logits, T, ref.probs, seed, offset, tol)
+    for blocks, filt in ((_gpu_blocks, lambda B, V, device: (1, 512)), (None, lambda B, V, device: (2, 64))):
+        if blocks is not None:
+            monkeypatch.setattr(tl_mod, "_blocks", blocks)
+            monkeypatch.setattr(tl_mod, "_merge_rows", lambda B, chunk, device: 1)
+        monkeypatch.setattr(tl_mod, "_filter_blocks", filt)
+        for return_probs in (True, False):  # without probs the kernel samples from a scratch buffer
+            res = _lm_head_exit_triton(h.to(tdev), w.to(tdev), 0.05, norm_weight=nw.to(tdev),
+                                       temperature=torch.tensor(T, device=tdev), top_k=top_k.to(tdev),
+                                       top_p=top_p.to(tdev), seed=seed.to(tdev), offset=offset.to(tdev, copy=True),
+                                       return_probs=return_probs)
+            _check_exit(res, ref if return_probs else ref._replace(probs=None), tol)
+
+
+@pytest.mark.parametrize("fn", [lm_head_exit, _lm_head_exit_triton], ids=["op", "triton"])
+def test_per_row_filters_chi_squared(fn, tdev):
+    """One launch, one hidden state, five groups of rows with their own (T, top_k, top_p): top-k only, top-p only,
+    both (1536 rows each), greedy (T = 0 with filters that it must ignore, 128 rows) and unfiltered (512 rows).
+    Each sampled group follows its own filtered softmax (chi-squared, p ~ 1e-6 threshold, against an independent
+    formulation of the filters) and token_prob is that distribution's probability of the token; the greedy group
+    is all argmax with token_prob = conf. Planted bugs, the same launch with each filtered group's cut moved by one
+    token (top_k + 1: a wrong top-k cutoff; a top_p keeping one token more: a shifted top-p threshold), must fail
+    those groups' chi-squared tests."""
+    V, D = 24, 16
+    h, w, _ = _inputs(1, V, D, torch.float32, seed=3, scale=1.5)
+    logits = lm_head_logits_ref(h, w)[0]
+    # (T, top_k, tokens top_p keeps (None: off), rows); the cuts sit where the next token holds >= 8 % of the mass
+    groups = [(1.0, 4, None, 1536), (1.0, 0, 5, 1536), (1.5, 10, 4, 1536), (0.0, 3, None, 128), (1.2, 0, None, 512)]
+    T_g = [gr[0] for gr in groups]
+    k_g = [gr[1] for gr in groups]
+    p_g = [1.0 if nk is None else _top_p_keeping(logits, T, k, nk) for T, k, nk, _ in groups]
+    p_g[3] = 0.5  # the greedy group's top_p, ignored
+    g = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([gr[3] for gr in groups]))
+    n = g.numel()
+    hx = h.expand(n, D).to(tdev)
+    seed = torch.arange(n, dtype=torch.int64) + 77
+
+    def run(k_rows, p_rows):
+        res = fn(hx, w.to(tdev), 0.0, temperature=torch.tensor(T_g)[g].to(tdev),
+                 top_k=torch.tensor(k_rows)[g].to(tdev), top_p=torch.tensor(p_rows)[g].to(tdev),
+                 seed=seed.to(tdev), offset=torch.zeros(n, dtype=torch.int64, device=tdev))
+        return res.token.cpu(), res.token_prob.cpu(), res.conf.cpu()
+
+    tok, tok_prob, conf = run(k_g, p_g)
+    want = [None if T == 0 else _filtered_expected(logits, T, k, p) for T, k, p in zip(T_g, k_g, p_g)]
+    for i, (T, k, nk, _) in enumerate(groups):
+        sel = g == i
+        if T == 0:
+            assert bool((tok[sel] == int(logits.argmax())).all()) and torch.equal(tok_prob[sel], conf[sel])
+            continue
+        assert int((want[i] > 0).sum()) == (nk or k or V)
+        stat, df = _chi2_stat(tok[sel], want[i])
+        assert stat < _chi2_threshold(df), f"group {i}: chi2 {stat:.1f} >= {_chi2_threshold(df):.1f} (df {df})"
+        torch.testing.assert_close(tok_prob[sel].double(), want[i][tok[sel].long()], rtol=1e-5, atol=1e-7)
+
+    k_bug = [k + 1 if 0 < k and nk is None else k for T, k, nk, _ in groups]
+    p_bug = [p if nk is None else _top_p_keeping(logits, T, k, nk + 1) for (T, k, nk, _), p in zip(groups, p_g)]
+    bad, _, _ = run(k_bug, p_bug)
+    for i in (0, 1, 2):
+        stat, df = _chi2_stat(bad[g == i], want[i])
+        assert stat >= _chi2_threshold(df), f"the planted cut bug passed group {i} ({stat:.1f})"
+
+
+@pytest.mark.cuda
+def test_filters_cuda_graph_replay_without_host_sync():
+    """Per-row temperature (a greedy row included) / top_k / top_p tensors captured in a CUDA graph (validate=False,
+    no host sync allowed while capturing): every replay equals an eager call at the advanced offset bit for bit,
+    with new settings written into the same tensors between replays (read on the device, not baked into the
+    graph); greedy rows are the argmax and conf matches the reference."""
+    dev = torch.device("cuda")
+    B, V, D = 4, 3000, 128
+    h, w, nw = _inputs(B, V, D, torch.bfloat16, seed=17, scale=3.0)
+    h_, w_, nw_ = h.to(dev), w.to(dev), nw.to(dev)
+    t_ = torch.tensor([0.8, 0.0, 1.2, 1.0], device=dev)
+    k_ = torch.tensor([40, 5, 0, 200], dtype=torch.int32, device=dev)
+    p_ = torch.tensor([0.9, 0.5, 0.7, 1.0], device=dev)
+    seed = torch.arange(B, dtype=torch.int64, device=dev) * 5 + 3
+    offset = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    def call(off, validate=None):
+        return lm_head_exit(h_, w_, 0.1, norm_weight=nw_, temperature=t_, top_k=k_, top_p=p_, seed=seed, offset=off,
+                            return_probs=True, validate=validate)
+
+    call(offset)  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(g):
+            out = call(offset, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    offset.zero_()
+    logits = lm_head_logits_ref(h, w, nw)
+    for r in range(3):
+        if r == 2:
+            t_.copy_(torch.tensor([0.0, 0.9, 1.2, 0.6], device=dev))
+            k_.fill_(7)
+        g.replay()
+        want = call(torch.full((B,), r, dtype=torch.int64, device=dev))
+        torch.cuda.synchronize()
+        assert offset.cpu().tolist() == [r + 1] * B
+        for a, b in zip(out, want):
+            assert torch.equal(a, b)
+        greedy = (t_ == 0).cpu()
+        assert torch.equal(out.token.cpu()[greedy], logits[greedy].argmax(-1).to(torch.int32))
+        if r == 2:  # the new top_k rows cut every sampled row to at most 7 tokens
+            assert int((out.probs[~greedy.to(dev)] > 0).sum(-1).max()) <= 7
+        torch.testing.assert_close(out.conf.cpu(), torch.softmax(logits, -1).max(-1).values, rtol=2e-2, atol=1e-6)

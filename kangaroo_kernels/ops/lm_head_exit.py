@@ -19,24 +19,29 @@ __all__ = ["lm_head_exit", "lm_head_topk"]
 
 
 _lib = torch.library.Library("kangaroo_kernels", "FRAGMENT")
-# inv_temperature: fl32(1 / T), 0.0 for greedy; offset is advanced by 1 in place when sampling
+# inv_temperature: fl32(1 / T), 0.0 for greedy; offset is advanced by 1 in place when sampling; top_k in [0, V)
+# (0: off), top_p (1: off) and their [B] rows (int32 / float32) filter the sampled rows
 _lib.define(
     "lm_head_exit(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, Tensor? active, Tensor? seed, "
     "Tensor(a!)? offset, float threshold, float eps, float inv_temperature, Tensor(b!) token, Tensor(c!) conf, "
-    "Tensor(d!) active_out, Tensor(e!) token_prob, Tensor(f!)? probs, Tensor? inv_temperature_rows=None) -> ()")
+    "Tensor(d!) active_out, Tensor(e!) token_prob, Tensor(f!)? probs, Tensor? inv_temperature_rows=None, "
+    "int top_k=0, float top_p=1.0, Tensor? top_k_rows=None, Tensor? top_p_rows=None) -> ()")
 _lib.define(
     "lm_head_topk(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, int k, float eps, Tensor(a!) tokens, "
     "Tensor(b!) logprobs) -> ()")
 
 
 def _lm_head_exit_cpu(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
-                      conf, active_out, token_prob, probs, inv_t_rows=None):
+                      conf, active_out, token_prob, probs, inv_t_rows=None, top_k=0, top_p=1.0, top_k_rows=None,
+                      top_p_rows=None):
     if inv_t == 0.0 and inv_t_rows is None and probs is None:  # greedy drafting: csrc/cpu/lm_head_exit.cpp
         _ext.ops().lm_head_exit_greedy_cpu(hidden, lm_head_weight, norm_weight, active, threshold, eps, token, conf,
                                            active_out, token_prob)
         return
     res = lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active,
-                                 inv_t if inv_t_rows is None else inv_t_rows, seed, offset, probs is not None)
+                                 inv_t if inv_t_rows is None else inv_t_rows, seed, offset, probs is not None,
+                                 top_k if top_k_rows is None else top_k_rows,
+                                 top_p if top_p_rows is None else top_p_rows)
     token.copy_(res.token)
     conf.copy_(res.conf)
     active_out.copy_(res.active)
@@ -79,7 +84,8 @@ _lib.impl("lm_head_topk", _lm_head_topk_cuda, "CUDA")
 
 @torch.library.register_fake("kangaroo_kernels::lm_head_exit", lib=_lib)
 def _lm_head_exit_fake(hidden, lm_head_weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token,
-                       conf, active_out, token_prob, probs, inv_t_rows=None):
+                       conf, active_out, token_prob, probs, inv_t_rows=None, top_k=0, top_p=1.0, top_k_rows=None,
+                       top_p_rows=None):
     return None
 
 
@@ -108,7 +114,7 @@ def _check_common(hidden, lm_head_weight, norm_weight, eps):
 
 
 def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed, offset,
-                  return_probs, out, validate=None):
+                  return_probs, out, validate=None, top_k=0, top_p=1.0):
     """Checks every argument and returns the op's argument tuple (outputs last)."""
     B, D, V, dev = _check_common(hidden, lm_head_weight, norm_weight, eps)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
@@ -132,6 +138,12 @@ def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, t
     inv_t = inv_temperature(temperature)
     if inv_t > 0 and not math.isfinite(inv_t):
         raise ValueError(f"temperature {temperature!r} is too small: 1 / T overflows float32")
+    top_k, top_p, top_k_rows, top_p_rows = _checks.top_k_top_p(top_k, top_p, B, dev)
+    if _checks.validating(validate):
+        _checks.check_top_k_top_p_rows(top_k_rows, top_p_rows)
+    if inv_t == 0.0:  # greedy: the filters change nothing
+        top_k, top_p, top_k_rows, top_p_rows = 0, 1.0, None, None
+    top_k = 0 if top_k >= V else top_k  # top_k >= V keeps every token: off (and never wraps in the kernel)
     if active is not None:
         _checks.check_tensor("active", active, dtypes=(torch.bool,), shape=(B,), device=dev, expected=f"[B={B}] bool")
     for name, t in (("seed", seed), ("offset", offset)):
@@ -170,12 +182,13 @@ def _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, t
         elif out.probs is not None:
             raise ValueError("out.probs is given but return_probs is False")
     return (hidden, lm_head_weight, norm_weight, active, seed, offset, float(threshold), float(eps), inv_t,
-            *out[:4], out.probs, inv_t_rows), out
+            *out[:4], out.probs, inv_t_rows, top_k, top_p, top_k_rows, top_p_rows), out
 
 
 def lm_head_exit(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,
                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                  active: Optional[torch.Tensor] = None, temperature: Optional[Union[float, torch.Tensor]] = None,
+                 top_k: Union[int, torch.Tensor] = 0, top_p: Union[float, torch.Tensor] = 1.0,
                  seed: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                  return_probs: bool = False, out: Optional[LmHeadExit] = None,
                  validate: Optional[bool] = None) -> LmHeadExit:
@@ -184,35 +197,39 @@ def lm_head_exit(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: 
     hidden [B, D] and lm_head_weight [V, D] fp32/bf16/fp16 (any strides; maths in fp32); norm_weight [D] in
     hidden's dtype applies RMSNorm(eps) first (HF rounding), e.g. the adapter's out-norm.
     Returns LmHeadExit(token [B] i32, conf [B] f32, active [B] bool, token_prob [B] f32, probs [B, V] f32 | None):
-    token = argmax (lowest index on ties) or, with temperature T > 0, a Gumbel-max sample of softmax(logits / T);
-    conf = max softmax(logits) (untempered); active = active_in & (conf >= threshold). Every row gets a token and
-    conf, also rows that exit and inactive rows (active_in False: still computed, active False).
-    token_prob = softmax(logits / T)[token] (conf when greedy); probs = that distribution when return_probs.
+    token = argmax (lowest index on ties) or, with temperature T > 0, a Gumbel-max sample of the sampling
+    distribution p = softmax(logits / T) filtered by top_k / top_p; conf = max softmax(logits) (untempered,
+    unfiltered: the exit rule); active = active_in & (conf >= threshold). Every row gets a token and conf, also
+    rows that exit and inactive rows (active_in False: still computed, active False).
+    token_prob = p[token] (conf when greedy); probs = p when return_probs (zeros outside the filters).
+    Filters (verify_sample's): top_k int >= 0 or [B] int32/int64 (0 or >= V: off; int64 rows saturate), top_p in
+    (0, 1] or [B] float (1: off); top-k then top-p as thresholds on logits / T, ties kept. Greedy rows ignore them.
     Sampling randomness: Philox4x32-10 keyed by seed [B] int64 at counter offset [B] int64, which is advanced by 1
     in place (so CUDA-graph replays draw fresh numbers); without seed one is drawn from torch's default CPU
     generator (host work, not capturable). A row with a NaN or +inf logit gets conf NaN and exits.
-    temperature may be a [B] tensor (serving batches): row b samples with its own T_b, rows with T_b = 0 are greedy
-    in the same call (token = argmax, token_prob = conf, probs = softmax(logits)); seed/offset as for sampling, the
-    offset of every row advances by 1; read on the device (no host sync, capturable).
-    out: a preallocated LmHeadExit (out.active may be `active` itself). validate: checks per-row temperatures
-    (reads them: a host sync; skipped in graph capture); nothing else reads device data on the host, and every
-    kernel access is bounded by the shapes.
+    temperature may be a [B] tensor (serving batches): row b samples with its own T_b (and its own top_k / top_p
+    rows when those are tensors), rows with T_b = 0 are greedy in the same call (token = argmax, token_prob = conf,
+    probs = softmax(logits)); seed/offset as for sampling, the offset of every row advances by 1; every [B]
+    setting is read on the device (no host sync, capturable).
+    out: a preallocated LmHeadExit (out.active may be `active` itself). validate: checks per-row temperatures,
+    top_k and top_p (reads them: a host sync; skipped in graph capture); nothing else reads device data on the
+    host, and every kernel access is bounded by the shapes.
     """
     args, out = _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed,
-                              offset, return_probs, out, validate)
+                              offset, return_probs, out, validate, top_k, top_p)
     if hidden.shape[0] > 0:
         torch.ops.kangaroo_kernels.lm_head_exit(*args)
     return out
 
 
 def _lm_head_exit_triton(hidden, lm_head_weight, threshold, *, norm_weight=None, eps=1e-6, active=None,
-                         temperature=None, seed=None, offset=None, return_probs=False, out=None,
+                         temperature=None, top_k=0, top_p=1.0, seed=None, offset=None, return_probs=False, out=None,
                          validate=None) -> LmHeadExit:
     """lm_head_exit forced onto the Triton kernels (CPU tensors need TRITON_INTERPRET=1): tests, benchmarks."""
     from kangaroo_kernels.triton.lm_head_exit import lm_head_exit_triton
 
     args, out = _prepare_exit(hidden, lm_head_weight, threshold, norm_weight, eps, active, temperature, seed,
-                              offset, return_probs, out, validate)
+                              offset, return_probs, out, validate, top_k, top_p)
     if hidden.shape[0] > 0:
         lm_head_exit_triton(*args)
     return out

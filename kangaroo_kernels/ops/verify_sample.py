@@ -48,14 +48,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _row_setting(name, x, B, dev, *, integral):
-    """A sampling setting given as a [B] tensor: checked (metadata only) and cast to the op's dtype."""
-    kinds = _checks.INDEX_DTYPES if integral else (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    _checks.check_tensor(name, x, dtypes=kinds, shape=(B,), device=dev, expected=f"a number or [B={B}]")
-    # int64 top_k rows saturate (top_k >= V is off either way) instead of wrapping around
-    return _checks.to_int32(x) if integral else x.to(torch.float32).contiguous()
-
-
 def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
                   draft_probs: Optional[torch.Tensor] = None, parents: Optional[torch.Tensor] = None,
                   temperature: Union[float, torch.Tensor] = 1.0, top_k: Union[int, torch.Tensor] = 0,
@@ -96,10 +88,10 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     V = target_logits.shape[2]
     if V < 1:
         raise ValueError("target_logits must have V >= 1 (expected [B, N+1, V])")
-    temperature_rows = top_k_rows = top_p_rows = None
+    temperature_rows = None
     if isinstance(temperature, torch.Tensor):
         temperature_in = temperature
-        temperature_rows, temperature = _row_setting("temperature", temperature, B, dev, integral=False), 1.0
+        temperature_rows, temperature = _checks.row_setting("temperature", temperature, B, dev, integral=False), 1.0
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 or a [B] tensor (use verify_greedy for an "
@@ -109,14 +101,7 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
     elif target_is_probs and temperature != 1.0:
         raise ValueError(f"temperature must be 1 with target_is_probs (the probs are used as given), got "
                          f"{temperature}")
-    if isinstance(top_k, torch.Tensor):
-        top_k_rows, top_k = _row_setting("top_k", top_k, B, dev, integral=True), 0
-    elif isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: off) or a [B] tensor, got {top_k!r}")
-    if isinstance(top_p, torch.Tensor):
-        top_p_rows, top_p = _row_setting("top_p", top_p, B, dev, integral=False), 1.0
-    elif isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1: off) or a [B] tensor, got {top_p!r}")
+    top_k, top_p, top_k_rows, top_p_rows = _checks.top_k_top_p(top_k, top_p, B, dev)
     if draft_probs is not None:
         _checks.check_tensor("draft_probs", draft_probs, dtypes=(torch.float32,), shape=(B, N, V), device=dev,
                              expected=f"[B={B}, N={N}, V={V}] float32")
@@ -169,10 +154,7 @@ def verify_sample(draft_tokens: torch.Tensor, target_logits: torch.Tensor, *,
                 raise ValueError("temperature rows must be " + (
                     "0 (greedy) or 1 with target_is_probs" if target_is_probs else
                     "finite, >= 0 (0: greedy) and not so small that 1 / T overflows float32"))
-        if top_k_rows is not None and not bool((top_k_rows >= 0).all()):
-            raise ValueError("top_k rows must be >= 0 (0: off)")
-        if top_p_rows is not None and not bool(((top_p_rows > 0) & (top_p_rows <= 1)).all()):
-            raise ValueError("top_p rows must lie in (0, 1] (1: off)")
+        _checks.check_top_k_top_p_rows(top_k_rows, top_p_rows)
 
     if uniforms is None and seed is None:
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (B,), dtype=torch.int64).to(dev)

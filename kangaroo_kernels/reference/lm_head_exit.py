@@ -16,7 +16,12 @@ Semantics:
 - Per-row temperature ([B] tensor): row b as above with its own T_b (inv_t_b = fl32(1 / T_b)); rows with T_b = 0
   are greedy (token = argmax logits, token_prob = conf, probs = softmax(logits)) inside the same call. The
   uniforms are drawn for every row and offset += 1 for every row.
-- probs (return_probs): softmax(z) (sampled) or softmax(logits) (greedy), fp32 [B, V].
+- Filters (sampling only; scalars or [B] tensors, verify_sample's semantics, reference.filters): top_k then top_p
+  are thresholds on z (ties kept; top_k = 0 or >= V and top_p >= 1: off; the top-p masses are exp(z - max z) in
+  fp64); the sample is the Gumbel-max over the kept tokens only (same uniforms), token_prob and probs are those of
+  the filtered distribution softmax(z masked to -inf outside the kept set). Greedy rows ignore them. [B] values
+  are taken as the op takes them: top_k int (int64 saturating), top_p float32.
+- probs (return_probs): softmax(z) (sampled, filtered) or softmax(logits) (greedy), fp32 [B, V].
 - A row whose logits hold a NaN or +inf (or are all -inf) gets conf NaN (so active_out False); its token is
   unspecified (in [0, V)) and its token_prob/probs are NaN or meaningless.
 - lm_head_topk: the k largest logits, sorted descending (ties: lower index first), logprobs = logit - lse.
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
+from kangaroo_kernels.reference.filters import top_k_top_p_keep
 from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
 __all__ = ["lm_head_exit_ref", "lm_head_topk_ref", "lm_head_logits_ref", "lm_head_uniforms_ref",
@@ -90,18 +96,23 @@ def lm_head_uniforms_ref(seed: torch.Tensor, offset: torch.Tensor, V: int) -> to
 
 def lm_head_exit_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, threshold: float, *,
                      norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                     active: Optional[torch.Tensor] = None, temperature=None,
+                     active: Optional[torch.Tensor] = None, temperature=None, top_k=0, top_p=1.0,
                      seed: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                      return_probs: bool = False):
     """Reference of kangaroo_kernels.ops.lm_head_exit (seed [B] int64 required when temperature > 0; offset [B] int64
-    defaults to zeros and is advanced by 1 in place when given). Returns LmHeadExit(token [B] i32, conf [B] f32,
-    active [B] bool, token_prob [B] f32, probs [B, V] f32 or None)."""
+    defaults to zeros and is advanced by 1 in place when given; top_k, top_p numbers or [B] tensors). Returns
+    LmHeadExit(token [B] i32, conf [B] f32, active [B] bool, token_prob [B] f32, probs [B, V] f32 or None)."""
     return lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active,
-                                  inv_temperature(temperature), seed, offset, return_probs)
+                                  inv_temperature(temperature), seed, offset, return_probs, top_k, top_p)
+
+
+def _filters_on(top_k, top_p, V: int) -> bool:
+    """Whether the filters can cut anything (a [B] tensor counts as on: deciding would read it)."""
+    return isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor) or 0 < top_k < V or top_p < 1.0
 
 
 def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, active, inv_t, seed, offset,
-                           return_probs):
+                           return_probs, top_k=0, top_p=1.0):
     """lm_head_exit_ref with the temperature given as inv_t = fl32(1 / T) (0.0: greedy), as the op takes it, or as a
     [B] float32 tensor of per-row values (0: a greedy row)."""
     B = hidden.shape[0]
@@ -126,6 +137,16 @@ def lm_head_exit_inv_t_ref(hidden, lm_head_weight, threshold, norm_weight, eps, 
         off = offset if offset is not None else torch.zeros(B, dtype=torch.int64, device=dev)
         u = lm_head_uniforms_ref(seed, off, V)
         z = logits * (it if rows else inv_t)
+        if _filters_on(top_k, top_p, V):
+            if isinstance(top_k, torch.Tensor):
+                top_k = top_k.to(dev).clamp(-2 ** 31, 2 ** 31 - 1)
+            if isinstance(top_p, torch.Tensor):
+                top_p = top_p.to(dev, torch.float32)
+            e = torch.exp((z - z.max(dim=-1, keepdim=True).values).double())
+            keep = top_k_top_p_keep(z, e, top_k, top_p)
+            if rows:
+                keep = keep | greedy[:, None]
+            z = torch.where(keep, z, torch.full_like(z, float("-inf")))
         g = -torch.log(-torch.log(u))
         token = (z + g).argmax(dim=-1)
         p = torch.softmax(z, dim=-1)

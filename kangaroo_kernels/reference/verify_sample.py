@@ -8,7 +8,8 @@ csrc/include/kangaroo/verify_sample.cuh):
   exactly 0 more than 87 below the max); all sums in fp64.
 - Filters are thresholds on z: top-k keeps z >= the k-th largest z (ties kept; k = 0 or k >= V: off); top-p
   then keeps z >= t, t the largest z whose mass sum_{z_j >= t} e_j reaches top_p times the top-k mass (ties
-  kept; top_p = 1: off). r0 = e on the kept tokens, 0 elsewhere; S = sum r0.
+  kept; top_p = 1: off; reference.filters, shared with lm_head_exit). r0 = e on the kept tokens, 0 elsewhere;
+  S = sum r0.
 - Children of the current node (parents == node, chain: the next node; drafts of -1 or outside [0, V) are
   padding and never tried) in index order: accept child c with token x iff u[c] * q_c(x) < r(x) / n, where
   q_c = draft_probs[b, c] or one-hot(x), r = r0 and n = S at first; on rejection r <- max(0, r / n - q_c),
@@ -31,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kangaroo_kernels.reference.filters import top_k_top_p_keep
 from kangaroo_kernels.types import Accepted
 
 __all__ = ["verify_sample_ref", "filtered_probs_ref", "philox_uniforms", "philox4x32_10", "sample_exp_ref"]
@@ -80,16 +82,9 @@ def _filtered_mass(row: torch.Tensor, inv_t: float, top_k: int, top_p: float, pr
         out[int(torch.argmax(z))] = 1.0
         return out
     e = z.double() if probs else sample_exp_ref(z - m).double()
-    keep = torch.ones(V, dtype=torch.bool, device=z.device)
-    if 0 < top_k < V:
-        keep = z >= torch.topk(z, top_k).values[-1]
-    if top_p < 1.0:
-        zk, ek = z[keep], e[keep]
-        order = torch.argsort(zk, descending=True, stable=True)
-        cs = torch.cumsum(ek[order], 0)
-        hit = torch.nonzero(cs >= top_p * ek.sum())
-        if hit.numel():
-            keep = keep & (z >= zk[order][hit[0, 0]])
+    if not (0 < top_k < V or top_p < 1.0):
+        return e
+    keep = top_k_top_p_keep(z[None], e[None], top_k, top_p)[0]
     return torch.where(keep, e, torch.zeros_like(e))
 
 

@@ -18,6 +18,13 @@
    than one group is left, then a final launch (which also sums the blocks' exp partials for the log-sum-exp)
    writes the sorted top-k: one merge launch up to 1024 candidates a row, two at V = 152064 (2376 blocks of 64,
    k = 16).
+3. Sampling with top_k / top_p (any [B] filter tensor, or a scalar that cuts): the block kernel writes z = logits / T
+   to probs (or a [B, V] fp32 scratch: B * V * 4 bytes, against V * D * 2 bytes of weights) instead of the Gumbel
+   partials; the merge gives the unfiltered argmax and conf; _lm_head_filter_kernel (one program a row on the GPU)
+   finds each threshold as an exact key by radix select over the row's scratch (8 passes, 16 candidate keys a
+   pass; top-k by counts, then top-p by exp masses), then draws the Gumbel-max over the kept tokens (the same
+   Philox numbers) and writes token, token_prob, offset += 1 and the filtered probs. Without filters nothing of
+   this runs (the path of 1./2. unchanged).
 Block sizes are GPU guesses (BLOCK_V 64 / 32 rows, no autotuning; not yet measured on a GPU); the interpreter
 takes much wider blocks because it pays per program and per op.
 The number of launches and every buffer size depend on shapes only: no host sync, CUDA-graph capturable.
@@ -35,6 +42,7 @@ _KEY_MIN = tl.constexpr(-(2 ** 63))  # below every real key: masked vocabulary s
 _STREAM_TAG = tl.constexpr(STREAM_TAG)
 _GROUP = 1024  # candidates one topk merge program reduces
 _MERGE_CHUNK = 1024  # block partials the exit merge loads at a time
+_PROBES = tl.constexpr(16)  # thresholds one filter pass tests: 4 bits of the 32-bit key
 
 
 @triton.jit
@@ -91,6 +99,7 @@ def _lm_head_block_kernel(
     B, V, D, NB, eps, inv_t,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
     SAMPLE: tl.constexpr, WRITE_PROBS: tl.constexpr, TOPK: tl.constexpr, PER_ROW: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
     DTYPE: tl.constexpr = H.dtype.element_ty
     pid_b = tl.program_id(0)
@@ -145,13 +154,14 @@ def _lm_head_block_kernel(
         tl.store(PART_F + part * 4 + 1, s, mask=b_ok)
         tl.store(PART_K + part * 2, kmax, mask=b_ok)
         z = logits
-        if SAMPLE:
+        if SCALE:
             if PER_ROW:  # a greedy row (0) samples with 1 here; the merge takes its argmax instead
                 it = tl.load(INV_T + bb, mask=b_ok, other=1.0)
                 it = tl.where(it > 0.0, it, 1.0)
             else:
                 it = tl.full([BLOCK_B], inv_t, tl.float32)
             z = logits * it[:, None]
+        if SAMPLE:
             seed = tl.load(SEED + bb, mask=b_ok, other=0)
             offset = tl.load(OFFSET + bb, mask=b_ok, other=0)
             u = _philox_uniform(seed[:, None], offset[:, None], vv[None, :])
@@ -290,6 +300,124 @@ def _lm_head_topk_merge_kernel(
             key = tl.where(key == top, _KEY_MIN, key)
 
 
+@triton.jit
+def _key32(x):
+    """The high word of _key as an int64: order-preserving int32 of fp32 x (-0.0 == +0.0, NaN above +inf)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+
+
+@triton.jit
+def _radix_threshold(ZROW, OK_B, V, base, goal, Mz, c0,
+                     ROWS: tl.constexpr, CHUNK: tl.constexpr, MASS: tl.constexpr):
+    """The largest key t >= base with F(t) >= goal, per row, for the non-increasing F(t) = #{key >= t} (MASS
+    False) or sum_{key >= t} exp(z - Mz) (MASS True, and F(t) > 0), given F(base) >= goal: 8 passes over the row,
+    each testing 16 candidates (4 bits of the 32-bit key offset from base)."""
+    j = tl.arange(0, _PROBES)
+    for s in range(8):  # not unrolled: the pass is long, the code would be 8 times larger
+        step = (j.to(tl.int64) << (28 - 4 * s))[None, :]
+        probe = base[:, None] + step  # [ROWS, 16]
+        acc = tl.zeros([ROWS, _PROBES, CHUNK], dtype=tl.float32)  # reduced once a pass, not once a chunk
+        for v0 in range(0, V, CHUNK):
+            v = v0 + c0
+            ok = OK_B[:, None] & (v < V)
+            z = tl.load(ZROW + v, mask=ok, other=float("-inf"))
+            ge = ok[:, None, :] & (_key32(z)[:, None, :] >= probe[:, :, None])
+            if MASS:
+                e = tl.exp(z - Mz[:, None])
+                acc += tl.where(ge, e[:, None, :], 0.0)
+            else:
+                acc += ge.to(tl.float32)  # counts exact in fp32 for V <= 2^24
+        f = tl.sum(acc, axis=2)
+        valid = f >= goal[:, None]
+        if MASS:
+            valid = valid & (f > 0.0)
+        base = base + tl.max(tl.where(valid, step, 0), axis=1)
+    return base
+
+
+@triton.jit
+def _lm_head_filter_kernel(
+    Z, SEED, OFFSET, INV_T, TOPK_ROWS, TOPP_ROWS, TOKEN, TOKEN_PROB,
+    B, V, top_k, top_p,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, PER_ROW: tl.constexpr, K_ROWS: tl.constexpr, P_ROWS: tl.constexpr,
+    WRITE_PROBS: tl.constexpr,
+):
+    """Top-k / top-p sampling of ROWS rows from their z = logits / T in Z [B, V] (written by the block kernel):
+    the thresholds by _radix_threshold on the keys of z, then the Gumbel-max over the kept tokens with the same
+    Philox numbers as the unfiltered path, token_prob of the filtered softmax, offset += 1, and (WRITE_PROBS) the
+    filtered probabilities in place of z. Greedy rows (PER_ROW, 1 / T = 0) keep the merge's argmax and conf and
+    get softmax(logits)."""
+    b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b_ok = b < B
+    zrow = Z + b.to(tl.int64)[:, None] * V
+    c0 = tl.arange(0, CHUNK)[None, :]
+    if PER_ROW:
+        greedy = ~(tl.load(INV_T + b, mask=b_ok, other=1.0) > 0.0)
+    else:
+        greedy = b < 0
+    if K_ROWS:
+        k = tl.load(TOPK_ROWS + b, mask=b_ok, other=0)
+    else:
+        k = tl.zeros([ROWS], dtype=tl.int32) + top_k
+    if P_ROWS:
+        p = tl.load(TOPP_ROWS + b, mask=b_ok, other=1.0)
+    else:
+        p = tl.zeros([ROWS], dtype=tl.float32) + top_p
+    k_on = b_ok & ~greedy & (k > 0) & (k < V)
+    p_on = b_ok & ~greedy & (p < 1.0)
+
+    mx = tl.full([ROWS, CHUNK], float("-inf"), tl.float32)
+    for v0 in range(0, V, CHUNK):
+        v = v0 + c0
+        mx = tl.maximum(mx, tl.load(zrow + v, mask=b_ok[:, None] & (v < V), other=float("-inf")))
+    Mz = tl.where(b_ok, tl.max(mx, axis=1), 0.0)
+
+    lowest = tl.zeros([ROWS], dtype=tl.int64) - 2147483648  # below every key: keep all
+    thr = lowest
+    if tl.max(k_on.to(tl.int32), axis=0) > 0:
+        t_k = _radix_threshold(zrow, b_ok, V, lowest, k.to(tl.float32), Mz, c0, ROWS, CHUNK, False)
+        thr = tl.where(k_on, t_k, lowest)
+    if tl.max(p_on.to(tl.int32), axis=0) > 0:
+        sk = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
+        for v0 in range(0, V, CHUNK):
+            v = v0 + c0
+            ok = b_ok[:, None] & (v < V)
+            z = tl.load(zrow + v, mask=ok, other=float("-inf"))
+            sk += tl.where(ok & (_key32(z) >= thr[:, None]), tl.exp(z - Mz[:, None]), 0.0)
+        goal = p * tl.sum(sk, axis=1)
+        t_p = _radix_threshold(zrow, b_ok, V, thr, goal, Mz, c0, ROWS, CHUNK, True)
+        thr = tl.where(p_on, t_p, thr)
+
+    seed = tl.load(SEED + b, mask=b_ok, other=0)
+    offset = tl.load(OFFSET + b, mask=b_ok, other=0)
+    best = tl.full([ROWS, CHUNK], _KEY_MIN, tl.int64)
+    sz = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
+    for v0 in range(0, V, CHUNK):
+        v = v0 + c0
+        ok = b_ok[:, None] & (v < V)
+        z = tl.load(zrow + v, mask=ok, other=float("-inf"))
+        keep = ok & (_key32(z) >= thr[:, None])
+        u = _philox_uniform(seed[:, None], offset[:, None], v)
+        best = tl.maximum(best, tl.where(keep, _key(z - tl.log(-tl.log(u)), v), _KEY_MIN))
+        sz += tl.where(keep, tl.exp(z - Mz[:, None]), 0.0)
+    tok = tl.minimum(tl.maximum(_key_index(tl.max(best, axis=1)), 0), V - 1)
+    S = tl.where(b_ok, tl.sum(sz, axis=1), 1.0)
+    z_tok = tl.load(Z + b.to(tl.int64) * V + tok, mask=b_ok, other=0.0)
+    sampled = b_ok & ~greedy
+    tl.store(TOKEN + b, tok, mask=sampled)
+    tl.store(TOKEN_PROB + b, tl.exp(z_tok - Mz) / S, mask=sampled)
+    tl.store(OFFSET + b, offset + 1, mask=b_ok)
+    if WRITE_PROBS:
+        for v0 in range(0, V, CHUNK):
+            v = v0 + c0
+            ok = b_ok[:, None] & (v < V)
+            z = tl.load(zrow + v, mask=ok, other=float("-inf"))
+            keep = _key32(z) >= thr[:, None]
+            tl.store(zrow + v, tl.where(keep, tl.exp(z - Mz[:, None]) / S[:, None], 0.0), mask=ok)
+
+
 def _blocks(B: int, V: int, D: int, device: torch.device):
     """(BLOCK_B, BLOCK_V, BLOCK_D, num_warps). GPU: the fp32 accumulator stays at 8K elements (64 registers a
     thread at 4 warps) or 16K at 8 warps; B = 1 takes 64 vocabulary rows x 128 columns (16 KB of bf16 weights a
@@ -318,10 +446,24 @@ def _merge_rows(B: int, chunk: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(B), max(1, 4096 // chunk))
 
 
+def _filter_blocks(B: int, V: int, device: torch.device):
+    """(ROWS, CHUNK) of the filter kernel. GPU: one row a program (8 warps), 512 vocabulary entries at a time (a
+    [16, 512] candidate test a step, accumulated in registers); the interpreter takes up to 4096 entries of several
+    rows at a time. Not yet measured on a GPU."""
+    if gpu_config(device):
+        return 1, min(512, triton.next_power_of_2(V))
+    chunk = min(4096, triton.next_power_of_2(V))
+    return min(triton.next_power_of_2(B), max(1, 4096 // chunk)), chunk
+
+
 def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, threshold, eps, inv_t, token, conf,
-                        active_out, token_prob, probs, inv_t_rows=None):
+                        active_out, token_prob, probs, inv_t_rows=None, top_k=0, top_p=1.0, top_k_rows=None,
+                        top_p_rows=None):
     """Launches the kernels on checked arguments (kangaroo_kernels.ops.lm_head_exit._prepare_exit); outputs written,
-    offset advanced by 1 when sampling (inv_t > 0). inv_t_rows [B] f32: per-row fl32(1 / T) (0: a greedy row)."""
+    offset advanced by 1 when sampling (inv_t > 0). inv_t_rows [B] f32: per-row fl32(1 / T) (0: a greedy row).
+    top_k in [0, V) / top_p (0 / 1: off) or their [B] rows (int32 / float32) filter the sampled rows: the block
+    kernel then writes z = logits / T to probs (or a [B, V] fp32 scratch) instead of the Gumbel partials, the merge
+    takes the unfiltered conf and argmax, and _lm_head_filter_kernel samples (one launch more, shapes only)."""
     B, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -329,29 +471,42 @@ def lm_head_exit_triton(hidden, weight, norm_weight, active, seed, offset, thres
     NB = triton.cdiv(V, block_v)
     sample = inv_t > 0.0
     per_row = sample and inv_t_rows is not None
+    filt = sample and (top_k_rows is not None or top_p_rows is not None or 0 < top_k < V or top_p < 1.0)
+    gumbel = sample and not filt
     part_f = torch.empty((B, NB, 4), dtype=torch.float32, device=dev)
     part_k = torch.empty((B, NB, 2), dtype=torch.int64, device=dev)
     write_probs = probs is not None
+    z_buf = probs if write_probs else (torch.empty((B, V), dtype=torch.float32, device=dev) if filt else part_f)
     _lm_head_block_kernel[(triton.cdiv(B, block_b), NB)](
         hidden, norm_weight if norm_weight is not None else hidden, weight,
-        seed if sample else part_k, offset if sample else part_k, probs if write_probs else part_f,
+        seed if sample else part_k, offset if sample else part_k, z_buf,
         part_f, part_k, inv_t_rows if per_row else part_f,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         B, V, D, NB, eps, inv_t,
-        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, HAS_NORM=norm_weight is not None, SAMPLE=sample,
-        WRITE_PROBS=write_probs, TOPK=0, PER_ROW=per_row, num_warps=warps,
+        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, HAS_NORM=norm_weight is not None, SAMPLE=gumbel,
+        WRITE_PROBS=write_probs or filt, TOPK=0, PER_ROW=per_row, SCALE=sample, num_warps=warps,
     )
-    stats = torch.empty((B, 2), dtype=torch.float32, device=dev) if write_probs else part_f
+    write_stats = write_probs and not filt
+    stats = torch.empty((B, 2), dtype=torch.float32, device=dev) if write_stats else part_f
     chunk = min(_MERGE_CHUNK, triton.next_power_of_2(NB))
     rows = _merge_rows(B, chunk, dev)
     _lm_head_exit_merge_kernel[(triton.cdiv(B, rows),)](
-        part_f, part_k, active if active is not None else part_k, offset if sample else part_k,
+        part_f, part_k, active if active is not None else part_k, offset if gumbel else part_k,
         token, conf, active_out, token_prob, stats, inv_t_rows if per_row else part_f,
         B, V, NB, threshold, inv_t,
-        ROWS=rows, CHUNK=chunk, HAS_ACTIVE=active is not None, SAMPLE=sample, WRITE_STATS=write_probs,
+        ROWS=rows, CHUNK=chunk, HAS_ACTIVE=active is not None, SAMPLE=gumbel, WRITE_STATS=write_stats,
         PER_ROW=per_row, num_warps=4,
     )
-    if write_probs:
+    if filt:
+        f_rows, f_chunk = _filter_blocks(B, V, dev)
+        _lm_head_filter_kernel[(triton.cdiv(B, f_rows),)](
+            z_buf, seed, offset, inv_t_rows if per_row else part_f,
+            top_k_rows if top_k_rows is not None else part_f, top_p_rows if top_p_rows is not None else part_f,
+            token, token_prob, B, V, int(top_k), float(top_p),
+            ROWS=f_rows, CHUNK=f_chunk, PER_ROW=per_row, K_ROWS=top_k_rows is not None,
+            P_ROWS=top_p_rows is not None, WRITE_PROBS=write_probs, num_warps=8 if gpu_config(dev) else 4,
+        )
+    elif write_probs:
         block = min(1024 if gpu_config(dev) else 4096, triton.next_power_of_2(V))
         _lm_head_probs_kernel[(triton.cdiv(V, block), B)](probs, stats, V, BLOCK=block, num_warps=4)
 
@@ -370,7 +525,7 @@ def lm_head_topk_triton(hidden, weight, norm_weight, k, eps, tokens, logprobs):
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         B, V, D, NB, eps, 0.0,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, HAS_NORM=norm_weight is not None, SAMPLE=False,
-        WRITE_PROBS=False, TOPK=k, PER_ROW=False, num_warps=warps,
+        WRITE_PROBS=False, TOPK=k, PER_ROW=False, SCALE=False, num_warps=warps,
     )
     n = NB * k
     while n > _GROUP:
