@@ -41,6 +41,12 @@ def check_tensor(name: str, t, *, dtypes: Optional[Sequence[torch.dtype]] = None
         raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
 
 
+def tensor_ok(t, dtype: torch.dtype, shape: Sequence[int], device: torch.device) -> bool:
+    """True when t is a tensor of exactly this dtype, shape and device: the cheap test a hot wrapper runs before
+    check_tensor (whose message it only builds on a failure; a draft step calls its op wrappers every step)."""
+    return isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape and t.device == device
+
+
 def check_out(name: str, t, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
     """Preallocated output buffers must match exactly and be contiguous."""
     check_tensor(name, t, dtypes=(dtype,), shape=shape, device=device, expected=str(list(shape)))

@@ -85,21 +85,24 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
     dev, dt = h.device, h.dtype
     if not isinstance(weights, AdapterWeights):
         raise ValueError(f"weights must be an AdapterWeights, got {type(weights).__name__}")
-    _checks.check_tensor("k_cache", k_cache, dtypes=(dt,), ndim=4, device=dev,
-                         expected=f"[B={B}, Hk, S, Dh] in h's dtype")
     Hq = _checks.check_int("weights.num_heads", weights.num_heads, 1)
     Hk = _checks.check_int("weights.num_kv_heads", weights.num_kv_heads, 1)
+    if not (isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4
+            and _checks.tensor_ok(k_cache, dt, (B, Hk, *k_cache.shape[2:]), dev)):
+        _checks.check_tensor("k_cache", k_cache, dtypes=(dt,), ndim=4, device=dev,
+                             expected=f"[B={B}, Hk, S, Dh] in h's dtype")
+        _checks.check_tensor("k_cache", k_cache, shape=(B, Hk, None, None),
+                             expected=f"[B={B}, Hk=weights.num_kv_heads={Hk}, S, Dh]")
     _, _, S, Dh = k_cache.shape
-    _checks.check_tensor("k_cache", k_cache, shape=(B, Hk, S, Dh),
-                         expected=f"[B={B}, Hk=weights.num_kv_heads={Hk}, S, Dh]")
     if Dh < 1 or Dh % 2:  # rotate-half RoPE
         raise ValueError(f"k_cache: head dim Dh must be even (rotate-half RoPE; expected [B, Hk, S, Dh]), got {Dh}")
     if dev.type == "cuda":
         _check_cuda_head_dim(Dh)
     if Hk < 1 or Hq < 1 or Hq % Hk:
         raise ValueError(f"weights.num_kv_heads={Hk} must divide weights.num_heads={Hq} (GQA)")
-    _checks.check_tensor("v_cache", v_cache, dtypes=(dt,), shape=(B, Hk, S, Dh), device=dev,
-                         expected=f"[B={B}, Hk={Hk}, S={S}, Dh={Dh}] in h's dtype")
+    if not _checks.tensor_ok(v_cache, dt, (B, Hk, S, Dh), dev):
+        _checks.check_tensor("v_cache", v_cache, dtypes=(dt,), shape=(B, Hk, S, Dh), device=dev,
+                             expected=f"[B={B}, Hk={Hk}, S={S}, Dh={Dh}] in h's dtype")
     NQ, NK = Hq * Dh, Hk * Dh
     shapes = {"norm_in": (D,), "wq": (NQ, D), "wk": (NK, D), "wv": (NK, D), "wo": (D, NQ), "norm_out": (D,),
               "bq": (NQ,), "bk": (NK,), "bv": (NK,)}
@@ -108,20 +111,22 @@ def _prepare(h, weights, k_cache, v_cache, cache_lens, positions, active, rope_t
         raise ValueError("weights.bq/bk/bv: give all three q/k/v biases or none")
     for name, want in shapes.items():
         t = getattr(weights, name)
-        if t is None:
+        if t is None or _checks.tensor_ok(t, dt, want, dev):
             continue
         _checks.check_tensor(f"weights.{name}", t, dtypes=(dt,), shape=want, device=dev,
                              expected=f"{list(want)} in h's dtype (Hq={Hq}, Hk={Hk}, Dh={Dh}, D={D})")
-    _checks.check_tensor("cache_lens", cache_lens, dtypes=_checks.INDEX_DTYPES, shape=(B,), device=dev,
-                         expected=f"[B={B}] int32")
-    _checks.check_tensor("positions", positions, dtypes=_checks.INDEX_DTYPES, shape=(B,), device=dev,
-                         expected=f"[B={B}] int32")
-    if active is not None:
+    for name, t in (("cache_lens", cache_lens), ("positions", positions)):
+        if not _checks.tensor_ok(t, torch.int32, (B,), dev):
+            _checks.check_tensor(name, t, dtypes=_checks.INDEX_DTYPES, shape=(B,), device=dev,
+                                 expected=f"[B={B}] int32")
+    if active is not None and not _checks.tensor_ok(active, torch.bool, (B,), dev):
         _checks.check_tensor("active", active, dtypes=(torch.bool,), shape=(B,), device=dev,
                              expected=f"[B={B}] bool")
     if rope_cos_sin is not None:
-        _checks.check_tensor("rope_cos_sin", rope_cos_sin, dtypes=(torch.float32,), shape=(None, Dh), device=dev,
-                             expected=f"[max_pos, Dh={Dh}] float32 = cat(cos, sin) (make_rope_cos_sin)")
+        if not (isinstance(rope_cos_sin, torch.Tensor) and rope_cos_sin.dim() == 2 and _checks.tensor_ok(
+                rope_cos_sin, torch.float32, (rope_cos_sin.shape[0], Dh), dev)):
+            _checks.check_tensor("rope_cos_sin", rope_cos_sin, dtypes=(torch.float32,), shape=(None, Dh),
+                                 device=dev, expected=f"[max_pos, Dh={Dh}] float32 = cat(cos, sin) (make_rope_cos_sin)")
         if rope_cos_sin.shape[0] < 1:
             raise ValueError("rope_cos_sin must have max_pos >= 1 rows (expected [max_pos, Dh])")
     else:

@@ -63,24 +63,27 @@ def lm_head_exit_int8(hidden: torch.Tensor, weight: Int8Weight, threshold: float
         raise ValueError("weight must be an Int8Weight(qweight [V, D] int8, scale [V] fp32), e.g. "
                          "quantize_lm_head(lm_head_weight)")
     qweight, scale = weight
-    _checks.check_tensor("weight.qweight", qweight, dtypes=(torch.int8,), shape=(None, D), device=dev,
-                         expected=f"[V, D={D}] int8")
+    if not (isinstance(qweight, torch.Tensor) and qweight.dim() == 2
+            and _checks.tensor_ok(qweight, torch.int8, (qweight.shape[0], D), dev)):
+        _checks.check_tensor("weight.qweight", qweight, dtypes=(torch.int8,), shape=(None, D), device=dev,
+                             expected=f"[V, D={D}] int8")
     V = qweight.shape[0]
     if V < 1 or V >= 2 ** 31 - 1:
         raise ValueError(f"weight.qweight must have 1 <= V < 2^31 - 1 rows, got V = {V}")
     if qweight.stride() != (1, V):
         raise ValueError(f"weight.qweight must be column-major (strides (1, V={V})), got strides {qweight.stride()}: "
                          "build it with quantize_lm_head")
-    _checks.check_tensor("weight.scale", scale, dtypes=(torch.float32,), shape=(V,), device=dev,
-                         expected=f"[V={V}] float32")
-    if norm_weight is not None:
+    if not _checks.tensor_ok(scale, torch.float32, (V,), dev):
+        _checks.check_tensor("weight.scale", scale, dtypes=(torch.float32,), shape=(V,), device=dev,
+                             expected=f"[V={V}] float32")
+    if norm_weight is not None and not _checks.tensor_ok(norm_weight, hidden.dtype, (D,), dev):
         _checks.check_tensor("norm_weight", norm_weight, dtypes=(hidden.dtype,), shape=(D,), device=dev,
                              expected=f"[D={D}] in hidden's dtype")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
         raise ValueError(f"threshold must be a number (rows continue iff conf >= threshold), got {threshold!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if active is not None:
+    if active is not None and not _checks.tensor_ok(active, torch.bool, (B,), dev):
         _checks.check_tensor("active", active, dtypes=(torch.bool,), shape=(B,), device=dev, expected=f"[B={B}] bool")
     if out is None:
         out = LmHeadExit(torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.float32),
