@@ -1,7 +1,8 @@
 """adapter_forward's C++ CPU kernel (csrc/cpu/adapter_forward.cpp) against the reference on head dims the fused
 Triton kernels do not take (80, 96, 112, 24; on CUDA those run the composite tested last), GQA, q/k/v bias, table
 and theta RoPE, inactive rows, several steps that read back what earlier steps wrote, and the last cache slot.
-Tolerances: tests/test_adapter_forward.py (_close)."""
+fp32 with a RoPE table takes the hand-written fp32 path (the decoder's), the rest the ATen path. Tolerances:
+tests/test_adapter_forward.py (_close)."""
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ CASES = [
     (2, 3, 1, 96, 30, [5, 27], None, torch.bfloat16, False, "table", False, 3),  # ends at the cache's last slot
     (1, 2, 2, 112, 20, [7], None, torch.float16, True, "table", True, 2),
     (3, 6, 3, 24, 16, [0, 3, 12], [False, True, True], torch.float32, False, "theta", False, 2),
+    # fp32 with a table: the hand-written fp32 path (what the CPU decoder runs)
+    (3, 4, 2, 64, 24, [0, 9, 20], [True, False, True], torch.float32, True, "table", True, 3),
+    (2, 2, 1, 80, 20, [4, 18], None, torch.float32, False, "table", False, 2),
 ]
 
 

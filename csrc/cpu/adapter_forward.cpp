@@ -4,9 +4,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
+#include <vector>
 
 #include "cpu/ops_cpu.h"
+#include "cpu/simd.h"
 
 namespace kangaroo {
 
@@ -17,6 +20,32 @@ at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps) {
   const at::Tensor xf = x.to(at::kFloat);
   const at::Tensor xn = (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
   return w * xn;
+}
+
+// y[n] = dot(w[n, :K], x) (+ b[n]) for n < N: a row-major fp32 GEMV (rows ldw apart), fp32 accumulation.
+KANGAROO_ISA_CLONES void gemv_rows_f32(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
+                                       const float* b, float* y) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* r = w + n * ldw;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
+    y[n] = b ? s + b[n] : s;
+  }
+}
+
+// RMSNorm of x[0, D) times w into y (fp32 tensors: rms_norm_ref's roundings are exact there).
+void rms_norm_f32(const float* x, const float* w, int64_t D, double eps, float* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  for (int64_t d = 0; d < D; ++d) y[d] = w[d] * (x[d] * r);
+}
+
+bool rows_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1; }
+bool vec_f32(const std::optional<at::Tensor>& t) {
+  return !t || (t->scalar_type() == at::kFloat && t->dim() == 1 && t->is_contiguous());
 }
 
 // x @ w.T (+ b) accumulated in fp32, rounded once to x's dtype (the reference's _linear).
@@ -44,6 +73,47 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
                         out.scalar_type() == h.scalar_type(),
                     "out must be a contiguous [B, D] tensor in h's dtype");
   if (B == 0) return;
+  const int64_t D = h.size(1), NQ = Hq * Dh, NK = Hk * Dh;
+  if (h.scalar_type() == at::kFloat && h.stride(1) == 1 && rope_cos_sin && rows_f32(wq) && rows_f32(wk) && rows_f32(wv) &&
+      rows_f32(wo) && vec_f32(norm_in) && vec_f32(norm_out) && vec_f32(bq) && vec_f32(bk) && vec_f32(bv) &&
+      wq.size(1) == D && wk.size(0) == NK && wv.size(0) == NK && wo.size(0) == D && wo.size(1) == NQ) {
+    // fp32 (the CPU decoder's dtype): the same maths in hand loops, one scratch tensor for q/k/v and one for the
+    // attention; a draft step's adapter is otherwise bound by the ~25 ATen calls' overhead, not by its GEMVs.
+    at::Tensor qkv = at::empty({B, 1, Hq + 2 * Hk, Dh}, h.options());
+    at::Tensor attn = at::empty({B, 1, Hq, Dh}, h.options());
+    std::vector<float> x(D), r(D);
+    const float* hp = h.data_ptr<float>();
+    float* qp = qkv.data_ptr<float>();
+    auto ptr = [](const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; };
+    for (int64_t b = 0; b < B; ++b) {
+      rms_norm_f32(hp + b * h.stride(0), norm_in.data_ptr<float>(), D, eps, x.data());
+      float* row = qp + b * (NQ + 2 * NK);
+      gemv_rows_f32(wq.data_ptr<float>(), wq.stride(0), x.data(), NQ, D, ptr(bq), row);
+      gemv_rows_f32(wk.data_ptr<float>(), wk.stride(0), x.data(), NK, D, ptr(bk), row + NQ);
+      gemv_rows_f32(wv.data_ptr<float>(), wv.stride(0), x.data(), NK, D, ptr(bv), row + NQ + NK);
+    }
+    append_attention_cpu(qkv.narrow(2, 0, Hq), qkv.narrow(2, Hq, Hk), qkv.narrow(2, Hq + Hk, Hk), k_cache, v_cache,
+                         cache_lens, std::nullopt, active, positions.view({B, 1}), *rope_cos_sin,
+                         1.0 / std::sqrt(static_cast<double>(Dh)), 0, attn);
+    const float* ap = attn.data_ptr<float>();
+    float* op = const_cast<at::Tensor&>(out).data_ptr<float>();
+    const bool* act = active ? active->data_ptr<bool>() : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      float* ob = op + b * D;
+      if (act && !act[b]) {
+        std::fill(ob, ob + D, 0.f);
+        continue;
+      }
+      gemv_rows_f32(wo.data_ptr<float>(), wo.stride(0), ap + b * NQ, D, NQ, nullptr, r.data());
+      for (int64_t d = 0; d < D; ++d) r[d] += hp[b * h.stride(0) + d];
+      if (apply_out_norm) {
+        rms_norm_f32(r.data(), norm_out.data_ptr<float>(), D, eps, ob);
+      } else {
+        std::copy(r.begin(), r.end(), ob);
+      }
+    }
+    return;
+  }
   const at::Tensor x = rms_norm_hf(h, norm_in, eps);
   const at::Tensor q = linear_f32(x, wq, bq).view({B, 1, Hq, Dh});
   const at::Tensor k = linear_f32(x, wk, bk).view({B, 1, Hk, Dh});

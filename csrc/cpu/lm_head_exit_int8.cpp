@@ -23,14 +23,7 @@
 #include <vector>
 
 #include "checks.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KANGAROO_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__clang__)
-#define KANGAROO_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KANGAROO_ISA_CLONES
-#endif
+#include "simd.h"
 
 namespace kangaroo {
 namespace {
