@@ -124,3 +124,22 @@ def test_demo_cli_end_to_end(tmp_path, request):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "[2/3]" not in second.stdout and "identical output: plain greedy 3/3" in second.stdout
     assert "transformers greedy" in second.stdout
+
+
+def test_retrain_adapter_trains_only_the_adapter_on_the_shipped_base(tmp_path):
+    """`kangaroo demo --retrain-adapter`: the shipped tokenizer and base copied unchanged into the cache, a new
+    adapter trained and evaluated there, the base's build command kept and the adapter's recorded beside it."""
+    rc = demo.cli_main(["--retrain-adapter", "--cache-dir", str(tmp_path), "--adapter-minutes", "0.02",
+                        "--adapter-steps", "3", "--adapter-min-steps", "3", "--build-only", "--no-progress"])
+    assert rc == 0
+    (cache,) = list(tmp_path.iterdir())
+    for rel in ("base/model.safetensors", "tokenizer/tokenizer.json"):
+        assert demo.sha256_of(cache / rel) == demo.sha256_of(demo.shipped_dir() / rel)
+    assert (cache / "adapter" / "adapter.safetensors").exists()
+    man = __import__("json").loads((cache / "manifest.json").read_text())
+    shipped = __import__("json").loads((demo.shipped_dir() / "manifest.json").read_text())
+    assert man["command"] == shipped["command"] and man["lm_train"] == shipped["lm_train"]
+    assert "--retrain-adapter" in man["adapter_command"] and man["adapter_train"]["steps"] == 3
+    assert "heldout_top1_agreement" in man["adapter_report"]
+    with pytest.raises(SystemExit):
+        demo.cli_main(["--retrain-adapter", "--retrain", "--build-only"])

@@ -2,8 +2,10 @@
 // kangaroo_kernels/reference/adapter_forward.py): the same ATen maths as the reference, called from C++, with the
 // attention of append_attention's CPU kernel called directly (one CPU attention path for the model and the adapter).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -32,6 +34,13 @@ KANGAROO_ISA_CLONES void gemv_rows_f32(const float* w, int64_t ldw, const float*
     for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
     y[n] = b ? s + b[n] : s;
   }
+}
+
+// gemv_rows_f32 split over torch's intra-op threads in blocks of rows (one thread when the GEMV is small).
+void gemv_rows_f32_par(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y) {
+  at::parallel_for(0, N, std::max<int64_t>(32, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    gemv_rows_f32(w + n0 * ldw, ldw, x, n1 - n0, K, b ? b + n0 : nullptr, y + n0);
+  });
 }
 
 // RMSNorm of x[0, D) times w into y (fp32 tensors: rms_norm_ref's roundings are exact there).
@@ -88,9 +97,9 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
     for (int64_t b = 0; b < B; ++b) {
       rms_norm_f32(hp + b * h.stride(0), norm_in.data_ptr<float>(), D, eps, x.data());
       float* row = qp + b * (NQ + 2 * NK);
-      gemv_rows_f32(wq.data_ptr<float>(), wq.stride(0), x.data(), NQ, D, ptr(bq), row);
-      gemv_rows_f32(wk.data_ptr<float>(), wk.stride(0), x.data(), NK, D, ptr(bk), row + NQ);
-      gemv_rows_f32(wv.data_ptr<float>(), wv.stride(0), x.data(), NK, D, ptr(bv), row + NQ + NK);
+      gemv_rows_f32_par(wq.data_ptr<float>(), wq.stride(0), x.data(), NQ, D, ptr(bq), row);
+      gemv_rows_f32_par(wk.data_ptr<float>(), wk.stride(0), x.data(), NK, D, ptr(bk), row + NQ);
+      gemv_rows_f32_par(wv.data_ptr<float>(), wv.stride(0), x.data(), NK, D, ptr(bv), row + NQ + NK);
     }
     append_attention_cpu(qkv.narrow(2, 0, Hq), qkv.narrow(2, Hq, Hk), qkv.narrow(2, Hq + Hk, Hk), k_cache, v_cache,
                          cache_lens, std::nullopt, active, positions.view({B, 1}), *rope_cos_sin,
@@ -104,7 +113,7 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
         std::fill(ob, ob + D, 0.f);
         continue;
       }
-      gemv_rows_f32(wo.data_ptr<float>(), wo.stride(0), ap + b * NQ, D, NQ, nullptr, r.data());
+      gemv_rows_f32_par(wo.data_ptr<float>(), wo.stride(0), ap + b * NQ, D, NQ, nullptr, r.data());
       for (int64_t d = 0; d < D; ++d) r[d] += hp[b * h.stride(0) + d];
       if (apply_out_norm) {
         rms_norm_f32(r.data(), norm_out.data_ptr<float>(), D, eps, ob);

@@ -52,7 +52,7 @@ class DemoSizes:
     adapter_batch: int = 8
     adapter_lr: float = 6e-3
     adapter_steps: int = 20000  # upper bound; the time budget usually decides
-    adapter_minutes: float = 20.0
+    adapter_minutes: float = 70.0
     adapter_min_steps: int = 300
     seed: int = 0
 
@@ -203,7 +203,8 @@ def _heldout_prompts(tok, n: int, prompt_tokens: int, min_len: int, reverse: boo
     return prompts
 
 
-def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=None) -> dict:
+def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=None,
+                 command: str | None = None) -> dict:
     """The cached tokenizer, base model and adapter (trained if missing). Returns the paths and the manifest."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -217,7 +218,7 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
     manifest_path = cache / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     t_start = time.perf_counter()
-    built = False
+    built = built_base = False
     if not (tok_dir / "tokenizer.json").exists():
         tok = build_tokenizer(sizes, tok_dir)
         built = True
@@ -227,7 +228,7 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
         shutil.rmtree(ad_dir, ignore_errors=True)  # an adapter belongs to one base model
         base = build_base(sizes, tok, base_dir, progress=progress)
         manifest["lm_train"] = base.train_info
-        built = True
+        built = built_base = True
     else:
         base = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     base.eval()
@@ -243,8 +244,14 @@ def ensure_model(sizes: DemoSizes, cache: Path, retrain: bool = False, progress=
         manifest.pop("tuned", None)  # eta/gamma were tuned for the previous adapter
         built = True
     if built:
-        manifest.update({"version": DEMO_VERSION, "sizes": asdict(sizes), "code_revision": _git_revision(),
-                         "machine": machine_info(), "command": " ".join(["kangaroo", "demo"] + sys.argv[1:]),
+        if command is None:
+            argv = sys.argv[1:]
+            argv = argv[1:] if argv[:1] == ["demo"] else argv  # python -m kangaroo.cli demo ... or kangaroo-demo ...
+            command = " ".join(["kangaroo", "demo"] + argv)
+        run = {"code_revision": _git_revision(), "command": command}
+        if "lm_train" in manifest and "command" in manifest and not built_base:  # an adapter-only rebuild
+            run = {"adapter_" + k: v for k, v in run.items()}
+        manifest.update({"version": DEMO_VERSION, "sizes": asdict(sizes), "machine": machine_info(), **run,
                          "build_s": manifest.get("build_s", 0.0) + time.perf_counter() - t_start})
         manifest_path.write_text(json.dumps(manifest, indent=1))
     return {"tokenizer": tok, "base": base, "base_dir": base_dir, "adapter_dir": ad_dir, "manifest": manifest,
@@ -419,20 +426,19 @@ def pick_threads(fn) -> int:
 
 def tune_decoding(dec, ids, new_tokens: int = 64, etas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
                   gammas=(2, 3, 4, 6, 8), tree: bool = False, progress=None) -> dict:
-    """(eta, gamma) with the most tokens/s on one tuning prompt (held out, not among the reported prompts); each
-    setting is timed twice and the faster run counts (the machine may be shared)."""
+    """(eta, gamma) with the most tokens/s over the tuning prompt(s) `ids` (held out, not among the reported
+    prompts; one id list or a list of them); each setting is timed twice per prompt and the faster run counts."""
     from kangaroo.train import _bar
 
     grid = [(e, g) for g in gammas for e in etas]
+    prompts = ids if isinstance(ids[0], list) else [ids]
     best, table = None, []
     bar = _bar(len(grid), "tuning eta, gamma" + (" (tree)" if tree else ""),
                disable=None if progress is None else not progress)
     for eta, gamma in grid:
-        tps = 0.0
-        for _ in range(2):
-            out = dec.generate(ids, new_tokens, threshold=eta, max_draft=gamma, tree=tree)
-            tps = max(tps, out.stats.tokens_per_s)
-        table.append({"eta": eta, "gamma": gamma, "tps": tps, "tokens_per_cycle": out.stats.mean_tokens_per_cycle})
+        tps, tpc = _tokens_per_s(lambda p: dec.generate(p, new_tokens, threshold=eta, max_draft=gamma, tree=tree),
+                                 prompts)
+        table.append({"eta": eta, "gamma": gamma, "tps": tps, "tokens_per_cycle": tpc})
         if best is None or tps > best["tps"]:
             best = table[-1]
         bar.update(1)
@@ -440,21 +446,33 @@ def tune_decoding(dec, ids, new_tokens: int = 64, etas=(0.1, 0.2, 0.3, 0.4, 0.5,
     return {"eta": best["eta"], "gamma": best["gamma"], "table": table}
 
 
+def _tokens_per_s(run, prompts, repeats: int = 2):
+    """(tokens/s, tokens per cycle) of run(prompt) over all prompts, each timed `repeats` times, its fastest run
+    counting (a shared machine's hiccups fall out)."""
+    tokens = cycles = 0
+    secs = 0.0
+    for p in prompts:
+        best = None
+        for _ in range(repeats):
+            out = run(p)
+            if best is None or out.stats.time_s < best.stats.time_s:
+                best = out
+        tokens, cycles, secs = tokens + best.stats.new_tokens, cycles + best.stats.cycles, secs + best.stats.time_s
+    return tokens / max(secs, 1e-9), tokens / max(cycles, 1)
+
+
 def tune_lookup(dec, ids, eta: float, gamma: int, new_tokens: int = 64, sizes=(2, 4, 6, 8),
                 ngrams=((1, 3), (2, 3))) -> dict:
     """The lookup branch's size M and n-gram range with the most tokens/s for Kangaroo + lookup at the sequence
-    mode's (eta, gamma), on the tuning prompt (each setting timed twice, the faster run counts). On a CPU a verify
+    mode's (eta, gamma), over the tuning prompt(s) (each timed twice, the faster run counts). On a CPU a verify
     block costs more the wider it is, so the best M is a measurement, not a constant."""
     best, table = None, []
+    prompts = ids if isinstance(ids[0], list) else [ids]
     for n in ngrams:
         for M in sizes:
-            tps = 0.0
-            for _ in range(2):
-                out = dec.generate(ids, new_tokens, threshold=eta, max_draft=gamma, lookup=True, lookup_max=M,
-                                   lookup_ngram=n)
-                tps = max(tps, out.stats.tokens_per_s)
-            table.append({"lookup_max": M, "lookup_ngram": list(n), "tps": tps,
-                          "tokens_per_cycle": out.stats.mean_tokens_per_cycle})
+            tps, tpc = _tokens_per_s(lambda p: dec.generate(p, new_tokens, threshold=eta, max_draft=gamma,
+                                                            lookup=True, lookup_max=M, lookup_ngram=n), prompts)
+            table.append({"lookup_max": M, "lookup_ngram": list(n), "tps": tps, "tokens_per_cycle": tpc})
             if best is None or tps > best["tps"]:
                 best = table[-1]
     return {"lookup_max": best["lookup_max"], "lookup_ngram": best["lookup_ngram"], "eta": eta, "gamma": gamma,
@@ -516,11 +534,12 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
     prompts = _heldout_prompts(tok, n_prompts, 128, 32)
     if not prompts:
         raise RuntimeError("no held-out prompts found (the held-out stdlib files are missing)")
-    tune_name, tune_ids = _heldout_prompts(tok, 1, 128, 32, reverse=True)[0]
+    tuning = _heldout_prompts(tok, 3, 128, 32, reverse=True)  # from the other end: disjoint from the reported ones
+    tune_name, tune_ids = ", ".join(n for n, _ in tuning), [ids for _, ids in tuning]
     if threads:
         torch.set_num_threads(threads)
     else:
-        threads = pick_threads(lambda: dec.generate_autoregressive(tune_ids, 16))
+        threads = pick_threads(lambda: dec.generate_autoregressive(tune_ids[0], 16))
     manifest = built["manifest"]
     tuned = dict(manifest.get("tuned") or {})
     given = threshold is not None and max_draft is not None
@@ -529,7 +548,7 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
         if given and not retune:
             tuned.setdefault(mode, {"eta": threshold, "gamma": max_draft, "prompt": "(given)"})
         elif mode not in tuned or retune or tuned[mode].get("prompt") == "(given)":
-            dec.generate(tune_ids, 8, tree=mode == "tree")  # warm-up
+            dec.generate(tune_ids[0], 8, tree=mode == "tree")  # warm-up
             tuned[mode] = tune_decoding(dec, tune_ids, tree=mode == "tree", progress=progress,
                                         etas=(0.1, 0.2, 0.3, 0.4, 0.6), gammas=(3, 4, 6) if mode == "seq" else (3, 4))
             tuned[mode]["prompt"] = tune_name
@@ -644,7 +663,7 @@ def format_results(res: dict) -> str:
          f"median of {res['repeats']} run(s) per prompt and method, a warm-up run of each excluded; exit layer "
          f"{res['exit_layer']}; sequence eta={seq['eta']} gamma={seq['gamma']}, tree eta={tr['eta']} "
          f"gamma={tr['gamma']}, lookup M={lk.get('lookup_max', '?')} n-gram {lk.get('lookup_ngram', '?')} (tuned on "
-         f"the held-out prompt {seq.get('prompt', '?')}, not reported below)"]
+         f"the held-out prompts {seq.get('prompt', '?')}, not reported below)"]
     L.append(f"  {'method':<46} {'tokens/s':>9} {'vs plain':>9} {'per prompt':>13} {'identical':>9} "
              f"{'tok/cycle':>9}")
     for k, v in ms.items():
@@ -720,9 +739,12 @@ def _parser():
                                                      "or ~/.cache/kangaroo)")
     p.add_argument("--retrain", action="store_true", help="rebuild tokenizer, model and adapter from scratch (into "
                                                           "the cache; the shipped model is left as it is)")
+    p.add_argument("--retrain-adapter", action="store_true",
+                   help="train only the adapter again, on the shipped tokenizer and base model (into the cache; "
+                        "--adapter-minutes sets its budget)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="with --retrain: the training time budget, split 79 %% base LM / 21 %% adapter (default: "
-                        "the shipped model's 75 + 20 min)")
+                   help="with --retrain: the training time budget, split 52 %% base LM / 48 %% adapter (default: "
+                        "the shipped model's 75 + 70 min)")
     p.add_argument("--ship", action="store_true", help="maintainers: write the built model into the package "
                                                        "(kangaroo/default_model) with a new manifest")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests and smoke runs)")
@@ -763,17 +785,30 @@ def cli_main(argv: list[str]) -> int:
     if args.budget_minutes is not None:
         if not args.retrain:
             raise SystemExit("kangaroo demo: --budget-minutes only applies to --retrain")
-        kw["lm_minutes"], kw["adapter_minutes"] = 0.79 * args.budget_minutes, 0.21 * args.budget_minutes
+        kw["lm_minutes"], kw["adapter_minutes"] = 0.52 * args.budget_minutes, 0.48 * args.budget_minutes
     sizes = DemoSizes(**kw)
     progress = False if args.no_progress else None
-    use_shipped = not (args.retrain or args.quick or kw) and (shipped_dir() / "manifest.json").exists()
+    if args.retrain_adapter and (args.retrain or args.quick):
+        raise SystemExit("kangaroo demo: --retrain-adapter trains on the shipped base; it excludes --retrain/--quick")
+    use_shipped = not (args.retrain or args.retrain_adapter or args.quick or kw) and (
+        shipped_dir() / "manifest.json").exists()
     if use_shipped:
         _log(f"kangaroo demo: the shipped default model ({shipped_dir()})")
         built = load_shipped()
     else:
         cache = cache_dir_for(sizes, args.cache_dir)
         _log(f"kangaroo demo: model cache {cache}" + (" (rebuilding)" if args.retrain else ""))
-        built = ensure_model(sizes, cache, retrain=args.retrain, progress=progress)
+        if args.retrain_adapter:  # the shipped tokenizer and base; ensure_model then trains the adapter only
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True)
+            for sub in ("tokenizer", "base"):
+                shutil.copytree(shipped_dir() / sub, cache / sub)
+            shipped_manifest = json.loads((shipped_dir() / "manifest.json").read_text())
+            (cache / "manifest.json").write_text(json.dumps(
+                {k: shipped_manifest[k] for k in ("lm_train", "command", "code_revision") if k in shipped_manifest},
+                indent=1))
+        built = ensure_model(sizes, cache, retrain=args.retrain, progress=progress,
+                             command=" ".join(["kangaroo", "demo"] + argv))
         if built["built"] and not args.quick:
             shipped = shipped_dir() / "manifest.json"
             if shipped.exists():
