@@ -59,7 +59,7 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
     a = torch.where(b.alive, acc.accept_len, 0)
     if tree is not None or lk is not None:
         compact_kv(b.cache.k, b.cache.v, b.L0 + 1, acc.path, a, validate=False)
-    catch_n, catch_h = _catch(st, acc.path, a)
+    catch_n, catch_h = _catch(st, acc.path, a, chain_only=lk is None)
     n_look = None
     if b.lookup is not None:
         on_path = b.arange_block[None, :acc.path.shape[1]] < a[:, None]
@@ -68,14 +68,15 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
     commit(st, acc.tokens, a, catch_n, catch_h, n_look)
 
 
-def _catch(st, path: torch.Tensor, a: torch.Tensor):
+def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool = True):
     """(catch_n [B], catch_h [B, W, D]): the accepted positions the adapter has no K/V for and their layer-ℓ
     states. The adapter ran on x0 and chain nodes 0..n_chain-2 only, so the path lacks it from its first node that
     is not one of those (the last chain draft, a sibling, a private lookup node) to its end; a row that drafted no
-    chain (lookup_first) lacks it from x0 on."""
+    chain (lookup_first) lacks it from x0 on. chain_only: no lookup branch this cycle (the CPU early exit found
+    none): the one-node case, without the general path's scans."""
     b, W = st.buf, st.cfg.catch_width
     rows = torch.arange(st.B, device=a.device)
-    if W == 1:  # at most the last accepted node: the last chain draft or a sibling (siblings are leaves)
+    if W == 1 or chain_only:  # the adapter's nodes only: at most the last chain draft or a sibling (leaves)
         last = (a - 1).clamp_min(0).long()
         if st.tree is not None:
             last = path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
