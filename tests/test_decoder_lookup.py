@@ -82,7 +82,8 @@ POLICIES = pytest.mark.parametrize("policy", ["merge", "first"])
 def test_greedy_equals_transformers(kind, tree, batch, policy):
     hf, rep, norep, ref_rep, ref_norep = reference(kind)
     dec = decoder(hf)
-    kw = dict(threshold=0.5, max_draft=4, tree=tree, lookup=True, lookup_max=6, lookup_policy=policy)
+    kw = dict(threshold=0.5, max_draft=4, tree=tree, lookup=True, lookup_ngram=(1, 3), lookup_max=6,
+              lookup_policy=policy)
     got, stats = run(dec, rep, batch, **kw)
     assert_same(got, ref_rep)
     assert sum(s.accepted_from_lookup for s in stats) > 0, "the lookup branch was never accepted"
@@ -110,7 +111,7 @@ def test_lookup_raises_acceptance():
     hf, rep, _, ref_rep, _ = reference("llama")
     dec = decoder(hf)
     plain = dec.generate(rep, NEW, threshold=0.5, max_draft=4)
-    look = dec.generate(rep, NEW, threshold=0.5, max_draft=4, lookup=True)
+    look = dec.generate(rep, NEW, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=8)
     assert [t.tolist() for t in look.tokens] == ref_rep
     assert look.stats.mean_tokens_per_cycle > plain.stats.mean_tokens_per_cycle
     assert look.stats.cycles < plain.stats.cycles
@@ -144,7 +145,7 @@ def test_caches_consistent_with_multi_position_catch_up(tree, host_exit, policy,
 
     monkeypatch.setattr(kdraft, "catch_up", watched)
     ref = hf_greedy(hf, rep)
-    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, tree=tree, lookup=True, lookup_max=6,
+    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, tree=tree, lookup=True, lookup_ngram=(1, 3), lookup_max=6,
                        lookup_policy=policy)
     assert [t.tolist() for t in out.tokens] == ref
     assert out.stats.accepted_from_lookup > 0
@@ -180,9 +181,9 @@ def test_planted_wrong_parent_is_caught(monkeypatch):
     """The planted layout bug breaks exactness (llama) and the cache check (mistral, where the tokens survive it)."""
     hf, rep, _, ref_rep, _ = reference("llama")
     dec = decoder(hf)
-    assert run(dec, rep, 4, threshold=0.5, max_draft=4, lookup=True, lookup_max=6)[0] == ref_rep
+    assert run(dec, rep, 4, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=6)[0] == ref_rep
     _misparent(monkeypatch)
-    got, _ = run(dec, rep, 4, threshold=0.5, max_draft=4, lookup=True, lookup_max=6)
+    got, _ = run(dec, rep, 4, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=6)
     assert got != ref_rep, "a lookup node under the wrong parent went unnoticed by the exactness check"
     hf = make_hf("mistral", seed=3)
     rep, _ = make_lookup_prompts(hf.config.vocab_size, seed=4)
@@ -190,7 +191,7 @@ def test_planted_wrong_parent_is_caught(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dec = keep_states(KangarooDecoder.from_pretrained(hf, exit_layer=2))
-    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, lookup=True, lookup_max=6)
+    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, lookup=True, lookup_ngram=(1, 3), lookup_max=6)
     assert out.stats.accepted_from_lookup > 0
     with pytest.raises(AssertionError):
         check_caches(dec, rep, out.tokens)
@@ -220,7 +221,7 @@ def test_no_match_costs_what_kangaroo_costs(monkeypatch):
             assert out.stats.lookup_hit_rate == 0.0
     assert per_cycle[0] == per_cycle[1]
     calls[0] = 0
-    out = dec.generate(rep, NEW, threshold=0.5, max_draft=4, lookup=True)
+    out = dec.generate(rep, NEW, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=8)
     assert calls[0] > 0 and out.stats.accepted_from_lookup > 0
 
 
@@ -245,11 +246,11 @@ def test_one_transfer_per_cycle_and_warm_up_leaves_state(monkeypatch):
 
     for kw in (dict(), dict(tree=True, temperature=0.8, seed=2)):
         with CountHostReads() as c:
-            out = dec.generate(rep, 12, lookup=True, **kw)
+            out = dec.generate(rep, 12, lookup=True, lookup_ngram=(1, 3), lookup_max=8, **kw)
         assert out.stats.cycles >= 3 and out.stats.accepted_from_lookup > 0
         assert c.count <= out.stats.cycles, (c.count, out.stats.cycles, c.what[:10])
         monkeypatch.setattr(kgen, "_warm_up_inactive", checked)  # its own reads are not the decoder's
-        dec.generate(rep, 12, lookup=True, **kw)
+        dec.generate(rep, 12, lookup=True, lookup_ngram=(1, 3), lookup_max=8, **kw)
         monkeypatch.setattr(kgen, "_warm_up_inactive", real)
     assert diffs == [[], []], diffs
 
@@ -273,7 +274,7 @@ def test_sampling_first_two_tokens_follow_target(tree, temperature, top_k, top_p
     hf, dec = sampling_model()
     rows = 1600
     out = dec.generate([SAMPLE_PROMPT] * rows, 2, threshold=0.0, max_draft=2, tree=tree, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=99, lookup=True, lookup_max=4)
+                       top_k=top_k, top_p=top_p, seed=99, lookup=True, lookup_ngram=(1, 3), lookup_max=4)
     toks = torch.stack(out.tokens)
     counts = torch.bincount(toks[:, 0] * SV + toks[:, 1], minlength=SV * SV)
     p = chi2_pvalue(counts, target_joint(hf, SAMPLE_PROMPT, temperature, top_k, top_p))
@@ -297,15 +298,15 @@ def test_sampling_control_fails(monkeypatch):
     monkeypatch.setattr(kverify, "verify_sample", broken)
     hf, dec = sampling_model()
     out = dec.generate([SAMPLE_PROMPT] * 1600, 2, threshold=0.0, max_draft=2, temperature=1.0, seed=99,
-                       lookup=True, lookup_max=4)
+                       lookup=True, lookup_ngram=(1, 3), lookup_max=4)
     toks = torch.stack(out.tokens)
     counts = torch.bincount(toks[:, 0] * SV + toks[:, 1], minlength=SV * SV)
     assert chi2_pvalue(counts, target_joint(hf, SAMPLE_PROMPT, 1.0, 0, 1.0)) < 1e-6
 
 
 @pytest.mark.parametrize("kw,match", [(dict(lookup=1), "lookup must be"),
-                                      (dict(lookup=True, lookup_max=0), "lookup_max"),
-                                      (dict(lookup=True, lookup_max=2.0), "lookup_max"),
+                                      (dict(lookup=True, lookup_ngram=(1, 3), lookup_max=0), "lookup_max"),
+                                      (dict(lookup=True, lookup_ngram=(1, 3), lookup_max=2.0), "lookup_max"),
                                       (dict(lookup=True, lookup_ngram=(3, 2)), "lookup_ngram"),
                                       (dict(lookup=True, lookup_ngram=(0, 2)), "lookup_ngram"),
                                       (dict(lookup=True, lookup_ngram=3), "lookup_ngram")])
@@ -353,7 +354,7 @@ def test_catch_up_block_garbage_is_never_read(poison_real, monkeypatch):
         warnings.simplefilter("ignore")
         dec = KangarooDecoder.from_pretrained(hf, exit_layer=2)
     dec.host_early_exit = False
-    kw = dict(threshold=0.3, max_draft=3, lookup=True, lookup_max=6)
+    kw = dict(threshold=0.3, max_draft=3, lookup=True, lookup_ngram=(1, 3), lookup_max=6)
     clean = dec.generate(rep, NEW, **kw)
     real = kdraft._adapter_block
 
@@ -385,11 +386,12 @@ def test_lookup_first_skips_the_chain_where_the_lookup_matches(monkeypatch):
     runs = {}
     for policy in ("merge", "first"):
         steps.clear()
-        out = dec.generate(rep[0], NEW, threshold=0.5, max_draft=4, lookup=True, lookup_policy=policy)
+        out = dec.generate(rep[0], NEW, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3),
+                           lookup_policy=policy)
         assert out.tokens.tolist() == ref_rep[0]
         runs[policy] = (len(steps), out.stats)
     assert runs["first"][0] < runs["merge"][0]
     assert runs["first"][1].accepted_from_lookup > 0
     assert runs["merge"][0] >= runs["merge"][1].cycles  # at least one draft step every cycle
     with pytest.raises(ValueError, match="lookup_policy"):
-        dec.generate(rep[0], 4, lookup=True, lookup_policy="both")
+        dec.generate(rep[0], 4, lookup=True, lookup_ngram=(1, 3), lookup_policy="both")
