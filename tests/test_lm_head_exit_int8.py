@@ -44,14 +44,14 @@ def _check_against_ref(res, ref, logits, tol):
     assert torch.equal(res.token_prob, res.conf)
 
 
-@pytest.mark.parametrize("B,V,D", [(1, 7, 5), (3, 1000, 64), (2, 4096, 256), (1, 1537, 96), (4, 513, 3),
+@pytest.mark.parametrize("B,V,D", [(1, 7, 5), (3, 1000, 64), (2, 4096, 256), (1, 1537, 96), (4, 513, 3), (6, 2100, 40),
                                    (2, 512, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", [False, True])
 def test_matches_reference(B, V, D, dtype, norm):
     h, w, nw = _inputs(B, V, D, dtype, seed=B * V + D)
     qw = quantize_lm_head(w)
-    active = torch.tensor([True, False, True, True][:B])
+    active = torch.tensor([True, False, True, True, False, True][:B])
     thr = 0.3
     res = lm_head_exit_int8(h, qw, thr, norm_weight=nw if norm else None, active=active)
     ref = lm_head_exit_int8_ref(h, qw, thr, norm_weight=nw if norm else None, active=active)
