@@ -92,7 +92,6 @@ def _timed(fn):
 
 def bench_shape(name, args, rows, summary):
     from kangaroo.generate import KangarooDecoder
-    from kangaroo.state import draft_head_weight
 
     from kangaroo_kernels import verify_greedy
     from kangaroo_kernels.ops.adapter_forward import adapter_forward
@@ -149,7 +148,7 @@ def bench_shape(name, args, rows, summary):
     hid = torch.randn(1, GAMMA + 1, D, generator=gen)
     drafts = torch.randint(0, V, (1, GAMMA), dtype=torch.int32, generator=gen)
     blk = pos[:, None] + torch.arange(GAMMA + 1)
-    head_q, head_desc = draft_head_weight(model, dec.adapter, dec.draft_head)
+    head_q = dec.draft_lm_head[0]  # the decoder's own choice, as its Kangaroo runs above used
 
     def decode():
         x = model.forward_layers(model.embed(tok[:, None]), 0, L, cache, lens, pos[:, None])

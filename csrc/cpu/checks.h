@@ -15,9 +15,9 @@ inline std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
-// t must have `shape` (-1: any size), be contiguous and live on `dev`.
-inline void check_meta(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
-                       const char* expected, const c10::Device& dev) {
+// t must have `shape` (-1: any size).
+inline void check_shape(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
+                        const char* expected) {
   bool ok = t.dim() == static_cast<int64_t>(shape.size());
   int64_t d = 0;
   for (int64_t s : shape) {
@@ -25,8 +25,22 @@ inline void check_meta(const char* name, const at::Tensor& t, std::initializer_l
     ++d;
   }
   TORCH_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", shape_str(t));
+}
+
+// t must have `shape` (-1: any size), be contiguous and live on `dev`.
+inline void check_meta(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
+                       const char* expected, const c10::Device& dev) {
+  check_shape(name, t, shape, expected);
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
+}
+
+// check_meta for an int32 tensor (the dtype checked right after the shape).
+inline void check_i32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
+                      const char* expected, const c10::Device& dev) {
+  check_shape(name, t, shape, expected);
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  check_meta(name, t, shape, expected, dev);
 }
 
 }  // namespace kangaroo

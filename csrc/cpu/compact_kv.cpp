@@ -7,41 +7,18 @@
 #include <string>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "kangaroo/compact_kv.cuh"
 
 namespace kangaroo {
-
-namespace {
-
-std::string ckv_shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void ckv_check_i32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
-                   const char* expected, const c10::Device& dev) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  int64_t d = 0;
-  for (int64_t s : shape) {
-    if (ok && s >= 0 && t.size(d) != s) ok = false;
-    ++d;
-  }
-  TORCH_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", ckv_shape_str(t));
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
-}
-
-}  // namespace
 
 // Metadata checks shared by the CPU and CUDA implementations. Returns the filled params.
 CompactKVParams compact_kv_check_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& cache_lens, const at::Tensor& path,
                                       const at::Tensor& accept_len) {
-  TORCH_CHECK_VALUE(k_cache.dim() == 5, "k_cache must have shape [L, B, Hk, S, Dh], got ", ckv_shape_str(k_cache));
+  TORCH_CHECK_VALUE(k_cache.dim() == 5, "k_cache must have shape [L, B, Hk, S, Dh], got ", shape_str(k_cache));
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
-                    ckv_shape_str(k_cache), ", got ", ckv_shape_str(v_cache));
+                    shape_str(k_cache), ", got ", shape_str(v_cache));
   TORCH_CHECK_VALUE(k_cache.is_floating_point(), "k_cache must have a floating dtype, got ", k_cache.scalar_type());
   TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache must have the dtype of k_cache (",
                     k_cache.scalar_type(), "), got ", v_cache.scalar_type());
@@ -55,10 +32,10 @@ CompactKVParams compact_kv_check_args(const at::Tensor& k_cache, const at::Tenso
                       " must be contiguous in its last dim (head_dim)");
   }
   TORCH_CHECK_VALUE(path.dim() == 2 && path.size(0) == B && path.size(1) >= 1,
-                    "path must have shape [B, N+1] with B = ", B, ", got ", ckv_shape_str(path));
-  ckv_check_i32("path", path, {B, path.size(1)}, "[B, N+1]", dev);
-  ckv_check_i32("cache_lens", cache_lens, {B}, "[B]", dev);
-  ckv_check_i32("accept_len", accept_len, {B}, "[B]", dev);
+                    "path must have shape [B, N+1] with B = ", B, ", got ", shape_str(path));
+  check_i32("path", path, {B, path.size(1)}, "[B, N+1]", dev);
+  check_i32("cache_lens", cache_lens, {B}, "[B]", dev);
+  check_i32("accept_len", accept_len, {B}, "[B]", dev);
   CompactKVParams p;
   const int64_t es = k_cache.element_size();
   p.k = static_cast<char*>(k_cache.data_ptr());

@@ -22,8 +22,8 @@
 #include <optional>
 #include <vector>
 
-#include "checks.h"
-#include "simd.h"
+#include "cpu/checks.h"
+#include "cpu/simd.h"
 
 namespace kangaroo {
 namespace {

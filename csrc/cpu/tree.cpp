@@ -8,51 +8,28 @@
 #include <string>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "kangaroo/tree.cuh"
 
 namespace kangaroo {
-
-namespace {
-
-std::string tree_shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void tree_check_i32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
-                    const char* expected, const c10::Device& dev) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  int64_t d = 0;
-  for (int64_t s : shape) {
-    if (ok && t.size(d) != s) ok = false;
-    ++d;
-  }
-  TORCH_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", tree_shape_str(t));
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
-}
-
-}  // namespace
 
 // Metadata checks shared by the CPU and CUDA implementations. Returns the filled params (pointers included).
 BuildTreeParams build_tree_check_args(const at::Tensor& parents, const std::optional<at::Tensor>& num_nodes,
                                       const at::Tensor& depth, const at::Tensor& mask,
                                       const at::Tensor& first_child, const at::Tensor& next_sibling,
                                       const at::Tensor& root_first_child) {
-  TORCH_CHECK_VALUE(parents.dim() == 2, "parents must have shape [B, N], got ", tree_shape_str(parents));
+  TORCH_CHECK_VALUE(parents.dim() == 2, "parents must have shape [B, N], got ", shape_str(parents));
   const int64_t B = parents.size(0), N = parents.size(1);
   TORCH_CHECK_VALUE(N <= 65536, "parents: N must be <= 65536, got ", N);
   const int64_t W = ceil_div<int64_t>(N, 32);
   const auto dev = parents.device();
-  tree_check_i32("parents", parents, {B, N}, "[B, N]", dev);
-  if (num_nodes) tree_check_i32("num_nodes", *num_nodes, {B}, "[B]", dev);
-  tree_check_i32("depth", depth, {B, N}, "[B, N]", dev);
-  tree_check_i32("mask", mask, {B, N, W}, "[B, N, ceil(N/32)]", dev);
-  tree_check_i32("first_child", first_child, {B, N}, "[B, N]", dev);
-  tree_check_i32("next_sibling", next_sibling, {B, N}, "[B, N]", dev);
-  tree_check_i32("root_first_child", root_first_child, {B}, "[B]", dev);
+  check_i32("parents", parents, {B, N}, "[B, N]", dev);
+  if (num_nodes) check_i32("num_nodes", *num_nodes, {B}, "[B]", dev);
+  check_i32("depth", depth, {B, N}, "[B, N]", dev);
+  check_i32("mask", mask, {B, N, W}, "[B, N, ceil(N/32)]", dev);
+  check_i32("first_child", first_child, {B, N}, "[B, N]", dev);
+  check_i32("next_sibling", next_sibling, {B, N}, "[B, N]", dev);
+  check_i32("root_first_child", root_first_child, {B}, "[B]", dev);
   BuildTreeParams p;
   p.parents = parents.data_ptr<int32_t>();
   p.num_nodes = num_nodes ? num_nodes->data_ptr<int32_t>() : nullptr;

@@ -24,29 +24,10 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "kangaroo/verify_sample.cuh"
 
 namespace kangaroo {
-
-namespace {
-
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void check_shape(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape, const char* expected) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  int64_t d = 0;
-  for (int64_t s : shape) {
-    if (ok && s >= 0 && t.size(d) != s) ok = false;
-    ++d;
-  }
-  TORCH_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", shape_str(t));
-}
-
-}  // namespace
 
 // Metadata checks shared by the CPU and CUDA implementations (defined once, here). Returns {B, N, V}.
 std::array<int64_t, 3> verify_sample_check_args(const at::Tensor& draft_tokens, const at::Tensor& target_logits,

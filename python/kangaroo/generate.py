@@ -87,6 +87,11 @@ class KangarooDecoder:
             raise ValueError(f"exit_layer={exit_layer} contradicts the adapter's exit layer {adapter.exit_layer}")
         return cls(model, adapter, **kwargs)
 
+    @property
+    def draft_lm_head(self):
+        """(the int8 draft head or None for the exact head, its description): what the chain drafts with."""
+        return self._head
+
     def fingerprint(self) -> str:
         return self.model.fingerprint()
 
@@ -149,9 +154,9 @@ class KangarooDecoder:
         if max_new == 0:
             return tally.output(single)
         t_start = time.perf_counter()
-        tally.stats.draft_head = "" if autoregressive or topk > 1 else self._head[1]
+        tally.stats.draft_head = "" if autoregressive or topk > 1 else self.draft_lm_head[1]
         st = new_state(m, None if autoregressive else self.adapter, cfg, B, S, seed, eos,
-                       self._head[0] if tally.stats.draft_head else None)
+                       self.draft_lm_head[0] if tally.stats.draft_head else None)
         self._prefill(st, prompts)
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)

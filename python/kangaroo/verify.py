@@ -68,7 +68,7 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
     commit(st, acc.tokens, a, catch_n, catch_h, n_look)
 
 
-def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool = True):
+def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool):
     """(catch_n [B], catch_h [B, W, D]): the accepted positions the adapter has no K/V for and their layer-ℓ
     states. The adapter ran on x0 and chain nodes 0..n_chain-2 only, so the path lacks it from its first node that
     is not one of those (the last chain draft, a sibling, a private lookup node) to its end; a row that drafted no
