@@ -1,12 +1,14 @@
 """llama_layer's C++ CPU kernel (csrc/cpu/llama_layer.cpp, what kangaroo.model.LlamaModel.layer runs on CPU) against
 the layer written out with the references: odd head dims, GQA, q/k/v bias, T = 1 and causal T > 1 blocks, a tree
 block, inactive rows, a slot at the cache's end, and only the given layer of the stacked cache written; row-major and
-the model's column-major CPU weights."""
+the model's column-major CPU weights. A T-row block reproduces T one-row steps bit for bit (what makes a verify pass
+equal the plain decode steps it replaces), whatever the thread count."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kangaroo_kernels._ext import ops
 from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
 from kangaroo_kernels.reference.append_attention import append_attention_ref
 from kangaroo_kernels.rope import make_rope_cos_sin
@@ -34,11 +36,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("colmajor", [False, True], ids=["rowmajor", "colmajor"])
+def _lay_out(p, layout):
+    """The weights as the op receives them: row-major, column-major (the CPU model's layout in other dtypes) or
+    packed by pack_gemm_weight (the fp32 CPU model's: the hand-written path)."""
+    if layout == "colmajor":
+        return {k: t.t().contiguous().t() if t.dim() == 2 else t for k, t in p.items()}
+    if layout == "packed":
+        return {k: ops().pack_gemm_weight(t) if t.dim() == 2 else t for k, t in p.items()}
+    return p
+
+
+@pytest.mark.parametrize("layout", ["rowmajor", "colmajor", "packed"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}x{c[3]}D{c[4]}"
                          f"{'-bias' if c[9] else ''}{'-tree' if c[10] else ''}{'-act' if c[11] else ''}")
-def test_cpu_layer_matches_reference(case, colmajor):
-    """colmajor: the model's CPU weight layout (kangaroo.model._cpu_layout)."""
+def test_cpu_layer_matches_reference(case, layout):
     B, T, Hq, Hk, Dh, D, inter, S, lens, bias, tree, active = case
     gen = torch.Generator().manual_seed(T * 10 + Dh)
 
@@ -50,8 +61,6 @@ def test_cpu_layer_matches_reference(case, colmajor):
          "wgu": rnd(2 * inter, D, scale=D ** -0.5), "wd": rnd(D, inter, scale=inter ** -0.5)}
     if bias:
         p["bqkv"] = rnd((Hq + 2 * Hk) * Dh, scale=0.3)
-    if colmajor:
-        p = {k: t.t().contiguous().t() if t.dim() == 2 else t for k, t in p.items()}
     layers, layer = 3, 1
     kc, vc = rnd(layers, B, Hk, S, Dh), rnd(layers, B, Hk, S, Dh)
     kr, vr = kc[layer].clone(), vc[layer].clone()
@@ -66,14 +75,79 @@ def test_cpu_layer_matches_reference(case, colmajor):
         positions = cl.long()[:, None] + torch.tensor([0] + [1] * (T - 1))
     rope = make_rope_cos_sin(S + T, Dh)
     x = rnd(B, T, D)
-    got = torch.ops.kangaroo_kernels.llama_layer(x, p["ln1"], p["wqkv"], p.get("bqkv"), p["wo"], p["ln2"], p["wgu"],
-                                                 p["wd"], kc, vc, layer, cl, positions, tree_mask, act, rope, 1e-6,
-                                                 Hq, Hk)
+    q = _lay_out(p, layout)
+    got = ops().llama_layer(x, q["ln1"], q["wqkv"], q.get("bqkv"), q["wo"], q["ln2"], q["wgu"], q["wd"], kc, vc,
+                            layer, cl, positions, tree_mask, act, rope, 1e-6, Hq, Hk)
     want = _layer_ref(x, p, kr, vr, cl, positions, tree_mask, act, rope, 1e-6, Hq, Hk)
     rows = act if act is not None else torch.ones(B, dtype=torch.bool)
     # fp32 throughout: the GEMVs and attention sums differ only in order (~1e-6)
     torch.testing.assert_close(got[rows], want[rows], atol=2e-5, rtol=2e-5)
+    # the cached K/V are GEMV outputs too (K also rotated): same order-of-summation tolerance, at the values' scale
     torch.testing.assert_close(kc[layer], kr, atol=1e-6, rtol=1e-6)
-    assert torch.equal(vc[layer], vr)
+    torch.testing.assert_close(vc[layer], vr, atol=1e-6, rtol=1e-6)
     for other in (0, 2):
         assert torch.equal(kc[other], kc0[other]) and torch.equal(vc[other], vc0[other])
+
+
+def _random_layer(D, Hq, Hk, Dh, inter, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    p = {"ln1": 1 + rnd(D, scale=0.1), "wqkv": rnd((Hq + 2 * Hk) * Dh, D, scale=D ** -0.5),
+         "wo": rnd(D, Hq * Dh, scale=(Hq * Dh) ** -0.5), "ln2": 1 + rnd(D, scale=0.1),
+         "wgu": rnd(2 * inter, D, scale=D ** -0.5), "wd": rnd(D, inter, scale=inter ** -0.5)}
+    if bias:
+        p["bqkv"] = rnd((Hq + 2 * Hk) * Dh, scale=0.3)
+    return _lay_out(p, "packed"), rnd
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(256, 4, 2, 64, 768, False, 11), (200, 3, 1, 96, 100, True, 13)],
+                         ids=["demo", "odd-bias"])
+def test_cpu_block_equals_one_row_steps(shape, threads):
+    """Greedy Kangaroo output equals plain decoding only if verifying a block computes what the plain steps would:
+    here exactly (torch.equal), outputs and cache, for a T-row causal block against T single-row calls, B = 2."""
+    D, Hq, Hk, Dh, inter, bias, T = shape
+    p, rnd = _random_layer(D, Hq, Hk, Dh, inter, bias, seed=D + T)
+    B, S, L0 = 2, 64, [5, 30]
+    kc, vc = rnd(1, B, Hk, S, Dh), rnd(1, B, Hk, S, Dh)
+    kc2, vc2 = kc.clone(), vc.clone()
+    x = rnd(B, T, D)
+    rope = make_rope_cos_sin(S + T, Dh)
+    lens = torch.tensor(L0, dtype=torch.int32)
+    args = lambda: (p["ln1"], p["wqkv"], p.get("bqkv"), p["wo"], p["ln2"], p["wgu"], p["wd"])  # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        block = ops().llama_layer(x, *args(), kc, vc, 0, lens, lens.long()[:, None] + torch.arange(T), None, None,
+                                  rope, 1e-6, Hq, Hk)
+        steps = []
+        for t in range(T):
+            lt = lens + t
+            steps.append(ops().llama_layer(x[:, t:t + 1].contiguous(), *args(), kc2, vc2, 0, lt, lt.long()[:, None],
+                                           None, None, rope, 1e-6, Hq, Hk))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(block, torch.cat(steps, 1))
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_pack_gemm_weight_round_trip_and_bad_input():
+    w = torch.randn(45, 7)  # 45 rows: one full tile and a padded one
+    wp = ops().pack_gemm_weight(w)
+    assert wp.shape == (2, 7, 32) and torch.equal(wp[1, :, 13:], torch.zeros(7, 19))
+    assert torch.equal(wp[0, 3], w[:32, 3]) and torch.equal(ops().unpack_gemm_weight(wp, 45), w)
+    with pytest.raises(ValueError, match="rows do not pack"):
+        ops().unpack_gemm_weight(wp, 70)
+    with pytest.raises(ValueError, match=r"must be \[N, K\]"):
+        ops().pack_gemm_weight(torch.randn(3))
+    p, _ = _random_layer(64, 2, 1, 32, 48, False, seed=1)
+    p["wd"] = p["wd"].double()  # one weight of the wrong dtype: refused, not misread
+    x = torch.randn(1, 1, 64)
+    kc = torch.zeros(1, 1, 1, 8, 32)
+    with pytest.raises(ValueError, match="packed weights"):
+        ops().llama_layer(x, p["ln1"], p["wqkv"], None, p["wo"], p["ln2"], p["wgu"], p["wd"], kc, kc.clone(), 0,
+                          torch.zeros(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.long), None, None,
+                          make_rope_cos_sin(8, 32), 1e-6, 2, 1)

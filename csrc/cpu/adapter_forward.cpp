@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "cpu/ops_cpu.h"
-#include "cpu/simd.h"
+#include "cpu/small_gemm.h"
 
 namespace kangaroo {
 
@@ -22,34 +22,6 @@ at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps) {
   const at::Tensor xf = x.to(at::kFloat);
   const at::Tensor xn = (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
   return w * xn;
-}
-
-// y[n] = dot(w[n, :K], x) (+ b[n]) for n < N: a row-major fp32 GEMV (rows ldw apart), fp32 accumulation.
-KANGAROO_ISA_CLONES void gemv_rows_f32(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
-                                       const float* b, float* y) {
-  for (int64_t n = 0; n < N; ++n) {
-    const float* r = w + n * ldw;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
-    y[n] = b ? s + b[n] : s;
-  }
-}
-
-// gemv_rows_f32 split over torch's intra-op threads in blocks of rows (one thread when the GEMV is small).
-void gemv_rows_f32_par(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y) {
-  at::parallel_for(0, N, std::max<int64_t>(32, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    gemv_rows_f32(w + n0 * ldw, ldw, x, n1 - n0, K, b ? b + n0 : nullptr, y + n0);
-  });
-}
-
-// RMSNorm of x[0, D) times w into y (fp32 tensors: rms_norm_ref's roundings are exact there).
-void rms_norm_f32(const float* x, const float* w, int64_t D, double eps, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-  for (int64_t d = 0; d < D; ++d) y[d] = w[d] * (x[d] * r);
 }
 
 bool rows_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1; }
@@ -95,11 +67,11 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
     float* qp = qkv.data_ptr<float>();
     auto ptr = [](const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; };
     for (int64_t b = 0; b < B; ++b) {
-      rms_norm_f32(hp + b * h.stride(0), norm_in.data_ptr<float>(), D, eps, x.data());
+      rms_norm_row_f32(hp + b * h.stride(0), norm_in.data_ptr<float>(), D, eps, x.data());
       float* row = qp + b * (NQ + 2 * NK);
-      gemv_rows_f32_par(wq.data_ptr<float>(), wq.stride(0), x.data(), NQ, D, ptr(bq), row);
-      gemv_rows_f32_par(wk.data_ptr<float>(), wk.stride(0), x.data(), NK, D, ptr(bk), row + NQ);
-      gemv_rows_f32_par(wv.data_ptr<float>(), wv.stride(0), x.data(), NK, D, ptr(bv), row + NQ + NK);
+      gemv_nk_f32(wq.data_ptr<float>(), wq.stride(0), x.data(), NQ, D, ptr(bq), row);
+      gemv_nk_f32(wk.data_ptr<float>(), wk.stride(0), x.data(), NK, D, ptr(bk), row + NQ);
+      gemv_nk_f32(wv.data_ptr<float>(), wv.stride(0), x.data(), NK, D, ptr(bv), row + NQ + NK);
     }
     append_attention_cpu(qkv.narrow(2, 0, Hq), qkv.narrow(2, Hq, Hk), qkv.narrow(2, Hq + Hk, Hk), k_cache, v_cache,
                          cache_lens, std::nullopt, active, positions.view({B, 1}), *rope_cos_sin,
@@ -113,10 +85,10 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
         std::fill(ob, ob + D, 0.f);
         continue;
       }
-      gemv_rows_f32_par(wo.data_ptr<float>(), wo.stride(0), ap + b * NQ, D, NQ, nullptr, r.data());
+      gemv_nk_f32(wo.data_ptr<float>(), wo.stride(0), ap + b * NQ, D, NQ, nullptr, r.data());
       for (int64_t d = 0; d < D; ++d) r[d] += hp[b * h.stride(0) + d];
       if (apply_out_norm) {
-        rms_norm_f32(r.data(), norm_out.data_ptr<float>(), D, eps, ob);
+        rms_norm_row_f32(r.data(), norm_out.data_ptr<float>(), D, eps, ob);
       } else {
         std::copy(r.begin(), r.end(), ob);
       }

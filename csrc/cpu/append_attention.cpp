@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu/ops_cpu.h"
+#include "cpu/simd.h"
 
 namespace kangaroo {
 
@@ -78,6 +79,84 @@ inline int64_t read_index(const void* p, bool is64, int64_t i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
+// p[j] = exp(s[j] - m) for j < n, m >= every s[j] (so every argument is <= 0): vectorized, the softmax's only
+// transcendental (std::exp, scalar, was a third of a 7-row verify layer's attention at a 200-token prefix).
+KANGAROO_ISA_CLONES void exp_shifted(const float* s, int64_t n, float m, float* p) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(s[j] - m);
+}
+
+// s[j] = scale * dot(q, k[j * ldk, +Dh)) for j < n; returns the max. Four keys per pass (independent FMA chains),
+// every dot the same fixed-order arithmetic (dot16), so a key's score does not depend on its neighbours.
+__attribute__((always_inline)) inline float dot16(const float* q, const float* k, int64_t Dh) {
+  v16f c{};
+  int64_t d = 0;
+  for (; d + 16 <= Dh; d += 16) c += load16(q + d) * load16(k + d);
+  float s = hsum16(c);
+  for (; d < Dh; ++d) s += q[d] * k[d];
+  return s;
+}
+
+KANGAROO_ISA_CLONES float scores_f32(const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale,
+                                     float* s) {
+  float m = -INFINITY;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* kj = k + j * ldk;
+    const float s0 = dot16(q, kj, Dh), s1 = dot16(q, kj + ldk, Dh), s2 = dot16(q, kj + 2 * ldk, Dh),
+                s3 = dot16(q, kj + 3 * ldk, Dh);
+    s[j] = s0 * scale;
+    s[j + 1] = s1 * scale;
+    s[j + 2] = s2 * scale;
+    s[j + 3] = s3 * scale;
+    m = std::max(std::max(m, std::max(s[j], s[j + 1])), std::max(s[j + 2], s[j + 3]));
+  }
+  for (; j < n; ++j) {
+    s[j] = dot16(q, k + j * ldk, Dh) * scale;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+// acc[0, Dh) += p[j] * v[j * ldv, +Dh) for j < n in j order, skipping p[j] == 0 (masked or underflowed: adding
+// nothing either way).
+KANGAROO_ISA_CLONES void pv_f32(const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    if (pj == 0.f) continue;
+    const float* vj = v + j * ldv;
+#pragma omp simd
+    for (int64_t d = 0; d < Dh; ++d) acc[d] += pj * vj[d];
+  }
+}
+
+// One fp32 query row q[Dh] over the unit-stride cached prefix [0, lp) (rows ldk / ldv apart) and the T new keys
+// visible to block row t (causal, or the tree words), out[Dh]. The scores sit at their sequence positions (prefix,
+// then the new keys) and every sum runs in that order, so a token's output is the same bits whether the keys before
+// it are cached or new in the same block (a verify block reproduces the plain steps).
+void attend_row_f32(const float* q, const float* kc, int64_t ldk, const float* vc, int64_t ldv, int64_t lp,
+                    const float* kn, const float* vn, int64_t T, const int32_t* words, int64_t t, float scale,
+                    int64_t Dh, float* sc, float* pr, float* acc, float* out) {
+  float m = scores_f32(q, kc, ldk, lp, Dh, scale, sc);
+  for (int64_t j = 0; j < T; ++j) {
+    const bool vis = words ? ((static_cast<uint32_t>(words[j / 32]) >> (j % 32)) & 1u) != 0 : j <= t;
+    sc[lp + j] = vis ? scores_f32(q, kn + j * Dh, Dh, 1, Dh, scale, sc + lp + j) : -INFINITY;
+    m = std::max(m, sc[lp + j]);
+  }
+  if (m == -INFINITY) {  // sees no key: attends to nothing
+    std::fill(out, out + Dh, 0.f);
+    return;
+  }
+  exp_shifted(sc, lp + T, m, pr);  // 0 where masked (-inf)
+  float l = 0.f;
+  for (int64_t j = 0; j < lp + T; ++j) l += pr[j];
+  std::fill(acc, acc + Dh, 0.f);
+  pv_f32(pr, vc, ldv, lp, Dh, acc);
+  pv_f32(pr + lp, vn, Dh, T, Dh, acc);
+  const float inv = 1.f / l;
+  for (int64_t d = 0; d < Dh; ++d) out[d] = acc[d] * inv;
+}
+
 template <typename T>
 void attend_bh(const Args& a, int64_t b, int64_t kh) {
   const int64_t NT = a.T, Dh = a.Dh, G = a.G, S = a.S;
@@ -97,14 +176,15 @@ void attend_bh(const Args& a, int64_t b, int64_t kh) {
   }
   const int64_t L = read_index(a.lens, a.lens64, b);
   const int64_t lp = std::min(std::max<int64_t>(L, 0), S);
-  // scratch: rotated new keys [T, Dh], new values [T, Dh], one query [Dh], its output [Dh], scores [lp + T]
-  // and one cache row converted to fp32 [Dh] (16-bit or strided caches)
-  float* knr = scratch(static_cast<size_t>(2 * NT * Dh + 3 * Dh + lp + NT));
+  // scratch: rotated new keys [T, Dh], new values [T, Dh], one query [Dh], its output [Dh], scores and their
+  // exps [lp + T] each, and one cache row converted to fp32 [Dh] (16-bit or strided caches)
+  float* knr = scratch(static_cast<size_t>(2 * NT * Dh + 3 * Dh + 2 * (lp + NT)));
   float* vnr = knr + NT * Dh;
   float* qr = vnr + NT * Dh;
   float* acc = qr + Dh;
   float* tmp = acc + Dh;
   float* sc = tmp + Dh;
+  float* pr = sc + lp + NT;
   const float* cs = static_cast<const float*>(a.cs);
   auto cs_row = [&](int64_t t) {
     const int64_t p = a.pos ? read_index(a.pos, a.pos64, b * a.s_pb + t * a.s_pt) : L + t;
@@ -121,6 +201,14 @@ void attend_bh(const Args& a, int64_t b, int64_t kh) {
       const int64_t h = kh * G + g;
       load_row(q + b * a.s_qb + t * a.s_qt + h * a.s_qh, a.s_qd, Dh, qr);
       if (cs) rope_row<T>(qr, cs_row(t), Dh);
+      const int32_t* words = a.tree ? static_cast<const int32_t*>(a.tree) + b * a.s_tmb + t * a.s_tmt : nullptr;
+      if constexpr (std::is_same<T, float>::value) {
+        if (kc_unit && vc_unit) {
+          attend_row_f32(qr, kc, a.s_kcs, vc, a.s_vcs, lp, knr, vnr, NT, words, t, a.scale, Dh, sc, pr, acc,
+                         out + ((b * NT + t) * a.Hq + h) * Dh);
+          continue;
+        }
+      }
       float m = -INFINITY;
       for (int64_t j = 0; j < lp; ++j) {
         const T* kr = kc + j * a.s_kcs;
@@ -140,7 +228,6 @@ void attend_bh(const Args& a, int64_t b, int64_t kh) {
         sc[j] = s;
         m = std::max(m, s);
       }
-      const int32_t* words = a.tree ? static_cast<const int32_t*>(a.tree) + b * a.s_tmb + t * a.s_tmt : nullptr;
       for (int64_t j = 0; j < NT; ++j) {
         const bool vis = words ? ((static_cast<uint32_t>(words[j / 32]) >> (j % 32)) & 1u) != 0 : j <= t;
         if (!vis) {
@@ -158,9 +245,10 @@ void attend_bh(const Args& a, int64_t b, int64_t kh) {
       }
       std::fill(acc, acc + Dh, 0.0f);
       float l = 0.0f;
+      exp_shifted(sc, lp + NT, m, pr);  // 0 where masked (-inf)
       for (int64_t j = 0; j < lp + NT; ++j) {
         if (sc[j] == -INFINITY) continue;
-        const float p = std::exp(sc[j] - m);
+        const float p = pr[j];
         l += p;
         const float* vr;
         if (j >= lp) {

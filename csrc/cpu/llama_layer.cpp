@@ -1,14 +1,20 @@
 // CPU implementation of kangaroo_kernels::llama_layer: one Llama-family decoder layer (kangaroo.model.LlamaModel.layer)
-// in a single dispatcher crossing. The same ATen calls as the Python layer (so the same results, bit for bit), made
-// from C++, with the attention of append_attention's CPU kernel called directly: a small model's CPU decode step is
-// bound by per-op overhead, not by its GEMVs.
+// in a single dispatcher crossing, with the attention of append_attention's CPU kernel called directly.
+//
+// fp32 with the model's column-major CPU weights (the decoder's CPU configuration) runs as hand loops over
+// small_gemm.h: a small model's decode step was bound by the ~35 ATen calls' overhead (a 12 x 256 layer: 470 us, of
+// which 125 us GEMVs), and MKL's small-M sgemm made a 5-row verify layer cost 1.4x a 1-row one. The GEMMs' per-row
+// results do not depend on how many rows share the call, so verifying k tokens reproduces k plain steps exactly.
+// Other dtypes and layouts run the same maths as ATen calls.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "cpu/ops_cpu.h"
+#include "cpu/small_gemm.h"
 
 namespace kangaroo {
 
@@ -18,6 +24,48 @@ namespace {
 at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps) {
   const at::Tensor xf = x.to(at::kFloat);
   return w * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+}
+
+// An fp32 [N, K] weight packed by pack_gemm_weight: [ceil(N / 32), K, 32] contiguous.
+bool packed_f32(const at::Tensor& t, int64_t N, int64_t K) {
+  return t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == (N + kPackCols - 1) / kPackCols &&
+         t.size(1) == K && t.size(2) == kPackCols && t.is_contiguous();
+}
+bool vec_f32(const at::Tensor& t, int64_t n) {
+  return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous();
+}
+
+thread_local std::vector<float> tls_rows;
+
+// The layer in hand loops (fp32, packed weights): rows r = b * T + t of x [B, T, D] contiguous.
+at::Tensor layer_f32(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& wqkv,
+                     const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& ln2,
+                     const at::Tensor& wgu, const at::Tensor& wd, const at::Tensor& kc, const at::Tensor& vc,
+                     const at::Tensor& cache_lens, const at::Tensor& positions,
+                     const std::optional<at::Tensor>& tree_mask, const std::optional<at::Tensor>& active,
+                     const at::Tensor& rope_cos_sin, double eps, int64_t Hq, int64_t Hk, int64_t Dh) {
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2), R = B * T;
+  const int64_t NQ = Hq * Dh, NQKV = (Hq + 2 * Hk) * Dh, I = wd.size(1);  // wd packed: [tiles, I, 32]
+  at::Tensor qkv = at::empty({B, T, Hq + 2 * Hk, Dh}, x.options());
+  at::Tensor attn = at::empty({B, T, Hq, Dh}, x.options());
+  at::Tensor out = at::empty({B, T, D}, x.options());
+  if (tls_rows.size() < static_cast<size_t>(R * (D + 3 * I))) tls_rows.resize(R * (D + 3 * I));
+  float* h = tls_rows.data();  // [R, D] normed rows
+  float* gu = h + R * D;       // [R, 2I] gate | up
+  float* g = gu + R * 2 * I;   // [R, I] silu(gate) * up
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) rms_norm_row_f32(xp + r * D, ln1.data_ptr<float>(), D, eps, h + r * D);
+  gemm_packed_f32(h, D, R, wqkv.data_ptr<float>(), D, NQKV, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, 0,
+                  qkv.data_ptr<float>(), NQKV);
+  append_attention_cpu(qkv.narrow(2, 0, Hq), qkv.narrow(2, Hq, Hk), qkv.narrow(2, Hq + Hk, Hk), kc, vc, cache_lens,
+                       tree_mask, active, positions, rope_cos_sin, std::pow(static_cast<double>(Dh), -0.5), 0, attn);
+  gemm_packed_f32(attn.data_ptr<float>(), NQ, R, wo.data_ptr<float>(), NQ, D, nullptr, xp, D, op, D);
+  for (int64_t r = 0; r < R; ++r) rms_norm_row_f32(op + r * D, ln2.data_ptr<float>(), D, eps, h + r * D);
+  gemm_packed_f32(h, D, R, wgu.data_ptr<float>(), D, 2 * I, nullptr, nullptr, 0, gu, 2 * I);
+  for (int64_t r = 0; r < R; ++r) silu_mul_row_f32(gu + r * 2 * I, gu + r * 2 * I + I, I, g + r * I);
+  gemm_packed_f32(g, I, R, wd.data_ptr<float>(), I, D, nullptr, op, D, op, D);
+  return out;
 }
 
 }  // namespace
@@ -34,7 +82,19 @@ at::Tensor llama_layer_cpu(const at::Tensor& x, const at::Tensor& ln1, const at:
                     "k_cache/v_cache must be stacked [layers, B, Hk, S, Dh]");
   TORCH_CHECK_VALUE(layer >= 0 && layer < k_cache.size(0), "layer out of range of the stacked cache");
   const int64_t B = x.size(0), T = x.size(1), Hq = num_heads, Hk = num_kv_heads, Dh = k_cache.size(4);
-  TORCH_CHECK_VALUE(k_cache.size(2) == Hk && wqkv.dim() == 2 && wqkv.size(0) == (Hq + 2 * Hk) * Dh,
+  TORCH_CHECK_VALUE(k_cache.size(2) == Hk, "k_cache has ", k_cache.size(2), " KV heads, num_kv_heads is ", Hk);
+  const int64_t D = x.size(2), I = wd.dim() >= 2 ? wd.size(1) : 0;  // wd: [D, I] or packed [tiles, I, 32]
+  if (wqkv.dim() == 3 || wo.dim() == 3 || wgu.dim() == 3 || wd.dim() == 3) {
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && packed_f32(wqkv, (Hq + 2 * Hk) * Dh, D) &&
+                          packed_f32(wo, D, Hq * Dh) && packed_f32(wgu, 2 * I, D) && packed_f32(wd, D, I) &&
+                          vec_f32(ln1, D) && vec_f32(ln2, D) && (!bqkv || vec_f32(*bqkv, (Hq + 2 * Hk) * Dh)),
+                      "llama_layer: packed weights (pack_gemm_weight) need fp32 x, norms and bias, and all four "
+                      "weights packed with the layer's shapes");
+    return layer_f32(x.contiguous(), ln1, wqkv, bqkv, wo, ln2, wgu, wd, k_cache.select(0, layer),
+                     v_cache.select(0, layer), cache_lens, positions, tree_mask, active, rope_cos_sin, eps, Hq, Hk,
+                     Dh);
+  }
+  TORCH_CHECK_VALUE(wqkv.dim() == 2 && wqkv.size(0) == (Hq + 2 * Hk) * Dh,
                     "wqkv must be [(Hq + 2 Hk) * Dh, D] for the cache's Hk and Dh");
   const at::Tensor h = rms_norm_hf(x, ln1, eps);
   const at::Tensor qkv = at::linear(h, wqkv, bqkv);

@@ -77,26 +77,6 @@ KANGAROO_ISA_CLONES void gemv_block_int8_x4(const float* x, const int8_t* q, int
   }
 }
 
-// exp(x) for x <= 0 (a logit minus its row's max) in plain float arithmetic that the compiler vectorizes (std::exp
-// does not without -ffast-math): 2^(x log2 e) split into 2^round (exponent bits) and a polynomial of the rest;
-// relative error ~2e-7, far inside the confidence's tolerance. Below -87 the result is 0 (fp32 underflow).
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.f) * 1.44269504089f;
-  const float fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23): vectorizes, std::floor does not
-  const float f = t - fi;  // in [-0.5, 0.5]: the Taylor series of 2^f = e^(f ln 2) to degree 6 is within 2e-7
-  float p = 1.54035304e-4f;
-  p = p * f + 1.33335581e-3f;
-  p = p * f + 9.61812911e-3f;
-  p = p * f + 5.55041087e-2f;
-  p = p * f + 2.40226507e-1f;
-  p = p * f + 6.93147181e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return x < -87.f ? 0.f : p * s;
-}
-
 struct BlockStat {
   float max;    // NaN when the block holds a NaN logit
   int64_t arg;  // first index of the max (of the first NaN), relative to the block

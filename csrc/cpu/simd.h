@@ -5,7 +5,9 @@
 // written as `omp simd` reductions vectorize under -fopenmp-simd (setup.py) without -ffast-math.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KANGAROO_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -14,3 +16,49 @@
 #else
 #define KANGAROO_ISA_CLONES
 #endif
+
+namespace kangaroo {
+
+// 16 floats as one GCC vector: one zmm under the AVX-512 clone, two ymm under AVX2, four xmm in the baseline; the
+// same per-lane arithmetic in all three.
+typedef float v16f __attribute__((vector_size(64)));
+
+__attribute__((always_inline)) inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// By value: taking the address of an accumulator would keep a whole accumulator array out of registers.
+__attribute__((always_inline)) inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The lanes' sum in a fixed pairwise order.
+__attribute__((always_inline)) inline float hsum16(v16f v) {
+  float t[16];
+  store16(t, v);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// exp(x) for x <= 0 (a logit minus its row's max) in plain float arithmetic that the compiler vectorizes (std::exp
+// does not without -ffast-math): 2^(x log2 e) split into 2^round (exponent bits) and a polynomial of the rest;
+// relative error ~2e-7, far inside the confidence's tolerance. Below -87 the result is 0 (fp32 underflow).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.f) * 1.44269504089f;
+  const float fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23): vectorizes, std::floor does not
+  const float f = t - fi;  // in [-0.5, 0.5]: the Taylor series of 2^f = e^(f ln 2) to degree 6 is within 2e-7
+  float p = 1.54035304e-4f;
+  p = p * f + 1.33335581e-3f;
+  p = p * f + 9.61812911e-3f;
+  p = p * f + 5.55041087e-2f;
+  p = p * f + 2.40226507e-1f;
+  p = p * f + 6.93147181e-1f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return x < -87.f ? 0.f : p * s;
+}
+
+}  // namespace kangaroo

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from kangaroo_kernels._ext import ops as _native
 from kangaroo_kernels.ops.append_attention import append_attention
 from kangaroo_kernels.reference.adapter_forward import rms_norm_ref as rms_norm  # HF LlamaRMSNorm rounding
 from kangaroo_kernels.rope import make_rope_cos_sin
@@ -145,6 +146,9 @@ class LlamaModel:
         self.layers: List[Dict[str, torch.Tensor]] = [_cpu_layout(lay) for lay in weights["layers"]]
         self.norm: torch.Tensor = weights["norm"]
         self.lm_head: torch.Tensor = self.embed_tokens if tied else _cpu_colmajor(weights["lm_head"])
+        # CPU fp32: a packed copy of the head for the logits (small_gemm.h: verify rows get the plain step's bits)
+        self._lm_head_packed: Optional[torch.Tensor] = (
+            _native().pack_gemm_weight(self.lm_head) if _packs(self.lm_head) else None)
         self._rope: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
 
@@ -194,7 +198,7 @@ class LlamaModel:
 
         tied = self.lm_head is self.embed_tokens
         w = {"embed": cv(self.embed_tokens), "norm": cv(self.norm),
-             "layers": [{k: cv(v) for k, v in lay.items()} for lay in self.layers]}
+             "layers": [{k: cv(v) for k, v in self.layer_weights(i).items()} for i in range(len(self.layers))]}
         w["lm_head"] = w["embed"] if tied else cv(self.lm_head)
         return LlamaModel(self.config, w)
 
@@ -203,6 +207,14 @@ class LlamaModel:
         if self._fingerprint is None:
             self._fingerprint = fingerprint_of(self.lm_head)
         return self._fingerprint
+
+    def layer_weights(self, i: int) -> Dict[str, torch.Tensor]:
+        """Layer i's weights in their logical [N, K] shapes (self.layers may hold them packed for the CPU)."""
+        c = self.config
+        rows = {"wqkv": (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, "wo": c.hidden_size,
+                "wgu": 2 * c.intermediate_size, "wd": c.hidden_size}
+        return {k: _native().unpack_gemm_weight(t, rows[k]) if k in rows and t.dim() == 3 else t
+                for k, t in self.layers[i].items()}
 
     # ------------------------------------------------------------------ cache and RoPE
     def new_cache(self, batch_size: int, max_len: int, num_layers: Optional[int] = None) -> KVCache:
@@ -236,7 +248,7 @@ class LlamaModel:
         if rope is None:
             rope = self.rope_cos_sin(cache.max_len)
         if x.device.type == "cpu":  # the same maths in one C++ op (csrc/cpu/llama_layer.cpp): no per-op overhead
-            return torch.ops.kangaroo_kernels.llama_layer(
+            return _native().llama_layer(
                 x, p["ln1"], p["wqkv"], p.get("bqkv"), p["wo"], p["ln2"], p["wgu"], p["wd"], cache.k, cache.v, i,
                 cache_lens, positions, tree_mask, active, rope, c.rms_norm_eps, c.num_attention_heads,
                 c.num_key_value_heads)
@@ -264,7 +276,10 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head; fp32 logits."""
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        x = rms_norm(h, self.norm, self.config.rms_norm_eps)
+        if self._lm_head_packed is not None and x.device.type == "cpu":
+            return _native().gemm_packed(x, self._lm_head_packed, self.config.vocab_size)
+        return F.linear(x, self.lm_head).float()
 
 
 def _cpu_colmajor(t: torch.Tensor) -> torch.Tensor:
@@ -277,8 +292,20 @@ def _cpu_colmajor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _packs(w: torch.Tensor) -> bool:
+    """Whether the CPU decoder keeps this weight packed (kangaroo_kernels.pack_gemm_weight): fp32 on CPU."""
+    return w.device.type == "cpu" and w.dtype == torch.float32
+
+
 def _cpu_layout(layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: _cpu_colmajor(t) if k in ("wqkv", "wo", "wgu", "wd") else t for k, t in layer.items()}
+    """CPU: fp32 layer weights packed for llama_layer's hand-written small-batch GEMMs (csrc/cpu/small_gemm.h: a
+    verify block's rows share one pass over each weight, and a row's result does not depend on the block); other
+    dtypes column-major for MKL. Other devices keep the checkpoint's layout."""
+    w = layer["wqkv"]
+    if w.device.type != "cpu":
+        return layer
+    pack = _native().pack_gemm_weight if _packs(w) else _cpu_colmajor
+    return {k: pack(t) if k in ("wqkv", "wo", "wgu", "wd") else t for k, t in layer.items()}
 
 
 # ---------------------------------------------------------------------- weight loading
