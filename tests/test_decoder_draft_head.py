@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
-from kangaroo import draft as draft_mod
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.generate import KangarooDecoder
 from kangaroo.model import LlamaModel
 from test_decoder_exact import hf_greedy, make_hf, make_prompts
+
+from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEW = 16
@@ -32,8 +33,8 @@ def test_output_equals_hf_with_either_head(model_and_ref, mode, lookup, monkeypa
     ad = KangarooAdapter.for_model(hf, 1)
     dec = KangarooDecoder.from_pretrained(hf, adapter=ad, draft_head=mode)
     calls = []
-    real = draft_mod.lm_head_exit_int8
-    monkeypatch.setattr(draft_mod, "lm_head_exit_int8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = LmHeadExitInt8Plan.run  # the decoder's int8 head runs through its plan
+    monkeypatch.setattr(LmHeadExitInt8Plan, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     for p, want in zip(prompts[:2], ref[:2]):
         out = dec.generate(p, NEW, threshold=0.0, max_draft=4, lookup=lookup)
         assert out.tokens.tolist() == want

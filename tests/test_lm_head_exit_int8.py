@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kangaroo_kernels.ops.lm_head_exit import lm_head_exit
-from kangaroo_kernels.ops.lm_head_exit_int8 import lm_head_exit_int8, quantize_lm_head
+from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan, lm_head_exit_int8, quantize_lm_head
 from kangaroo_kernels.reference.lm_head_exit import lm_head_logits_ref
 from kangaroo_kernels.reference.lm_head_exit_int8 import lm_head_exit_int8_ref, quantize_lm_head_ref
 from kangaroo_kernels.types import Int8Weight, LmHeadExit
@@ -173,3 +173,30 @@ def test_bad_input_names_the_argument():
             lm_head_exit_int8(kw.pop("hidden"), kw.pop("weight"), kw.pop("threshold"), **kw)
     empty = lm_head_exit_int8(h[:0], qw, 0.5)
     assert empty.token.shape == (0,)
+
+
+def test_plan_equals_the_op_and_refuses_what_it_refuses():
+    """LmHeadExitInt8Plan (what the decoder's draft loop calls): the op's results bit for bit, with and without
+    out buffers and active rows; inputs its direct path does not take go to the op, which converts or refuses."""
+    h, w, nw = _inputs(3, 700, 40, torch.float32, seed=4)
+    qw = quantize_lm_head(w)
+    plan = LmHeadExitInt8Plan(qw, 0.3, batch=3, norm_weight=nw, eps=1e-5)
+    active = torch.tensor([True, False, True])
+    want = lm_head_exit_int8(h, qw, 0.3, norm_weight=nw, eps=1e-5, active=active)
+    out = LmHeadExit(torch.zeros(3, dtype=torch.int32), torch.zeros(3), torch.zeros(3, dtype=torch.bool),
+                     torch.zeros(3))
+    for got in (plan.run(h, active=active), plan.run(h, active=active, out=out)):
+        for a, b in zip(got[:4], want[:4]):
+            assert torch.equal(a, b)
+    assert plan.run(h, active=active, out=out).token.data_ptr() == out.token.data_ptr()
+    strided = torch.randn(3, 80)[:, ::2]  # not contiguous: the op's path (it copies), same result as contiguous
+    assert torch.equal(plan.run(strided).conf, lm_head_exit_int8(strided.contiguous(), qw, 0.3, norm_weight=nw,
+                                                                 eps=1e-5).conf)
+    with pytest.raises(ValueError, match=r"D=30"):  # the op's message: hidden's D against the weight's
+        plan.run(h[:, :30])
+    with pytest.raises(ValueError, match="active"):
+        plan.run(h, active=active[:2])
+    with pytest.raises(ValueError, match="norm_weight"):
+        LmHeadExitInt8Plan(qw, 0.3, batch=3, norm_weight=nw[:5])
+    with pytest.raises(ValueError, match="threshold"):
+        LmHeadExitInt8Plan(qw, float("nan"), batch=3)

@@ -11,7 +11,7 @@ import torch
 from kangaroo_kernels import _checks, _ext
 from kangaroo_kernels.types import AdapterWeights
 
-__all__ = ["adapter_forward"]
+__all__ = ["AdapterForwardPlan", "adapter_forward"]
 
 
 # The schema lives in csrc/registration.cpp with the C++ CPU kernel (csrc/cpu/adapter_forward.cpp, the reference's
@@ -204,3 +204,54 @@ def _adapter_forward_triton(h, weights, k_cache, v_cache, cache_lens, positions,
     if h.shape[0] > 0:
         adapter_forward_triton(*args)
     return args[-1]
+
+
+class AdapterForwardPlan:
+    """adapter_forward with its static arguments checked once (plan / run, as FlashInfer's wrappers): a decoder
+    calls the adapter every draft step with the same weights, caches, RoPE table and eps, and on a CPU the full
+    argument check costs about as much as the small model's adapter kernel.
+
+        plan = AdapterForwardPlan(weights, k_cache, v_cache, rope_cos_sin=table, eps=1e-6, apply_out_norm=False)
+        out = plan.run(h, cache_lens, positions, active=rows, out=buf)   # == adapter_forward(h, weights, ...)
+
+    The constructor runs every check adapter_forward runs on these arguments (for B = k_cache.shape[0] rows). run()
+    tests only the per-step tensors (h [B, D], int32 cache_lens / positions [B], bool active [B] or None, a contiguous
+    out [B, D]) for exact dtype, shape and device, and hands any other input to adapter_forward itself, which then
+    converts it or raises its precise error. No data checks (validate=False): the kernels mask every access."""
+
+    def __init__(self, weights: AdapterWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                 rope_cos_sin: torch.Tensor, eps: float = 1e-6, apply_out_norm: bool = True):
+        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+            raise ValueError("k_cache must be a [B, Hk, S, Dh] tensor")
+        if not isinstance(weights, AdapterWeights):
+            raise ValueError(f"weights must be an AdapterWeights, got {type(weights).__name__}")
+        if rope_cos_sin is None:
+            raise ValueError("AdapterForwardPlan needs rope_cos_sin (the RoPE table the decoder shares)")
+        B, dev = k_cache.shape[0], k_cache.device
+        D = weights.norm_in.shape[0] if isinstance(weights.norm_in, torch.Tensor) else 0
+        h = torch.empty(B, D, dtype=k_cache.dtype, device=dev)
+        lens = torch.zeros(B, dtype=torch.int32, device=dev)
+        args = _prepare(h, weights, k_cache, v_cache, lens, lens, None, 10000.0, rope_cos_sin, eps, apply_out_norm,
+                        None, False)
+        self._static = args[1:12], args[15:19]  # weights .. v_cache; rope table, theta, eps, apply_out_norm
+        self._kw = dict(rope_cos_sin=rope_cos_sin, eps=eps, apply_out_norm=apply_out_norm)
+        self._weights, self._k, self._v = weights, k_cache, v_cache
+        self._shape, self._dtype, self._device = (B, D), k_cache.dtype, dev
+
+    def run(self, h: torch.Tensor, cache_lens: torch.Tensor, positions: torch.Tensor, *,
+            active: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, dt, dev = self._shape[0], self._dtype, self._device
+        ok = (_checks.tensor_ok(h, dt, self._shape, dev)
+              and _checks.tensor_ok(cache_lens, torch.int32, (B,), dev)
+              and _checks.tensor_ok(positions, torch.int32, (B,), dev)
+              and (active is None or _checks.tensor_ok(active, torch.bool, (B,), dev))
+              and (out is None or (_checks.tensor_ok(out, dt, self._shape, dev) and out.is_contiguous())))
+        if not ok:
+            return adapter_forward(h, self._weights, self._k, self._v, cache_lens, positions, active=active, out=out,
+                                   validate=False, **self._kw)
+        if out is None:
+            out = torch.empty(self._shape, dtype=dt, device=dev)
+        if B > 0:
+            w, tail = self._static
+            torch.ops.kangaroo_kernels.adapter_forward(h, *w, cache_lens, positions, active, *tail, out)
+        return out

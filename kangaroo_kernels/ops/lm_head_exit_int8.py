@@ -18,7 +18,7 @@ from kangaroo_kernels import _checks, _ext
 from kangaroo_kernels.reference.lm_head_exit_int8 import quantize_lm_head_ref
 from kangaroo_kernels.types import Int8Weight, LmHeadExit
 
-__all__ = ["Int8Weight", "lm_head_exit_int8", "quantize_lm_head"]
+__all__ = ["Int8Weight", "LmHeadExitInt8Plan", "lm_head_exit_int8", "quantize_lm_head"]
 
 
 def _op():
@@ -101,3 +101,48 @@ def lm_head_exit_int8(hidden: torch.Tensor, weight: Int8Weight, threshold: float
               None if norm_weight is None else norm_weight.contiguous(),
               None if active is None else active.contiguous(), float(threshold), float(eps), *out[:4])
     return out
+
+
+class LmHeadExitInt8Plan:
+    """lm_head_exit_int8 with its static arguments checked once (plan / run, like AdapterForwardPlan): the int8
+    weight, norm weight, threshold and eps of a decode, for B rows of D.
+
+        plan = LmHeadExitInt8Plan(weight, threshold, batch=B, dtype=torch.float32, norm_weight=w, eps=1e-6)
+        res = plan.run(hidden, active=rows, out=buf)   # == lm_head_exit_int8(hidden, weight, threshold, ...)
+
+    run() tests only hidden [B, D] (contiguous, the plan's dtype, CPU), active [B] bool or None and out (four
+    contiguous [B] tensors of LmHeadExit's dtypes) exactly, and hands any other input to lm_head_exit_int8."""
+
+    def __init__(self, weight: Int8Weight, threshold: float, *, batch: int, dtype: torch.dtype = torch.float32,
+                 norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6):
+        if not isinstance(weight, tuple) or len(weight) != 2 or not isinstance(weight[0], torch.Tensor):
+            raise ValueError("weight must be an Int8Weight(qweight [V, D] int8, scale [V] fp32), e.g. "
+                             "quantize_lm_head(lm_head_weight)")
+        B, D = _checks.check_int("batch", batch, 0), weight[0].shape[1]
+        lm_head_exit_int8(torch.zeros(B, D, dtype=dtype), weight, threshold, norm_weight=norm_weight, eps=eps)
+        self._weight, self._threshold, self._norm, self._eps = weight, threshold, norm_weight, eps
+        self._static = (weight[0], weight[1].contiguous(), None if norm_weight is None else norm_weight.contiguous())
+        self._shape, self._dtype, self._cpu = (B, D), dtype, torch.device("cpu")
+
+    def run(self, hidden: torch.Tensor, *, active: Optional[torch.Tensor] = None,
+            out: Optional[LmHeadExit] = None) -> LmHeadExit:
+        B, cpu = self._shape[0], self._cpu
+        ok = (_checks.tensor_ok(hidden, self._dtype, self._shape, cpu) and hidden.is_contiguous()
+              and (active is None or (_checks.tensor_ok(active, torch.bool, (B,), cpu) and active.is_contiguous()))
+              and (out is None or (isinstance(out, tuple) and len(out) >= 4 and (len(out) == 4 or out[4] is None)
+                                   and all(_checks.tensor_ok(t, d, (B,), cpu) and t.is_contiguous()
+                                           for t, d in zip(out, _OUT_DTYPES)))))
+        if not ok:
+            return lm_head_exit_int8(hidden, self._weight, self._threshold, norm_weight=self._norm, eps=self._eps,
+                                     active=active, out=out)
+        if out is None:
+            out = LmHeadExit(*(torch.empty(B, dtype=d) for d in _OUT_DTYPES))
+        else:
+            out = LmHeadExit(*out[:4])
+        if B > 0:
+            q, scale, norm = self._static
+            _op()(hidden, q, scale, norm, active, float(self._threshold), float(self._eps), *out[:4])
+        return out
+
+
+_OUT_DTYPES = (torch.int32, torch.float32, torch.bool, torch.float32)  # LmHeadExit's token, conf, active, token_prob

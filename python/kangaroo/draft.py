@@ -30,11 +30,9 @@ import torch.nn.functional as F
 from kangaroo import lookup as _lookup
 from kangaroo.model import rms_norm
 from kangaroo_kernels import (
-    adapter_forward,
     append_attention,
     build_tree,
     lm_head_exit,
-    lm_head_exit_int8,
     lm_head_topk,
 )
 
@@ -72,9 +70,7 @@ def host_done(st, rows: torch.Tensor) -> bool:
 
 def _adapter_step(st, h, pos, active):
     """The adapter on h[B,D] at pos (appending its K/V) -> the pre-norm residual (draft_head applies the norm)."""
-    b = st.buf
-    return adapter_forward(h, st.adapter, b.ak, b.av, pos, pos, active=active, rope_cos_sin=st.rope,
-                           eps=st.adapter_eps, apply_out_norm=False, validate=False)
+    return st.adapter_plan.run(h, pos, pos, active=active)
 
 
 def _shallow(st, tokens, pos, active, tree_mask=None):
@@ -123,9 +119,11 @@ def draft_head(st, r: torch.Tensor, drafting: torch.Tensor):
     bool, siblings [B, K-1] i32 with -1 for dropped ones, or None for the chain)."""
     cfg, nw, lm = st.cfg, st.adapter.norm_out, st.model.lm_head
     if cfg.topk == 1:  # the fused argmax + confidence + exit flag (on an int8 head copy: a CPU draft's largest read)
-        head = lm_head_exit if st.head_q is None else lm_head_exit_int8
-        res = head(r, lm if st.head_q is None else st.head_q, cfg.threshold, norm_weight=nw, eps=st.adapter_eps,
-                   active=drafting, validate=False)
+        if st.head_plan is not None:
+            res = st.head_plan.run(r, active=drafting)
+        else:
+            res = lm_head_exit(r, lm, cfg.threshold, norm_weight=nw, eps=st.adapter_eps, active=drafting,
+                               validate=False)
         return res.token, res.active, None
     toks, logp = lm_head_topk(r, lm, cfg.topk, norm_weight=nw, eps=st.adapter_eps, validate=False)
     keep = drafting[:, None] & (logp[:, 1:] >= cfg.log_sibling_threshold)

@@ -15,6 +15,8 @@ import torch
 
 from kangaroo.draft import TreeLayout
 from kangaroo.model import KVCache, LlamaModel
+from kangaroo_kernels.ops.adapter_forward import AdapterForwardPlan
+from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
 __all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "cache_slots",
@@ -109,6 +111,8 @@ class DecodeState:
     adapter_eps: float
     tree: Optional[TreeLayout]         # None for the chain
     head_q: Optional[Int8Weight] = None  # the chain's draft LM head as int8 (CPU; None: the exact head)
+    adapter_plan: Optional[AdapterForwardPlan] = None  # adapter_forward on this state's weights, caches and RoPE
+    head_plan: Optional[LmHeadExitInt8Plan] = None     # lm_head_exit_int8 on head_q (None: the exact head)
 
     @property
     def B(self) -> int:
@@ -170,8 +174,13 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
         torch.zeros(B, N + 1, D, dtype=dt, device=dev),
         Accepted(torch.zeros(B, **i32), torch.zeros(B, N + 1, **i32), torch.zeros(B, N + 1, **i32)),
         torch.zeros(B, 6 + N, **i32), side_k, side_v, lookup)
-    return DecodeState(model, cfg, buf, model.rope_cos_sin(S), adapter.weights() if drafting else None,
-                       adapter.rms_norm_eps if drafting else 0.0, tree, head_q if drafting else None)
+    rope = model.rope_cos_sin(S)
+    weights, eps = (adapter.weights(), adapter.rms_norm_eps) if drafting else (None, 0.0)
+    plan = AdapterForwardPlan(weights, ak, av, rope_cos_sin=rope, eps=eps, apply_out_norm=False) if drafting else None
+    head_q = head_q if drafting else None
+    head_plan = None if head_q is None else LmHeadExitInt8Plan(head_q, cfg.threshold, batch=B, dtype=dt,
+                                                               norm_weight=weights.norm_out, eps=eps)
+    return DecodeState(model, cfg, buf, rope, weights, eps, tree, head_q, plan, head_plan)
 
 
 def draft_head_weight(model: LlamaModel, adapter, mode: str) -> Tuple[Optional[Int8Weight], str]:
