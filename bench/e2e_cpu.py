@@ -6,8 +6,9 @@ the same weights, threads and run:
                  transformers' own greedy `generate`
   verify k       one verify step of k tokens (layers l+1..L on k saved layer-l states, final norm + LM head,
                  verify_greedy), k = 1..gamma+1, over one plain decode step (all layers + LM head + argmax)
-  draft          one draft step (layers 1..l on one token, adapter_forward, the decoder's draft head: lm_head_exit or,
-                 with draft_head "auto" where it measures faster, lm_head_exit_int8) over one plain step
+  draft          one draft step as the decoder's loop runs it (layers 1..l on one token, the adapter and the draft
+                 head through their plans: lm_head_exit or, with draft_head "auto" where it measures faster,
+                 lm_head_exit_int8) over one plain step
   100% accept    Kangaroo (eta 0, gamma 4) over our plain decoding on a model built so that every draft is
                  accepted: the layers after l write nothing into the residual stream (zero o_proj and down_proj)
                  and the adapter has a zero o_proj and the final norm as its out-norm, so the draft distribution
@@ -94,9 +95,9 @@ def bench_shape(name, args, rows, summary):
     from kangaroo.generate import KangarooDecoder
 
     from kangaroo_kernels import verify_greedy
-    from kangaroo_kernels.ops.adapter_forward import adapter_forward
+    from kangaroo_kernels.ops.adapter_forward import AdapterForwardPlan
     from kangaroo_kernels.ops.lm_head_exit import lm_head_exit
-    from kangaroo_kernels.ops.lm_head_exit_int8 import lm_head_exit_int8
+    from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan
 
     L, D, H, Hk, inter, V, ell = SHAPES[name]
     hf = hf_llama(name)
@@ -154,15 +155,18 @@ def bench_shape(name, args, rows, summary):
         x = model.forward_layers(model.embed(tok[:, None]), 0, L, cache, lens, pos[:, None])
         return verify_greedy(drafts[:, :0], model.logits(x), validate=False)
 
+    # the draft step as the decoder's loop calls it: the adapter and the int8 head through their plans
+    eps = dec.adapter.rms_norm_eps
+    adapter = AdapterForwardPlan(aw, ak, av, rope_cos_sin=rope, eps=eps, apply_out_norm=False)
+    head8 = None if head_q is None else LmHeadExitInt8Plan(head_q, 0.0, batch=1, norm_weight=aw.norm_out, eps=eps)
+    pos32 = lens.clone()
+
     def draft():
         x = model.forward_layers(model.embed(tok[:, None]), 0, ell, cache, lens, pos[:, None])
-        r = adapter_forward(x[:, 0], aw, ak, av, lens, pos, rope_cos_sin=rope, eps=dec.adapter.rms_norm_eps,
-                            apply_out_norm=False, validate=False)
-        if head_q is not None:  # the decoder's draft head (draft_head="auto": int8 where it measures faster)
-            return lm_head_exit_int8(r, head_q, 0.0, norm_weight=aw.norm_out, eps=dec.adapter.rms_norm_eps,
-                                     validate=False)
-        return lm_head_exit(r, model.lm_head, 0.0, norm_weight=aw.norm_out, eps=dec.adapter.rms_norm_eps,
-                            validate=False)
+        r = adapter.run(x[:, 0], lens, pos32)
+        if head8 is not None:  # the decoder's draft head (draft_head="auto": int8 where it measures faster)
+            return head8.run(r)
+        return lm_head_exit(r, model.lm_head, 0.0, norm_weight=aw.norm_out, eps=eps, validate=False)
 
     def make_verify(k):
         def verify():
