@@ -49,6 +49,11 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "Tensor? bv, Tensor wo, Tensor norm_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, "
       "Tensor positions, Tensor? active, Tensor? rope_cos_sin, float rope_theta, float eps, bool apply_out_norm, "
       "Tensor(c!) out) -> ()");
+  // lm_head_topk's CPU kernel (csrc/cpu/lm_head_exit.cpp): the reference's logits, a one-pass top-k, its
+  // logsumexp (the op's schema is defined in kangaroo_kernels/ops/lm_head_exit.py).
+  m.def(
+      "lm_head_topk_cpu(Tensor hidden, Tensor lm_head_weight, Tensor? norm_weight, int k, float eps, "
+      "Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");
   // The greedy CPU kernel of lm_head_exit (whose schema, with sampling, is defined in kangaroo_kernels/lm_head_exit.py;
   // its CPU implementation calls this for temperature 0 without probs).
   m.def(

@@ -396,6 +396,29 @@ def test_public_ops_on_cpu_run_the_reference():
     assert empty.token.shape == (0,) and lm_head_topk(h[:0], w, 2).tokens.shape == (0, 2)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+def test_topk_cpu_kernel_ties_nan_and_bit_equality(k):
+    """lm_head_topk's CPU kernel (a one-pass top-k over the reference's own logits) against the reference's full
+    stable sort, exactly: duplicated weight rows give exactly equal logits (lower index first), a NaN row ranks its
+    NaNs first by index (as torch.sort), fp32 and bf16, ragged B."""
+    B, V, D = 4, 300, 32
+    h, w, nw = _inputs(B, V, D, torch.float32, seed=11)
+    w[7], w[250], w[251] = w[3], w[3], w[3]  # four exactly equal logits per row
+    w[100] = w[120]
+    h[2] = float("nan")
+    for dt in (torch.float32, torch.bfloat16):
+        hh, ww, nn = h.to(dt), w.to(dt), nw.to(dt)
+        got = lm_head_topk(hh, ww, k, norm_weight=nn)
+        want = lm_head_topk_ref(hh, ww, k, norm_weight=nn)
+        assert torch.equal(got.tokens, want.tokens), (dt, got.tokens, want.tokens)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=0, equal_nan=True)
+    row = lm_head_logits_ref(h[:1], w)[0]
+    tied = lm_head_topk(h[:1], w, 16)
+    order = tied.tokens[0].tolist()
+    for a, b in zip(order, order[1:]):  # descending, ties by index: a stronger check than agreeing with the sort
+        assert row[a] > row[b] or (row[a] == row[b] and a < b)
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

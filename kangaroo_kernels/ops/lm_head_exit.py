@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from kangaroo_kernels import _checks, _ext
-from kangaroo_kernels.reference.lm_head_exit import inv_temperature, lm_head_exit_inv_t_ref, lm_head_topk_ref
+from kangaroo_kernels.reference.lm_head_exit import inv_temperature, lm_head_exit_inv_t_ref
 from kangaroo_kernels.types import LmHeadExit, LmHeadTopk
 
 __all__ = ["lm_head_exit", "lm_head_topk"]
@@ -61,9 +61,8 @@ def _lm_head_exit_cuda(hidden, *args):
 
 
 def _lm_head_topk_cpu(hidden, lm_head_weight, norm_weight, k, eps, tokens, logprobs):
-    t, lp = lm_head_topk_ref(hidden, lm_head_weight, k, norm_weight=norm_weight, eps=eps)
-    tokens.copy_(t)
-    logprobs.copy_(lp)
+    # csrc/cpu/lm_head_exit.cpp: the reference's logits and logsumexp, a one-pass top-k instead of a full sort
+    _ext.ops().lm_head_topk_cpu(hidden, lm_head_weight, norm_weight, k, eps, tokens, logprobs)
 
 
 def _lm_head_topk_cuda(hidden, *args):
