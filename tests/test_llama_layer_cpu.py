@@ -46,12 +46,9 @@ def _lay_out(p, layout):
     return p
 
 
-@pytest.mark.parametrize("layout", ["rowmajor", "colmajor", "packed"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}x{c[3]}D{c[4]}"
-                         f"{'-bias' if c[9] else ''}{'-tree' if c[10] else ''}{'-act' if c[11] else ''}")
-def test_cpu_layer_matches_reference(case, layout):
-    B, T, Hq, Hk, Dh, D, inter, S, lens, bias, tree, active = case
-    gen = torch.Generator().manual_seed(T * 10 + Dh)
+def _random_layer(D, Hq, Hk, Dh, inter, bias, seed):
+    """A layer's row-major weights and the generator-bound randn that made them (for the inputs that follow)."""
+    gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen) * scale
@@ -61,6 +58,15 @@ def test_cpu_layer_matches_reference(case, layout):
          "wgu": rnd(2 * inter, D, scale=D ** -0.5), "wd": rnd(D, inter, scale=inter ** -0.5)}
     if bias:
         p["bqkv"] = rnd((Hq + 2 * Hk) * Dh, scale=0.3)
+    return p, rnd
+
+
+@pytest.mark.parametrize("layout", ["rowmajor", "colmajor", "packed"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}x{c[3]}D{c[4]}"
+                         f"{'-bias' if c[9] else ''}{'-tree' if c[10] else ''}{'-act' if c[11] else ''}")
+def test_cpu_layer_matches_reference(case, layout):
+    B, T, Hq, Hk, Dh, D, inter, S, lens, bias, tree, active = case
+    p, rnd = _random_layer(D, Hq, Hk, Dh, inter, bias, seed=T * 10 + Dh)
     layers, layer = 3, 1
     kc, vc = rnd(layers, B, Hk, S, Dh), rnd(layers, B, Hk, S, Dh)
     kr, vr = kc[layer].clone(), vc[layer].clone()
@@ -89,20 +95,6 @@ def test_cpu_layer_matches_reference(case, layout):
         assert torch.equal(kc[other], kc0[other]) and torch.equal(vc[other], vc0[other])
 
 
-def _random_layer(D, Hq, Hk, Dh, inter, bias, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen) * scale
-
-    p = {"ln1": 1 + rnd(D, scale=0.1), "wqkv": rnd((Hq + 2 * Hk) * Dh, D, scale=D ** -0.5),
-         "wo": rnd(D, Hq * Dh, scale=(Hq * Dh) ** -0.5), "ln2": 1 + rnd(D, scale=0.1),
-         "wgu": rnd(2 * inter, D, scale=D ** -0.5), "wd": rnd(D, inter, scale=inter ** -0.5)}
-    if bias:
-        p["bqkv"] = rnd((Hq + 2 * Hk) * Dh, scale=0.3)
-    return _lay_out(p, "packed"), rnd
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(256, 4, 2, 64, 768, False, 11), (200, 3, 1, 96, 100, True, 13)],
                          ids=["demo", "odd-bias"])
@@ -111,6 +103,7 @@ def test_cpu_block_equals_one_row_steps(shape, threads):
     here exactly (torch.equal), outputs and cache, for a T-row causal block against T single-row calls, B = 2."""
     D, Hq, Hk, Dh, inter, bias, T = shape
     p, rnd = _random_layer(D, Hq, Hk, Dh, inter, bias, seed=D + T)
+    p = _lay_out(p, "packed")
     B, S, L0 = 2, 64, [5, 30]
     kc, vc = rnd(1, B, Hk, S, Dh), rnd(1, B, Hk, S, Dh)
     kc2, vc2 = kc.clone(), vc.clone()
@@ -143,7 +136,7 @@ def test_pack_gemm_weight_round_trip_and_bad_input():
         ops().unpack_gemm_weight(wp, 70)
     with pytest.raises(ValueError, match=r"must be \[N, K\]"):
         ops().pack_gemm_weight(torch.randn(3))
-    p, _ = _random_layer(64, 2, 1, 32, 48, False, seed=1)
+    p = _lay_out(_random_layer(64, 2, 1, 32, 48, False, seed=1)[0], "packed")
     p["wd"] = p["wd"].double()  # one weight of the wrong dtype: refused, not misread
     x = torch.randn(1, 1, 64)
     kc = torch.zeros(1, 1, 1, 8, 32)
