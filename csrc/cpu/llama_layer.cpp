@@ -3,8 +3,8 @@
 //
 // fp32 with the model's column-major CPU weights (the decoder's CPU configuration) runs as hand loops over
 // small_gemm.h: a small model's decode step was bound by the ~35 ATen calls' overhead (a 12 x 256 layer: 470 us, of
-// which 125 us GEMVs), and MKL's small-M sgemm made a 5-row verify layer cost 1.4x a 1-row one. The GEMMs' per-row
-// results do not depend on how many rows share the call, so verifying k tokens reproduces k plain steps exactly.
+// which 125 us GEMVs; bench/bench_llama_layer.py compares both paths). The GEMMs' per-row results do not depend on
+// how many rows share the call, so verifying k tokens reproduces k plain steps exactly.
 // Other dtypes and layouts run the same maths as ATen calls.
 #include <ATen/ATen.h>
 #include <torch/library.h>
