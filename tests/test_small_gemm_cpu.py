@@ -48,3 +48,29 @@ def test_gemm_packed_keeps_leading_dims_and_refuses_bad_input():
         ops().gemm_packed(torch.randn(2, 15), wp, 40)  # K mismatch
     with pytest.raises(ValueError, match="fp32"):
         ops().gemm_packed(x.double(), wp, 40)
+
+
+def test_cpu_model_packs_fp32_and_round_trips_through_to():
+    """LlamaModel on CPU in fp32 keeps the four layer weights packed (and a packed copy of the LM head); .to() of
+    another dtype unpacks to the logical weights, and back to fp32 the logits are the same bits."""
+    from test_decoder_exact import make_hf
+
+    from kangaroo.model import LlamaModel
+    from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
+
+    hf = make_hf("qwen2")  # q/k/v bias, tied head
+    m = LlamaModel.from_pretrained(hf, dtype=torch.float32)
+    lay = m.layers[0]
+    assert all(lay[k].dim() == 3 and lay[k].shape[2] == 32 for k in ("wqkv", "wo", "wgu", "wd"))
+    sd = hf.state_dict()
+    want = torch.cat([sd[f"model.layers.0.mlp.{n}_proj.weight"] for n in ("gate", "up")], 0)
+    assert torch.equal(m.layer_weights(0)["wgu"], want)
+    bf = m.to(dtype=torch.bfloat16)
+    assert bf.layers[0]["wgu"].dim() == 2 and torch.equal(bf.layers[0]["wgu"], want.bfloat16())
+    back = bf.to(dtype=torch.float32)
+    assert back.layers[0]["wgu"].dim() == 3
+    assert torch.equal(back.to(dtype=torch.bfloat16).layers[0]["wgu"], bf.layers[0]["wgu"])  # bf16 -> fp32 exact
+    h = torch.randn(2, 3, m.config.hidden_size)
+    ref = F.linear(rms_norm_ref(h, m.norm, m.config.rms_norm_eps), m.lm_head)
+    torch.testing.assert_close(m.logits(h), ref, atol=2e-5, rtol=2e-5)  # the packed head: fp32, another sum order
+    assert torch.equal(m.to(dtype=torch.float32).logits(h), m.logits(h))  # unpack + repack: the same bits
