@@ -53,9 +53,9 @@ def test_gemm_packed_keeps_leading_dims_and_refuses_bad_input():
 def test_cpu_model_packs_fp32_and_round_trips_through_to():
     """LlamaModel on CPU in fp32 keeps the four layer weights packed (and a packed copy of the LM head); .to() of
     another dtype unpacks to the logical weights, and back to fp32 the logits are the same bits."""
+    from kangaroo.model import LlamaModel
     from test_decoder_exact import make_hf
 
-    from kangaroo.model import LlamaModel
     from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
 
     hf = make_hf("qwen2")  # q/k/v bias, tied head
