@@ -69,14 +69,15 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
   // One Llama-family decoder layer on x[B,T,D] (kangaroo.model.LlamaModel.layer's maths; appends K/V to layer
   // `layer` of the stacked caches [L,B,Hk,S,Dh] at cache_lens, RoPE at positions[B,T]). CPU only
   // (csrc/cpu/llama_layer.cpp): one dispatcher crossing per layer; CUDA runs the layer's ops (in a CUDA graph).
-  // The four weights are [N, K] (any layout) or, fp32, packed by pack_gemm_weight (the CPU decoder's: hand loops).
+  // The four weights are [N, K] (any layout) or packed by pack_gemm_weight (the CPU decoder's: hand loops, fp32 x).
   m.def(
       "llama_layer(Tensor x, Tensor ln1, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor ln2, Tensor wgu, Tensor wd, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor cache_lens, Tensor positions, Tensor? tree_mask, "
       "Tensor? active, Tensor rope_cos_sin, float eps, int num_heads, int num_kv_heads) -> Tensor");
-  // llama_layer's packed CPU weight layout (csrc/cpu/small_gemm.h): [N, K] -> [ceil(N / 32), K, 32], zero-padded,
-  // and back to the first n rows.
-  m.def("pack_gemm_weight(Tensor w) -> Tensor");
+  // llama_layer's packed CPU weight layouts (csrc/cpu/small_gemm.h): [N, K] -> [ceil(N / 32), K, 32], zero-padded,
+  // or with bf16 (a weight whose values are all bf16) the pairs layout [ceil(N / 32), K, 16] int32; and back to the
+  // first n rows (fp32).
+  m.def("pack_gemm_weight(Tensor w, bool bf16=False) -> Tensor");
   m.def("unpack_gemm_weight(Tensor wp, int n) -> Tensor");
   // x[..., K] @ w.T for w [n, K] packed, fp32 (CPU: the decoder's LM head; a row's logits do not depend on the
   // other rows of the call).

@@ -144,3 +144,25 @@ def test_pack_gemm_weight_round_trip_and_bad_input():
         ops().llama_layer(x, p["ln1"], p["wqkv"], None, p["wo"], p["ln2"], p["wgu"], p["wd"], kc, kc.clone(), 0,
                           torch.zeros(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.long), None, None,
                           make_rope_cos_sin(8, 32), 1e-6, 2, 1)
+
+
+def test_bf16_pairs_layout_gives_the_same_bits():
+    """The fp32 CPU model packs a bf16-exact weight (a bf16 checkpoint run in fp32) as bf16 pairs: the layer's
+    outputs and caches are the fp32-packed layer's, bit for bit, with GQA, bias and a causal block."""
+    D, Hq, Hk, Dh, inter, T = 200, 4, 2, 48, 96, 5
+    p, rnd = _random_layer(D, Hq, Hk, Dh, inter, True, seed=5)
+    p = {k: t.bfloat16().float() if t.dim() == 2 else t for k, t in p.items()}
+    B, S = 2, 32
+    caches = [rnd(1, B, Hk, S, Dh) for _ in range(2)]
+    lens = torch.tensor([3, 20], dtype=torch.int32)
+    x, rope = rnd(B, T, D), make_rope_cos_sin(S + T, Dh)
+    outs = []
+    for bf16 in (False, True):
+        q = {k: ops().pack_gemm_weight(t, bf16) if t.dim() == 2 else t for k, t in p.items()}
+        kc, vc = caches[0].clone(), caches[1].clone()
+        y = ops().llama_layer(x, q["ln1"], q["wqkv"], q["bqkv"], q["wo"], q["ln2"], q["wgu"], q["wd"], kc, vc, 0,
+                              lens, lens.long()[:, None] + torch.arange(T), None, None, rope, 1e-6, Hq, Hk)
+        outs.append((y, kc, vc))
+    assert outs[1][0].data_ptr() != outs[0][0].data_ptr()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -74,3 +74,65 @@ def test_cpu_model_packs_fp32_and_round_trips_through_to():
     ref = F.linear(rms_norm_ref(h, m.norm, m.config.rms_norm_eps), m.lm_head)
     torch.testing.assert_close(m.logits(h), ref, atol=2e-5, rtol=2e-5)  # the packed head: fp32, another sum order
     assert torch.equal(m.to(dtype=torch.float32).logits(h), m.logits(h))  # unpack + repack: the same bits
+
+
+def _bf16_exact(*shape, seed=0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1).bfloat16().float()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,K,N", [(1, 256, 4096), (5, 200, 45), (19, 300, 1000), (8, 7, 33)])
+def test_bf16_pairs_give_the_fp32_packs_bits(M, K, N, threads):
+    """The bf16-pairs layout of a bf16-exact weight: half the bytes, the same products in the same order, so the
+    same bits as the fp32 layout (and F.linear within fp32 tolerance)."""
+    w = _bf16_exact(N, K, seed=N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    w32, w16 = ops().pack_gemm_weight(w), ops().pack_gemm_weight(w, True)
+    assert w16.dtype == torch.int32 and w16.shape == (w32.shape[0], K, 16)
+    assert w16.numel() * 4 * 2 == w32.numel() * 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = ops().gemm_packed(x, w32, N), ops().gemm_packed(x, w16, N)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(b, F.linear(x, w), atol=2e-5, rtol=2e-5)
+    assert torch.equal(ops().unpack_gemm_weight(w16, N), w)  # exact round trip, signs and all
+    assert torch.equal(ops().pack_gemm_weight(w.bfloat16(), True), w16)  # a bf16 tensor packs to the same words
+
+
+def test_bf16_pairs_refuse_a_weight_they_would_round():
+    w = _bf16_exact(40, 16)
+    w[3, 5] += 1e-4  # no longer a bf16 value
+    with pytest.raises(ValueError, match="not exactly representable in bf16"):
+        ops().pack_gemm_weight(w, True)
+    with pytest.raises(ValueError, match="floating-point"):
+        ops().pack_gemm_weight(torch.ones(4, 4, dtype=torch.int32), True)
+
+
+def test_cpu_model_packs_a_bf16_checkpoint_as_pairs_and_decodes_the_same():
+    """A bf16-exact model in fp32 (a bf16 checkpoint run in fp32) is packed as bf16 pairs; its greedy output equals
+    transformers' and its logits equal those of the same model packed fp32, bit for bit."""
+    from kangaroo.adapter import KangarooAdapter
+    from kangaroo.generate import KangarooDecoder
+    from kangaroo.model import LlamaModel
+    from test_decoder_exact import hf_greedy, make_hf, make_prompts
+
+    from kangaroo_kernels.reference.adapter_forward import rms_norm_ref
+
+    hf = make_hf("llama", seed=2)
+    with torch.no_grad():
+        for prm in hf.parameters():
+            prm.copy_(prm.bfloat16().float())
+    m = LlamaModel.from_pretrained(hf, dtype=torch.float32)
+    assert m.layers[0]["wqkv"].dtype == torch.int32 and m._lm_head_packed.dtype == torch.int32
+    prompts = make_prompts(hf.config.vocab_size, n=3, seed=4)
+    dec = KangarooDecoder(m, KangarooAdapter.for_model(hf, 1))
+    ref = hf_greedy(hf, prompts, 12)
+    assert [t.tolist() for t in dec.generate(prompts, 12, threshold=0.0, max_draft=3).tokens] == ref
+    assert [t.tolist() for t in dec.generate_autoregressive(prompts, 12).tokens] == ref
+    h = torch.randn(2, 3, m.config.hidden_size)
+    x = rms_norm_ref(h, m.norm, m.config.rms_norm_eps)
+    head32 = ops().pack_gemm_weight(m.lm_head)  # the fp32 layout of the same head
+    assert torch.equal(m.logits(h), ops().gemm_packed(x, head32, m.config.vocab_size))

@@ -26,18 +26,13 @@ at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps) {
   return w * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
 }
 
-// An fp32 [N, K] weight packed by pack_gemm_weight: [ceil(N / 32), K, 32] contiguous.
-bool packed_f32(const at::Tensor& t, int64_t N, int64_t K) {
-  return t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == (N + kPackCols - 1) / kPackCols &&
-         t.size(1) == K && t.size(2) == kPackCols && t.is_contiguous();
-}
 bool vec_f32(const at::Tensor& t, int64_t n) {
   return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous();
 }
 
 thread_local std::vector<float> tls_rows;
 
-// The layer in hand loops (fp32, packed weights): rows r = b * T + t of x [B, T, D] contiguous.
+// The layer in hand loops (fp32 activations, packed weights in either layout): rows r = b * T + t of x [B, T, D] contiguous.
 at::Tensor layer_f32(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& wqkv,
                      const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& ln2,
                      const at::Tensor& wgu, const at::Tensor& wd, const at::Tensor& kc, const at::Tensor& vc,
@@ -56,15 +51,15 @@ at::Tensor layer_f32(const at::Tensor& x, const at::Tensor& ln1, const at::Tenso
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) rms_norm_row_f32(xp + r * D, ln1.data_ptr<float>(), D, eps, h + r * D);
-  gemm_packed_f32(h, D, R, wqkv.data_ptr<float>(), D, NQKV, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, 0,
-                  qkv.data_ptr<float>(), NQKV);
+  gemm_packed(h, D, R, wqkv, D, NQKV, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, 0, qkv.data_ptr<float>(),
+              NQKV);
   append_attention_cpu(qkv.narrow(2, 0, Hq), qkv.narrow(2, Hq, Hk), qkv.narrow(2, Hq + Hk, Hk), kc, vc, cache_lens,
                        tree_mask, active, positions, rope_cos_sin, std::pow(static_cast<double>(Dh), -0.5), 0, attn);
-  gemm_packed_f32(attn.data_ptr<float>(), NQ, R, wo.data_ptr<float>(), NQ, D, nullptr, xp, D, op, D);
+  gemm_packed(attn.data_ptr<float>(), NQ, R, wo, NQ, D, nullptr, xp, D, op, D);
   for (int64_t r = 0; r < R; ++r) rms_norm_row_f32(op + r * D, ln2.data_ptr<float>(), D, eps, h + r * D);
-  gemm_packed_f32(h, D, R, wgu.data_ptr<float>(), D, 2 * I, nullptr, nullptr, 0, gu, 2 * I);
+  gemm_packed(h, D, R, wgu, D, 2 * I, nullptr, nullptr, 0, gu, 2 * I);
   for (int64_t r = 0; r < R; ++r) silu_mul_row_f32(gu + r * 2 * I, gu + r * 2 * I + I, I, g + r * I);
-  gemm_packed_f32(g, I, R, wd.data_ptr<float>(), I, D, nullptr, op, D, op, D);
+  gemm_packed(g, I, R, wd, I, D, nullptr, op, D, op, D);
   return out;
 }
 
@@ -85,11 +80,11 @@ at::Tensor llama_layer_cpu(const at::Tensor& x, const at::Tensor& ln1, const at:
   TORCH_CHECK_VALUE(k_cache.size(2) == Hk, "k_cache has ", k_cache.size(2), " KV heads, num_kv_heads is ", Hk);
   const int64_t D = x.size(2), I = wd.dim() >= 2 ? wd.size(1) : 0;  // wd: [D, I] or packed [tiles, I, 32]
   if (wqkv.dim() == 3 || wo.dim() == 3 || wgu.dim() == 3 || wd.dim() == 3) {
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && packed_f32(wqkv, (Hq + 2 * Hk) * Dh, D) &&
-                          packed_f32(wo, D, Hq * Dh) && packed_f32(wgu, 2 * I, D) && packed_f32(wd, D, I) &&
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && is_packed(wqkv, (Hq + 2 * Hk) * Dh, D) &&
+                          is_packed(wo, D, Hq * Dh) && is_packed(wgu, 2 * I, D) && is_packed(wd, D, I) &&
                           vec_f32(ln1, D) && vec_f32(ln2, D) && (!bqkv || vec_f32(*bqkv, (Hq + 2 * Hk) * Dh)),
                       "llama_layer: packed weights (pack_gemm_weight) need fp32 x, norms and bias, and all four "
-                      "weights packed with the layer's shapes");
+                      "weights packed (fp32 or bf16 pairs) with the layer's shapes");
     return layer_f32(x.contiguous(), ln1, wqkv, bqkv, wo, ln2, wgu, wd, k_cache.select(0, layer),
                      v_cache.select(0, layer), cache_lens, positions, tree_mask, active, rope_cos_sin, eps, Hq, Hk,
                      Dh);

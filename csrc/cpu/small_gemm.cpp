@@ -1,7 +1,7 @@
 // Small-batch fp32 GEMMs and row helpers for the hand-written CPU layers (declarations and contract: small_gemm.h),
 // and the pack_gemm_weight / unpack_gemm_weight ops that define the packed layout.
 //
-// gemm_packed_f32 works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors) and
+// gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors) and
 // multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512), so the weight is read once per
 // 8 rows, front to back. The vectors are GCC vector types, compiled for AVX-512, AVX2+FMA and baseline x86-64
 // (KANGAROO_ISA_CLONES) from the same source; each lane accumulates its own column in k order, so the chain behind
@@ -38,17 +38,34 @@ struct Epilogue {
   int64_t ldy;
 };
 
-// Rows [m0, m0 + MB) x the tile's columns [n0, n0 + nc), nc <= 32 (the last tile may be partial).
-template <int MB>
-__attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int64_t m0, const float* wt, int64_t K,
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+// Rows [m0, m0 + MB) x the tile's columns [n0, n0 + nc), nc <= 32 (the last tile may be partial). BF16: the tile
+// holds bf16 pairs (small_gemm.h), turned into the two fp32 vectors by a shift and a mask: the same values as the
+// fp32 tile of a bf16-exact weight, so the same multiply-adds and the same bits.
+template <int MB, bool BF16>
+__attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int64_t m0, const void* wt, int64_t K,
                                                 int64_t n0, int64_t nc, const Epilogue& e) {
   v16 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = v16{};
   const float* xr = x + m0 * ldx;
+  const float* wf = static_cast<const float*>(wt);
+  const uint32_t* wb = static_cast<const uint32_t*>(wt);
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(wt + (k + kAhead) * kNB);
-    __builtin_prefetch(wt + (k + kAhead) * kNB + 16);
-    const v16 w0 = load16(wt + k * kNB), w1 = load16(wt + k * kNB + 16);
+    v16 w0, w1;
+    if constexpr (BF16) {
+      __builtin_prefetch(wb + (k + 2 * kAhead) * 16);
+      v16u pair;
+      std::memcpy(&pair, wb + k * 16, sizeof(pair));
+      const v16u lo = pair << 16, hi = pair & 0xFFFF0000u;
+      std::memcpy(&w0, &lo, sizeof(w0));
+      std::memcpy(&w1, &hi, sizeof(w1));
+    } else {
+      __builtin_prefetch(wf + (k + kAhead) * kNB);
+      __builtin_prefetch(wf + (k + kAhead) * kNB + 16);
+      w0 = load16(wf + k * kNB);
+      w1 = load16(wf + k * kNB + 16);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const float a = xr[m * ldx + k];
@@ -72,24 +89,36 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int
 }
 
 // Tiles [t0, t1) for all M rows, 8 rows per weight pass.
-KANGAROO_ISA_CLONES void gemm_tiles(const float* x, int64_t ldx, int64_t M, const float* wp, int64_t K, int64_t N,
-                                    int64_t t0, int64_t t1, const Epilogue& e) {
+template <bool BF16>
+__attribute__((always_inline)) inline void tiles(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
+                                                 int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+  const int64_t tile_bytes = K * kNB * (BF16 ? 2 : 4);
   for (int64_t t = t0; t < t1; ++t) {
-    const float* wt = wp + t * K * kNB;
+    const void* wt = static_cast<const char*>(wp) + t * tile_bytes;
     const int64_t n0 = t * kNB, nc = std::min(kNB, N - n0);
     int64_t m0 = 0;
-    for (; m0 + kMB <= M; m0 += kMB) tile<kMB>(x, ldx, m0, wt, K, n0, nc, e);
+    for (; m0 + kMB <= M; m0 += kMB) tile<kMB, BF16>(x, ldx, m0, wt, K, n0, nc, e);
     switch (M - m0) {
-      case 7: tile<7>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 6: tile<6>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 5: tile<5>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 4: tile<4>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 3: tile<3>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 2: tile<2>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 1: tile<1>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 7: tile<7, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 6: tile<6, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 5: tile<5, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 4: tile<4, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 3: tile<3, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 2: tile<2, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
+      case 1: tile<1, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
       default: break;
     }
   }
+}
+
+KANGAROO_ISA_CLONES void gemm_tiles_f32(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
+                                        int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+  tiles<false>(x, ldx, M, wp, K, N, t0, t1, e);
+}
+
+KANGAROO_ISA_CLONES void gemm_tiles_bf16(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
+                                         int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+  tiles<true>(x, ldx, M, wp, K, N, t0, t1, e);
 }
 
 KANGAROO_ISA_CLONES void gemv_rows(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
@@ -115,15 +144,29 @@ KANGAROO_ISA_CLONES void silu_mul(const float* gate, const float* up, int64_t n,
 
 }  // namespace
 
-void gemm_packed_f32(const float* x, int64_t ldx, int64_t M, const float* wp, int64_t K, int64_t N,
-                     const float* bias, const float* residual, int64_t ldr, float* y, int64_t ldy) {
+bool is_packed(const at::Tensor& wp, int64_t N, int64_t K) {
+  const bool f32 = wp.scalar_type() == at::kFloat && wp.dim() == 3 && wp.size(2) == kNB;
+  const bool bf16 = wp.scalar_type() == at::kInt && wp.dim() == 3 && wp.size(2) == kNB / 2;
+  return (f32 || bf16) && wp.is_contiguous() && wp.size(0) == (N + kNB - 1) / kNB && wp.size(1) == K &&
+         wp.device().is_cpu();
+}
+
+void gemm_packed(const float* x, int64_t ldx, int64_t M, const at::Tensor& wp, int64_t K, int64_t N,
+                 const float* bias, const float* residual, int64_t ldr, float* y, int64_t ldy) {
   if (M <= 0 || N <= 0) return;
   const Epilogue e{bias, residual, ldr, y, ldy};
   const int64_t tiles = (N + kNB - 1) / kNB;
+  const bool bf16 = wp.scalar_type() == at::kInt;
+  const void* w = wp.data_ptr();
   // about 64K multiply-adds per tile range before a second thread pays for its fork
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kNB * K * std::min<int64_t>(M, kMB)));
-  at::parallel_for(0, tiles, grain,
-                   [&](int64_t t0, int64_t t1) { gemm_tiles(x, ldx, M, wp, K, N, t0, t1, e); });
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    if (bf16) {
+      gemm_tiles_bf16(x, ldx, M, w, K, N, t0, t1, e);
+    } else {
+      gemm_tiles_f32(x, ldx, M, w, K, N, t0, t1, e);
+    }
+  });
 }
 
 void gemv_nk_f32(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y) {
@@ -142,38 +185,57 @@ void rms_norm_row_f32(const float* x, const float* w, int64_t D, double eps, flo
 
 void silu_mul_row_f32(const float* gate, const float* up, int64_t n, float* out) { silu_mul(gate, up, n, out); }
 
-// [N, K] -> [ceil(N / 32), K, 32] (any dtype; rows past N zero).
-at::Tensor pack_gemm_weight(const at::Tensor& w) {
+// int64 values in [0, 2^32) -> the int32 tensor with those 32 bits (two's complement, no reliance on overflow).
+at::Tensor to_int32_bits(const at::Tensor& v) {
+  return at::where(v >= (1LL << 31), v - (1LL << 32), v).to(at::kInt);
+}
+
+// [N, K] -> [ceil(N / 32), K, 32] (any dtype; rows past N zero), or with bf16 the pairs layout [ceil(N / 32), K, 16]
+// int32 (small_gemm.h) of a weight whose every value is a bf16 (ValueError otherwise: the pairs would round it).
+at::Tensor pack_gemm_weight(const at::Tensor& w, bool bf16) {
   TORCH_CHECK_VALUE(w.dim() == 2, "pack_gemm_weight: w must be [N, K], got ", w.dim(), " dims");
   const int64_t N = w.size(0), K = w.size(1), tiles = (N + kNB - 1) / kNB;
   at::Tensor padded = at::zeros({tiles * kNB, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
-  return padded.view({tiles, kNB, K}).transpose(1, 2).contiguous();
+  at::Tensor t = padded.view({tiles, kNB, K}).transpose(1, 2);  // [T, K, 32]
+  if (!bf16) return t.contiguous();
+  TORCH_CHECK_VALUE(w.is_floating_point(), "pack_gemm_weight: bf16 packing needs a floating-point w");
+  const at::Tensor b = t.to(at::kBFloat16);
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kBFloat16 || at::equal(b.to(w.scalar_type()), t),
+                    "pack_gemm_weight: w is not exactly representable in bf16 (pack it with bf16=False)");
+  const at::Tensor bits = b.view(at::kShort).to(at::kLong).bitwise_and(0xFFFF);  // [T, K, 32] bf16 bit patterns
+  return to_int32_bits(bits.narrow(2, 0, kNB / 2) + bits.narrow(2, kNB / 2, kNB / 2) * 65536).contiguous();
 }
 
-// The inverse: [T, K, 32] -> the [n, K] weight (n <= 32 T), contiguous.
+// The inverse: a packed weight (either layout) -> the [n, K] fp32 weight (n <= 32 T), contiguous.
 at::Tensor unpack_gemm_weight(const at::Tensor& wp, int64_t n) {
-  TORCH_CHECK_VALUE(wp.dim() == 3 && wp.size(2) == kNB, "unpack_gemm_weight: wp must be [T, K, ", kNB, "]");
+  const bool pairs = wp.dim() == 3 && wp.scalar_type() == at::kInt && wp.size(2) == kNB / 2;
+  TORCH_CHECK_VALUE(pairs || (wp.dim() == 3 && wp.size(2) == kNB), "unpack_gemm_weight: wp must be [T, K, ", kNB,
+                    "] or bf16 pairs [T, K, ", kNB / 2, "] int32");
   const int64_t T = wp.size(0);
   TORCH_CHECK_VALUE(T == 0 ? n == 0 : (n > (T - 1) * kNB && n <= T * kNB), "unpack_gemm_weight: n = ", n,
                     " rows do not pack into ", T, " tiles of ", kNB);
-  return wp.transpose(1, 2).reshape({wp.size(0) * kNB, wp.size(1)}).narrow(0, 0, n).contiguous();
+  at::Tensor t = wp;
+  if (pairs) {  // low halves are columns 0..15 of a tile, high halves 16..31: each a float's top 16 bits
+    const at::Tensor lo = to_int32_bits(wp.to(at::kLong).bitwise_and(0xFFFF) * 65536);
+    const at::Tensor hi = wp.bitwise_and(-65536);  // 0xFFFF0000
+    t = at::cat({lo, hi}, 2).view(at::kFloat);
+  }
+  return t.transpose(1, 2).reshape({T * kNB, wp.size(1)}).narrow(0, 0, n).contiguous();
 }
 
 // x [..., K] fp32 times the packed [n, K] weight: [..., n] fp32.
 at::Tensor gemm_packed_cpu(const at::Tensor& x, const at::Tensor& wp, int64_t n) {
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && wp.scalar_type() == at::kFloat,
-                    "gemm_packed: x and wp must be fp32");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && wp.dim() == 3 && wp.size(2) == kNB && wp.is_contiguous() &&
-                        wp.size(1) == x.size(-1) && n > (wp.size(0) - 1) * kNB && n <= wp.size(0) * kNB,
-                    "gemm_packed: wp must be a contiguous pack_gemm_weight result [ceil(n / ", kNB, "), K, ", kNB,
-                    "] with K = x.size(-1)");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "gemm_packed: x must be fp32");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && n >= 1 && is_packed(wp, n, x.size(-1)),
+                    "gemm_packed: wp must be a contiguous pack_gemm_weight result ([ceil(n / ", kNB, "), K, ", kNB,
+                    "] fp32 or [ceil(n / ", kNB, "), K, ", kNB / 2, "] int32 bf16 pairs) with K = x.size(-1)");
   const at::Tensor xc = x.contiguous();
   const int64_t K = x.size(-1), M = K ? xc.numel() / K : 0;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options());
-  gemm_packed_f32(xc.data_ptr<float>(), K, M, wp.data_ptr<float>(), K, n, nullptr, nullptr, 0, y.data_ptr<float>(), n);
+  gemm_packed(xc.data_ptr<float>(), K, M, wp, K, n, nullptr, nullptr, 0, y.data_ptr<float>(), n);
   return y;
 }
 

@@ -147,8 +147,7 @@ class LlamaModel:
         self.norm: torch.Tensor = weights["norm"]
         self.lm_head: torch.Tensor = self.embed_tokens if tied else _cpu_colmajor(weights["lm_head"])
         # CPU fp32: a packed copy of the head for the logits (small_gemm.h: verify rows get the plain step's bits)
-        self._lm_head_packed: Optional[torch.Tensor] = (
-            _native().pack_gemm_weight(self.lm_head) if _packs(self.lm_head) else None)
+        self._lm_head_packed: Optional[torch.Tensor] = _pack(self.lm_head) if _packs(self.lm_head) else None
         self._rope: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
 
@@ -297,14 +296,20 @@ def _packs(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32
 
 
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """pack_gemm_weight, as bf16 pairs when every value is a bf16 (a bf16 checkpoint run in fp32, like the shipped
+    demo model): half the bytes to stream per step and the same bits as the fp32 layout (csrc/cpu/small_gemm.h)."""
+    return _native().pack_gemm_weight(w, bool(torch.equal(w, w.bfloat16().float())))
+
+
 def _cpu_layout(layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """CPU: fp32 layer weights packed for llama_layer's hand-written small-batch GEMMs (csrc/cpu/small_gemm.h: a
-    verify block's rows share one pass over each weight, and a row's result does not depend on the block); other
+    """CPU: fp32 layer weights packed (_pack) for llama_layer's hand-written small-batch GEMMs (csrc/cpu/small_gemm.h:
+    a verify block's rows share one pass over each weight, and a row's result does not depend on the block); other
     dtypes column-major for MKL. Other devices keep the checkpoint's layout."""
     w = layer["wqkv"]
     if w.device.type != "cpu":
         return layer
-    pack = _native().pack_gemm_weight if _packs(w) else _cpu_colmajor
+    pack = _pack if _packs(w) else _cpu_colmajor
     return {k: pack(t) if k in ("wqkv", "wo", "wgu", "wd") else t for k, t in layer.items()}
 
 
