@@ -15,14 +15,13 @@
 
 namespace kangaroo {
 
-namespace {
-
-// HF LlamaRMSNorm: fp32 statistics, normalised value rounded to x's dtype, times weight (rms_norm_ref).
 at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps) {
   const at::Tensor xf = x.to(at::kFloat);
   const at::Tensor xn = (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
   return w * xn;
 }
+
+namespace {
 
 bool rows_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1; }
 bool vec_f32(const std::optional<at::Tensor>& t) {
@@ -55,8 +54,9 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
                     "out must be a contiguous [B, D] tensor in h's dtype");
   if (B == 0) return;
   const int64_t D = h.size(1), NQ = Hq * Dh, NK = Hk * Dh;
-  if (h.scalar_type() == at::kFloat && h.stride(1) == 1 && rope_cos_sin && rows_f32(wq) && rows_f32(wk) && rows_f32(wv) &&
-      rows_f32(wo) && vec_f32(norm_in) && vec_f32(norm_out) && vec_f32(bq) && vec_f32(bk) && vec_f32(bv) &&
+  if (h.scalar_type() == at::kFloat && h.stride(1) == 1 && rope_cos_sin && rows_f32(wq) && rows_f32(wk) &&
+      rows_f32(wv) && rows_f32(wo) && vec_f32(norm_in) && vec_f32(norm_out) && vec_f32(bq) && vec_f32(bk) &&
+      vec_f32(bv) &&
       wq.size(1) == D && wk.size(0) == NK && wv.size(0) == NK && wo.size(0) == D && wo.size(1) == NQ) {
     // fp32 (the CPU decoder's dtype): the same maths in hand loops, one scratch tensor for q/k/v and one for the
     // attention; a draft step's adapter is otherwise bound by the ~25 ATen calls' overhead, not by its GEMVs.

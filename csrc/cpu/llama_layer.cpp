@@ -20,19 +20,14 @@ namespace kangaroo {
 
 namespace {
 
-// HF LlamaRMSNorm rounding (kangaroo_kernels.reference.adapter_forward.rms_norm_ref).
-at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const at::Tensor xf = x.to(at::kFloat);
-  return w * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
-}
-
 bool vec_f32(const at::Tensor& t, int64_t n) {
   return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous();
 }
 
 thread_local std::vector<float> tls_rows;
 
-// The layer in hand loops (fp32 activations, packed weights in either layout): rows r = b * T + t of x [B, T, D] contiguous.
+// The layer in hand loops (fp32 activations, packed weights in either layout): rows r = b * T + t of x [B, T, D]
+// contiguous.
 at::Tensor layer_f32(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& wqkv,
                      const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& ln2,
                      const at::Tensor& wgu, const at::Tensor& wd, const at::Tensor& kc, const at::Tensor& vc,

@@ -13,6 +13,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/ops_cpu.h"
+
 namespace kangaroo {
 
 namespace {
@@ -20,11 +22,7 @@ namespace {
 // (RMSNorm +) logits in fp32 [B, V] contiguous, as lm_head_logits_ref computes them.
 at::Tensor logits_ref_maths(const at::Tensor& hidden, const at::Tensor& lm_head_weight,
                             const std::optional<at::Tensor>& norm_weight, double eps) {
-  at::Tensor x = hidden;
-  if (norm_weight) {  // rms_norm_ref: fp32 statistics, rounded to hidden's dtype, times the weight
-    const at::Tensor xf = hidden.to(at::kFloat);
-    x = *norm_weight * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(hidden.scalar_type());
-  }
+  const at::Tensor x = norm_weight ? rms_norm_hf(hidden, *norm_weight, eps) : hidden;
   return at::matmul(x.to(at::kFloat), lm_head_weight.to(at::kFloat).t()).contiguous();
 }
 

@@ -7,6 +7,10 @@
 
 namespace kangaroo {
 
+// HF LlamaRMSNorm as ATen calls: fp32 statistics, the normalised value rounded to x's dtype, times w
+// (kangaroo_kernels.reference.adapter_forward.rms_norm_ref; csrc/cpu/adapter_forward.cpp).
+at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& w, double eps);
+
 // kangaroo_kernels::append_attention on CPU tensors (csrc/cpu/append_attention.cpp).
 void append_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,

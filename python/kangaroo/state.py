@@ -110,9 +110,8 @@ class DecodeState:
     adapter: Optional[AdapterWeights]  # None when autoregressive
     adapter_eps: float
     tree: Optional[TreeLayout]         # None for the chain
-    head_q: Optional[Int8Weight] = None  # the chain's draft LM head as int8 (CPU; None: the exact head)
     adapter_plan: Optional[AdapterForwardPlan] = None  # adapter_forward on this state's weights, caches and RoPE
-    head_plan: Optional[LmHeadExitInt8Plan] = None     # lm_head_exit_int8 on head_q (None: the exact head)
+    head_plan: Optional[LmHeadExitInt8Plan] = None     # the chain's int8 draft head (CPU; None: the exact head)
 
     @property
     def B(self) -> int:
@@ -180,7 +179,7 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     head_q = head_q if drafting else None
     head_plan = None if head_q is None else LmHeadExitInt8Plan(head_q, cfg.threshold, batch=B, dtype=dt,
                                                                norm_weight=weights.norm_out, eps=eps)
-    return DecodeState(model, cfg, buf, rope, weights, eps, tree, head_q, plan, head_plan)
+    return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan)
 
 
 def draft_head_weight(model: LlamaModel, adapter, mode: str) -> Tuple[Optional[Int8Weight], str]:
