@@ -228,12 +228,12 @@ def test_no_match_costs_what_kangaroo_costs(monkeypatch):
 def test_one_transfer_per_cycle_and_warm_up_leaves_state(monkeypatch):
     """The predicated (CUDA) path with lookup: at most one host read a cycle, and the graph warm-up changes no
     state (the committed history included)."""
-    from kangaroo import generate as kgen
+    from kangaroo import graphs as kgraphs
 
     hf, rep, *_ = reference("llama")
     dec = decoder(hf)
     dec.host_early_exit = False
-    real = kgen._warm_up_inactive
+    real = kgraphs.warm_up_inactive
     diffs = []
 
     def checked(st, steps, **k):
@@ -249,9 +249,9 @@ def test_one_transfer_per_cycle_and_warm_up_leaves_state(monkeypatch):
             out = dec.generate(rep, 12, lookup=True, lookup_ngram=(1, 3), lookup_max=8, **kw)
         assert out.stats.cycles >= 3 and out.stats.accepted_from_lookup > 0
         assert c.count <= out.stats.cycles, (c.count, out.stats.cycles, c.what[:10])
-        monkeypatch.setattr(kgen, "_warm_up_inactive", checked)  # its own reads are not the decoder's
+        monkeypatch.setattr(kgraphs, "warm_up_inactive", checked)  # its own reads are not the decoder's
         dec.generate(rep, 12, lookup=True, lookup_ngram=(1, 3), lookup_max=8, **kw)
-        monkeypatch.setattr(kgen, "_warm_up_inactive", real)
+        monkeypatch.setattr(kgraphs, "warm_up_inactive", real)
     assert diffs == [[], []], diffs
 
 

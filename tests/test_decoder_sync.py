@@ -180,12 +180,12 @@ def _changed(before, after):
                                 dict(tree=True, temperature=1.0, seed=4)],
                          ids=["greedy", "tree", "sample", "tree-sample"])
 def test_graph_warm_up_leaves_the_state_unchanged(dec, kw, monkeypatch):
-    """The CUDA-graph path first runs every step with all rows inactive (kangaroo.generate._warm_up_inactive);
+    """The CUDA-graph path first runs every step with all rows inactive (kangaroo.graphs.warm_up_inactive);
     that must change no cache entry, length, token or sampling offset. Checked on CPU, where the same warm-up
     runs on the predicated path."""
-    from kangaroo import generate as kgen
+    from kangaroo import graphs as kgraphs
 
-    real = kgen._warm_up_inactive
+    real = kgraphs.warm_up_inactive
     diffs = []
 
     def checked(st, steps, **k):
@@ -193,7 +193,7 @@ def test_graph_warm_up_leaves_the_state_unchanged(dec, kw, monkeypatch):
         real(st, steps, **k)
         diffs.append(_changed(before, _state(st)))
 
-    monkeypatch.setattr(kgen, "_warm_up_inactive", checked)
+    monkeypatch.setattr(kgraphs, "warm_up_inactive", checked)
     monkeypatch.setattr(dec, "host_early_exit", False)
     out = dec.generate(PROMPTS, 12, **kw)
     assert diffs == [[]], diffs
@@ -203,7 +203,7 @@ def test_graph_warm_up_leaves_the_state_unchanged(dec, kw, monkeypatch):
 def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
     """Control: a commit that advances the lengths of inactive rows, planted during the warm-up only, is
     reported by the warm-up check."""
-    from kangaroo import generate as kgen
+    from kangaroo import graphs as kgraphs
     from kangaroo import verify as kverify
 
     real_commit = kverify.commit
@@ -212,7 +212,7 @@ def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
         st.buf.n_gen.add_(1)  # ignores the alive mask
         return real_commit(st, *a, **k)
 
-    real = kgen._warm_up_inactive
+    real = kgraphs.warm_up_inactive
     diffs = []
 
     def checked(st, steps, **k):
@@ -222,7 +222,7 @@ def test_warm_up_check_catches_a_state_write(dec, monkeypatch):
         monkeypatch.setattr(kverify, "commit", real_commit)
         diffs.append(_changed(before, _state(st)))
 
-    monkeypatch.setattr(kgen, "_warm_up_inactive", checked)
+    monkeypatch.setattr(kgraphs, "warm_up_inactive", checked)
     monkeypatch.setattr(dec, "host_early_exit", False)
     dec.generate(PROMPTS, 4)
     assert diffs == [["buf.n_gen"]], diffs

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from kangaroo import _args
+from kangaroo import generate as kgen
 from kangaroo.generate import KangarooDecoder
 from test_decoder_exact import make_hf
 
@@ -140,7 +141,7 @@ def test_generate_rejects_before_any_work(dec, kw, name, monkeypatch):
     def prefill(*a, **k):
         raise AssertionError("a bad call reached the prefill")
 
-    monkeypatch.setattr(KangarooDecoder, "_prefill", prefill)
+    monkeypatch.setattr(kgen, "prefill", prefill)
     a = dict(input_ids=[[1, 2, 3], [4]], max_new_tokens=4)
     a.update(kw)
     with pytest.raises(ValueError, match=name):

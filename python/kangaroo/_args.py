@@ -266,3 +266,11 @@ def check_lookup(lookup, lookup_max, lookup_ngram) -> Tuple[int, Tuple[int, int]
         raise ValueError(f"lookup_ngram must be a pair of ints (n_min, n_max) with 1 <= n_min <= n_max, "
                          f"got {lookup_ngram!r}")
     return (lookup_max if lookup else 0), (int(lookup_ngram[0]), int(lookup_ngram[1]))
+
+
+def check_draft_head(mode, device: torch.device) -> None:
+    """KangarooDecoder(draft_head=mode) for a model on `device`: ValueError unless it is a mode that runs there."""
+    if mode not in ("auto", "int8", "exact"):
+        raise ValueError(f"draft_head must be 'auto', 'int8' or 'exact', got {mode!r}")
+    if mode == "int8" and device.type != "cpu":
+        raise ValueError(f"draft_head='int8' runs on CPU models (this one is on {device})")

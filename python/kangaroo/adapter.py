@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from kangaroo.model import ModelConfig, rms_norm
 from kangaroo_kernels.rope import make_rope_cos_sin
 
-__all__ = ["KangarooAdapter", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
+__all__ = ["KangarooAdapter", "attend_block", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -125,6 +126,27 @@ class KangarooAdapter(nn.Module):
                 ad.to(device=w.device, dtype=w.dtype)
         return ad
 
+    @classmethod
+    def resolve(cls, adapter, model, exit_layer: Optional[int] = None) -> "KangarooAdapter":
+        """The adapter for `model` (a LlamaModel): a KangarooAdapter as given, an adapter folder loaded (and checked
+        against the base), or None: a freshly initialised adapter at exit_layer (default 2), with a warning. An
+        exit_layer that contradicts the adapter's raises ValueError."""
+        L = model.config.num_hidden_layers
+        if adapter is None:
+            exit_layer = 2 if exit_layer is None else exit_layer
+            if not 1 <= exit_layer < L:
+                raise ValueError(f"exit_layer must be an int in [1, {L - 1}] for this {L}-layer model, "
+                                 f"got {exit_layer!r}")
+            warnings.warn("KangarooDecoder: no adapter given, using a freshly initialised (untrained) adapter: "
+                          "output is exact but acceptance will be low. Train one with `kangaroo train`.",
+                          stacklevel=3)
+            adapter = cls.for_model(model, exit_layer)
+        elif not isinstance(adapter, cls):
+            adapter = cls.from_pretrained(adapter, base_model=model, map_location=model.device)
+        if exit_layer is not None and exit_layer != adapter.exit_layer:
+            raise ValueError(f"exit_layer={exit_layer} contradicts the adapter's exit layer {adapter.exit_layer}")
+        return adapter
+
     def config_dict(self) -> Dict[str, Any]:
         return {"format": _FORMAT, "exit_layer": self.exit_layer, "hidden_size": self.hidden_size,
                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
@@ -183,18 +205,9 @@ class KangarooAdapter(nn.Module):
                 apply_out_norm: bool = True) -> torch.Tensor:
         """The adapter over a block h[B,T,D] appended to its cache k/v_cache[B,Hk,S,Dh] at cache_lens (not
         advanced), causal inside the block; the same maths as adapter_forward (T = 1) through append_attention."""
-        from kangaroo_kernels.ops.append_attention import append_attention
-
-        B, T, D = h.shape
-        Hq, Hk, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         w = self.weights()
-        x = rms_norm(h, w.norm_in, self.rms_norm_eps)
-        q = F.linear(x, w.wq, w.bq).view(B, T, Hq, Dh)
-        k = F.linear(x, w.wk, w.bk).view(B, T, Hk, Dh)
-        v = F.linear(x, w.wv, w.bv).view(B, T, Hk, Dh)
-        o = append_attention(q, k, v, k_cache, v_cache, cache_lens, active=active, positions=positions,
-                             rope_cos_sin=rope_cos_sin, validate=False)
-        r = h + F.linear(o.reshape(B, T, Hq * Dh), w.wo)
+        o = attend_block(w, self.rms_norm_eps, h, k_cache, v_cache, cache_lens, positions, rope_cos_sin, active)
+        r = h + F.linear(o.flatten(2), w.wo)
         return rms_norm(r, w.norm_out, self.rms_norm_eps) if apply_out_norm else r
 
     # ------------------------------------------------------------------ save / load
@@ -339,3 +352,18 @@ class KangarooAdapter(nn.Module):
                              f"{self.base_fingerprint} != the base model's {fp}. Train an adapter for this model "
                              f"(kangaroo train) or load the matching base model.")
 
+
+def attend_block(w, eps: float, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 cache_lens: torch.Tensor, positions: torch.Tensor, rope_cos_sin: torch.Tensor,
+                 active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The adapter's attention (w: AdapterWeights) over a block h[B,T,D] at positions[B,T], its K/V appended to
+    k/v_cache[B,Hk,S,Dh] at cache_lens[B] (causal inside the block) -> o [B,T,Hq,Dh], before o_proj."""
+    from kangaroo_kernels.ops.append_attention import append_attention
+
+    B, T, _ = h.shape
+    x = rms_norm(h, w.norm_in, eps)
+    q = F.linear(x, w.wq, w.bq).view(B, T, w.num_heads, w.head_dim)
+    k = F.linear(x, w.wk, w.bk).view(B, T, w.num_kv_heads, w.head_dim)
+    v = F.linear(x, w.wv, w.bv).view(B, T, w.num_kv_heads, w.head_dim)
+    return append_attention(q, k, v, k_cache, v_cache, cache_lens, active=active, positions=positions,
+                            rope_cos_sin=rope_cos_sin, validate=False)

@@ -13,7 +13,7 @@ cfg.topk candidates a step (K = 1: the chain; K > 1: a tree):
 With K > 1 each step also keeps the top-2..K candidates as leaf siblings of its chain draft (when their probability
 >= cfg.sibling_threshold: a confidence-guided node budget). They go through the shallow layers with the next chain
 token (a T = K block, each seeing the prefix and itself); their shallow K/V and hidden states are parked in side
-buffers until verification lays the tree out in the cache (TreeLayout).
+buffers until verification lays the tree out in the cache (kangaroo.state.TreeLayout).
 
 CPU early exit (cfg.host_exit): host_done is the one place that reads flags on the host (free for CPU tensors)
 to skip work no row needs; on CUDA every step runs predicated inside the graph instead.
@@ -21,56 +21,20 @@ to skip work no row needs; on CUDA every step runs predicated inside the graph i
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from kangaroo import lookup as _lookup
-from kangaroo.model import rms_norm
-from kangaroo_kernels import (
-    append_attention,
-    build_tree,
-    lm_head_exit,
-    lm_head_topk,
-)
+from kangaroo.adapter import attend_block
+from kangaroo_kernels import lm_head_exit, lm_head_topk
 
-__all__ = ["TreeLayout", "catch_up", "draft", "draft_head", "host_done", "slots"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TreeLayout:
-    """The node layout of tree drafting, the same every cycle. N = γK nodes: chain nodes 0..γ-1 (node c is
-    d_{c+1}), then the K-1 siblings of step i at γ + i (K-1) + j - 1 (j = 2..K by rank), leaf children of the step's
-    parent chain node. parents [B, N] (-1: the root x0); mask [B, N+1, W]: ancestor bits of [x0, nodes] (the verify
-    block's tree_mask); depth [N+1] (0 for x0): block positions are L0 + depth; siblings [B, K, 1]: the draft
-    step's K-token block, each token seeing the prefix and itself."""
-
-    parents: torch.Tensor
-    mask: torch.Tensor
-    depth: torch.Tensor
-    siblings: torch.Tensor
-
-    @classmethod
-    def build(cls, B: int, gamma: int, K: int, device) -> "TreeLayout":
-        i32 = dict(dtype=torch.int32, device=device)
-        parents = list(range(-1, gamma - 1)) + [i - 1 for i in range(gamma) for _ in range(K - 1)]
-        depth = list(range(1, gamma + 1)) + [i + 1 for i in range(gamma) for _ in range(K - 1)]
-        rows = lambda t: t[None].expand(B, *t.shape).contiguous()  # noqa: E731
-        full = rows(torch.tensor([-1] + [p + 1 for p in parents], **i32))  # [x0, nodes]: x0 is node 0 there
-        return cls(rows(torch.tensor(parents, **i32)), build_tree(full, validate=False).mask,
-                   torch.tensor([0] + depth, **i32), rows((1 << torch.arange(K, **i32))[:, None]))
+__all__ = ["catch_up", "draft", "draft_head", "host_done", "slots"]
 
 
 def host_done(st, rows: torch.Tensor) -> bool:
     """The CPU early exit: True when cfg.host_exit is on and no row in `rows` needs the next step."""
     return st.cfg.host_exit and not bool(rows.any())
-
-
-def _adapter_step(st, h, pos, active):
-    """The adapter on h[B,D] at pos (appending its K/V) -> the pre-norm residual (draft_head applies the norm)."""
-    return st.adapter_plan.run(h, pos, pos, active=active)
 
 
 def _shallow(st, tokens, pos, active, tree_mask=None):
@@ -91,27 +55,22 @@ def catch_up(st) -> None:
     rows = b.need_catch & b.alive
     if host_done(st, rows):
         return
-    start, W = b.L0 - b.catch_n, b.catch_h.shape[1]
+    start, W = (b.L0 - b.catch_n).clamp_min(0), b.catch_h.shape[1]
     if st.cfg.host_exit:  # CPU: as wide as the longest catch-up (a free read), one step when that is one node
         W = int(torch.where(rows, b.catch_n, 0).max())
     if W > 1:
-        _adapter_block(st, b.catch_h[:, :W], start.clamp_min(0), rows)
+        _adapter_block(st, b.catch_h[:, :W], start, rows)
     else:
-        _adapter_step(st, b.catch_h[:, 0], start.clamp_min(0), rows)
+        st.adapter_plan.run(b.catch_h[:, 0], start, start, active=rows)
     b.need_catch.logical_and_(~b.alive)
 
 
 def _adapter_block(st, h, start, active) -> None:
-    """The adapter's K/V of a block h[B,T,D] at positions start[b] + t (causal inside the block), appended at those
-    slots; the same maths as _adapter_step token by token (KangarooAdapter.prefill's), its output unused."""
-    w, b = st.adapter, st.buf
-    B, T, _ = h.shape
-    x = rms_norm(h, w.norm_in, st.adapter_eps)
-    q = F.linear(x, w.wq, w.bq).view(B, T, w.num_heads, w.head_dim)
-    k = F.linear(x, w.wk, w.bk).view(B, T, w.num_kv_heads, w.head_dim)
-    v = F.linear(x, w.wv, w.bv).view(B, T, w.num_kv_heads, w.head_dim)
-    append_attention(q, k, v, b.ak, b.av, start, active=active, positions=start[:, None] + b.arange_block[:T],
-                     rope_cos_sin=st.rope, validate=False)
+    """The adapter's K/V of a block h[B,T,D] at positions start[b] + t (kangaroo.adapter.attend_block: the same
+    maths as adapter_forward token by token), appended at those slots; its output unused."""
+    b = st.buf
+    attend_block(st.adapter, st.adapter_eps, h, b.ak, b.av, start, start[:, None] + b.arange_block[:h.shape[1]],
+                 st.rope, active)
 
 
 def draft_head(st, r: torch.Tensor, drafting: torch.Tensor):
@@ -171,7 +130,8 @@ def draft(st, n_steps: int) -> Optional[int]:
             return None
         if host_done(st, drafting):
             return i
-        tok, keep, sib = draft_head(st, _adapter_step(st, h0, pos, drafting), drafting)
+        r = st.adapter_plan.run(h0, pos, pos, active=drafting)  # the adapter's pre-norm residual [B, D]
+        tok, keep, sib = draft_head(st, r, drafting)
         b.drafts[:, i].copy_(torch.where(drafting, tok, -1))
         if sib is not None:
             b.drafts[:, g + i * (K - 1):g + (i + 1) * (K - 1)].copy_(sib)

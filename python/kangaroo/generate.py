@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
 from kangaroo import _args
 from kangaroo import draft as _draft
+from kangaroo import graphs as _graphs
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.model import LlamaModel
-from kangaroo.state import DecodeSettings, DecodeState, cache_slots, draft_head_weight, new_state
+from kangaroo.state import DecodeSettings, DecodeState, cache_slots, draft_head_weight, new_state, prefill
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
 
 __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", "next_draft_cap"]
@@ -35,7 +35,8 @@ __all__ = ["KangarooDecoder", "GenerateOutput", "GenerateStats", "DecodeState", 
 
 class KangarooDecoder:
     """The base model (kangaroo.model.LlamaModel) plus its Kangaroo adapter. It keeps no decode state between
-    calls; `debug_hook`, when set, is called with each call's final DecodeState (caches, lengths: tests)."""
+    calls; `debug_hook`, when set, is called with each call's final DecodeState (caches, lengths: tests).
+    draft_lm_head: (the int8 draft head or None for the exact head, its description): what the chain drafts with."""
 
     def __init__(self, model: LlamaModel, adapter: KangarooAdapter, *, cuda_graphs: bool = True,
                  max_cache_len: Optional[int] = None, host_early_exit: Optional[bool] = None,
@@ -45,10 +46,7 @@ class KangarooDecoder:
         adaptive_draft: on the predicated path, cap a cycle's draft steps (next_draft_cap; a draft graph per cap).
         draft_head: the chain's draft LM head, "auto" (CPU: an int8 copy where it measures faster), "int8" (CPU)
         or "exact" (kangaroo.state.draft_head_weight); output is the same either way."""
-        if draft_head not in ("auto", "int8", "exact"):
-            raise ValueError(f"draft_head must be 'auto', 'int8' or 'exact', got {draft_head!r}")
-        if draft_head == "int8" and model.device.type != "cpu":
-            raise ValueError(f"draft_head='int8' runs on CPU models (this one is on {model.device})")
+        _args.check_draft_head(draft_head, model.device)
         adapter.check_base(model)
         self.model = model
         self.adapter = adapter.to(device=model.device, dtype=model.dtype).eval()
@@ -56,7 +54,7 @@ class KangarooDecoder:
         self.cuda_graphs, self.host_early_exit, self.adaptive_draft = cuda_graphs, host_early_exit, adaptive_draft
         self.max_cache_len = max_cache_len
         self.draft_head = draft_head
-        self._head = draft_head_weight(model, self.adapter, draft_head)  # (int8 copy | None, description)
+        self.draft_lm_head = draft_head_weight(model, self.adapter, draft_head)  # (int8 copy | None, description)
         self.debug_hook: Optional[Callable[[DecodeState], None]] = None
 
     @classmethod
@@ -71,26 +69,8 @@ class KangarooDecoder:
         if isinstance(adapter, torch.nn.Module) and not isinstance(adapter, KangarooAdapter):
             raise ValueError(f"adapter must be a KangarooAdapter, got {type(adapter).__name__}")
         model = LlamaModel.from_pretrained(path_or_hf_model, dtype=dtype, device=device)
-        L = model.config.num_hidden_layers
-        if adapter is None:
-            exit_layer = 2 if exit_layer is None else exit_layer
-            if not 1 <= exit_layer < L:
-                raise ValueError(f"exit_layer must be an int in [1, {L - 1}] for this {L}-layer model, "
-                                 f"got {exit_layer!r}")
-            warnings.warn("KangarooDecoder: no adapter given, using a freshly initialised (untrained) adapter: "
-                          "output is exact but acceptance will be low. Train one with `kangaroo train`.",
-                          stacklevel=2)
-            adapter = KangarooAdapter.for_model(model, exit_layer)
-        elif not isinstance(adapter, KangarooAdapter):
-            adapter = KangarooAdapter.from_pretrained(adapter, base_model=model, map_location=model.device)
-        if exit_layer is not None and exit_layer != adapter.exit_layer:
-            raise ValueError(f"exit_layer={exit_layer} contradicts the adapter's exit layer {adapter.exit_layer}")
+        adapter = KangarooAdapter.resolve(adapter, model, exit_layer)
         return cls(model, adapter, **kwargs)
-
-    @property
-    def draft_lm_head(self):
-        """(the int8 draft head or None for the exact head, its description): what the chain drafts with."""
-        return self._head
 
     def fingerprint(self) -> str:
         return self.model.fingerprint()
@@ -157,7 +137,7 @@ class KangarooDecoder:
         tally.stats.draft_head = "" if autoregressive or topk > 1 else self.draft_lm_head[1]
         st = new_state(m, None if autoregressive else self.adapter, cfg, B, S, seed, eos,
                        self.draft_lm_head[0] if tally.stats.draft_head else None)
-        self._prefill(st, prompts)
+        prefill(st, prompts)
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)
         tally.stats.prefill_time_s = time.perf_counter() - t_start
@@ -188,31 +168,10 @@ class KangarooDecoder:
             verify = functools.partial(_verify.verify, st)
         if self.cuda_graphs and st.model.device.type == "cuda":
             stats.cuda_graphs = True
-            return _capture(st, drafts, verify)
+            return _graphs.capture(st, drafts, verify)
         if not cfg.host_exit:
-            _warm_up_inactive(st, [*drafts.values(), verify])  # the graph path's warm-up, also run (and tested) here
+            _graphs.warm_up_inactive(st, [*drafts.values(), verify])  # the graph path's warm-up, tested here too
         return drafts, verify
-
-    def _prefill(self, st: DecodeState, prompts: List[List[int]]) -> None:
-        """All layers and the adapter over each prompt but its last token (right-padded), which becomes x0."""
-        m, b, dev = self.model, st.buf, self.model.device
-        B, Tp = len(prompts), max(len(p) for p in prompts) - 1
-        b.tok.copy_(torch.tensor([p[-1] for p in prompts], dtype=torch.int32))
-        b.L0.copy_(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int32))
-        if b.lookup is not None:
-            b.lookup.history[:, :Tp + 1].copy_(torch.tensor([p + [0] * (Tp + 1 - len(p)) for p in prompts]))
-        if Tp == 0:
-            return
-        ids = torch.tensor([p[:-1] + [0] * (Tp - len(p) + 1) for p in prompts], dtype=torch.int32, device=dev)
-        zeros = torch.zeros(B, dtype=torch.int32, device=dev)
-        pos = torch.arange(Tp, device=dev)[None].expand(B, Tp)
-        ell, L = self.exit_layer, m.config.num_hidden_layers
-        for s in range(0, Tp, 512):  # chunked so a long prompt's attention block stays modest
-            e = min(Tp, s + 512)
-            x = m.forward_layers(m.embed(ids[:, s:e]), 0, ell, b.cache, zeros + s, pos[:, s:e])
-            if not st.cfg.autoregressive:
-                self.adapter.prefill(x, b.ak, b.av, zeros + s, pos[:, s:e], st.rope)
-            m.forward_layers(x, ell, L, b.cache, zeros + s, pos[:, s:e])
 
 
 def next_draft_cap(cap: int, gamma: int, drafted: int) -> int:
@@ -220,38 +179,3 @@ def next_draft_cap(cap: int, gamma: int, drafted: int) -> int:
     A row that used the whole cap may have been cut short, so the cap returns to γ; otherwise every row exited
     on its own confidence and the next cycle gets one step more than the longest draft."""
     return gamma if drafted >= cap else min(gamma, drafted + 1)
-
-
-def _warm_up_inactive(st: DecodeState, steps, rounds: int = 2) -> None:
-    """Runs every step `rounds` times with every row inactive (loads and compiles every kernel before capture),
-    then restores alive and the Philox offsets (verify_sample advances every row's). The decode state is unchanged;
-    only per-cycle scratch and cache slots from L0 on are written (tests/test_decoder_sync.py checks this)."""
-    b = st.buf
-    alive, offset = b.alive.clone(), None if b.offset is None else b.offset.clone()
-    b.alive.zero_()
-    for _ in range(rounds):
-        for f in steps:
-            f()
-    b.alive.copy_(alive)
-    if offset is not None:
-        b.offset.copy_(offset)
-
-
-def _capture(st: DecodeState, drafts, verify):
-    """Warms the steps up on a side stream (_warm_up_inactive), captures each in a CUDA graph (capture records
-    the kernels without running them: the state is untouched) and returns their replays, shaped like _steps'."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _warm_up_inactive(st, [*drafts.values(), verify])
-    torch.cuda.current_stream().wait_stream(side)
-
-    def graph(f):
-        # a private memory pool per graph: the draft graphs (one per cap) replay in any order, and graphs that
-        # share a pool are only safe replayed in capture order; each holds only small per-step temporaries
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            f()
-        return lambda *_: g.replay()
-
-    return {cap: graph(f) for cap, f in drafts.items()}, graph(verify)

@@ -22,7 +22,7 @@ import torch
 
 from kangaroo_kernels import build_tree, merge_lookup_tree, ngram_lookup
 
-__all__ = ["Branch", "branch", "find", "record"]
+__all__ = ["Branch", "accepted", "branch", "find", "record"]
 
 
 class Branch(NamedTuple):
@@ -69,6 +69,14 @@ def branch(st, n_base: int) -> Optional[Branch]:
                          active=b.alive)
     b.hbuf[:, :N + 1].copy_(h)
     return Branch(N + 1, positions, tree.mask, merged.parents, merged.tokens, merged.source)
+
+
+def accepted(st, lk: Optional[Branch], path: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """[B] i32: the accepted nodes of path[:, :a] (verify's Accepted) from the lookup's own branch (source 2); all
+    0 when the cycle ran no branch (lk None)."""
+    on_path = st.buf.arange_block[None, :path.shape[1]] < a[:, None]
+    src = 0 if lk is None else lk.source.gather(1, path.clamp_min(0).long())
+    return (on_path & (src == 2)).sum(1, dtype=torch.int32)
 
 
 def record(st, toks: torch.Tensor, a: torch.Tensor) -> None:

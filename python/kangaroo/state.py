@@ -1,6 +1,6 @@
 """The request and the state of one generate call: the checked prompts and settings, and the state split by what
 it is: DecodeSettings (host values, frozen), DecodeBuffers (the static device tensors every cycle updates in place;
-CUDA-graph safe) and, in DecodeState, the model side's static inputs and the tree layout (kangaroo.draft.TreeLayout).
+CUDA-graph safe) and, in DecodeState, the model side's static inputs and the tree layout (TreeLayout).
 Nothing is assigned onto any of them after construction.
 """
 
@@ -13,14 +13,15 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from kangaroo.draft import TreeLayout
+from kangaroo.adapter import attend_block
 from kangaroo.model import KVCache, LlamaModel
+from kangaroo_kernels import build_tree
 from kangaroo_kernels.ops.adapter_forward import AdapterForwardPlan
 from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
-__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "DecodeState", "new_state", "cache_slots",
-           "draft_head_weight"]
+__all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "TreeLayout", "DecodeState", "new_state",
+           "cache_slots", "prefill", "draft_head_weight"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,30 @@ class LookupBuffers:
 
 
 @dataclasses.dataclass(frozen=True)
+class TreeLayout:
+    """The node layout of tree drafting, the same every cycle. N = γK nodes: chain nodes 0..γ-1 (node c is
+    d_{c+1}), then the K-1 siblings of step i at γ + i (K-1) + j - 1 (j = 2..K by rank), leaf children of the step's
+    parent chain node. parents [B, N] (-1: the root x0); mask [B, N+1, W]: ancestor bits of [x0, nodes] (the verify
+    block's tree_mask); depth [N+1] (0 for x0): block positions are L0 + depth; siblings [B, K, 1]: the draft
+    step's K-token block, each token seeing the prefix and itself."""
+
+    parents: torch.Tensor
+    mask: torch.Tensor
+    depth: torch.Tensor
+    siblings: torch.Tensor
+
+    @classmethod
+    def build(cls, B: int, gamma: int, K: int, device) -> "TreeLayout":
+        i32 = dict(dtype=torch.int32, device=device)
+        parents = list(range(-1, gamma - 1)) + [i - 1 for i in range(gamma) for _ in range(K - 1)]
+        depth = list(range(1, gamma + 1)) + [i + 1 for i in range(gamma) for _ in range(K - 1)]
+        rows = lambda t: t[None].expand(B, *t.shape).contiguous()  # noqa: E731
+        full = rows(torch.tensor([-1] + [p + 1 for p in parents], **i32))  # [x0, nodes]: x0 is node 0 there
+        return cls(rows(torch.tensor(parents, **i32)), build_tree(full, validate=False).mask,
+                   torch.tensor([0] + depth, **i32), rows((1 << torch.arange(K, **i32))[:, None]))
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeState:
     model: LlamaModel
     cfg: DecodeSettings
@@ -180,6 +205,28 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     head_plan = None if head_q is None else LmHeadExitInt8Plan(head_q, cfg.threshold, batch=B, dtype=dt,
                                                                norm_weight=weights.norm_out, eps=eps)
     return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan)
+
+
+def prefill(st: DecodeState, prompts: List[List[int]]) -> None:
+    """All layers and the adapter's K/V over each prompt but its last token (right-padded), which becomes x0."""
+    m, b, dev = st.model, st.buf, st.model.device
+    B, Tp = len(prompts), max(len(p) for p in prompts) - 1
+    b.tok.copy_(torch.tensor([p[-1] for p in prompts], dtype=torch.int32))
+    b.L0.copy_(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int32))
+    if b.lookup is not None:
+        b.lookup.history[:, :Tp + 1].copy_(torch.tensor([p + [0] * (Tp + 1 - len(p)) for p in prompts]))
+    if Tp == 0:
+        return
+    ids = torch.tensor([p[:-1] + [0] * (Tp - len(p) + 1) for p in prompts], dtype=torch.int32, device=dev)
+    zeros = torch.zeros(B, dtype=torch.int32, device=dev)
+    pos = torch.arange(Tp, device=dev)[None].expand(B, Tp)
+    ell, L = st.cfg.exit_layer, m.config.num_hidden_layers
+    for s in range(0, Tp, 512):  # chunked so a long prompt's attention block stays modest
+        e = min(Tp, s + 512)
+        x = m.forward_layers(m.embed(ids[:, s:e]), 0, ell, b.cache, zeros + s, pos[:, s:e])
+        if st.adapter is not None:
+            attend_block(st.adapter, st.adapter_eps, x, b.ak, b.av, zeros + s, pos[:, s:e], st.rope)
+        m.forward_layers(x, ell, L, b.cache, zeros + s, pos[:, s:e])
 
 
 def draft_head_weight(model: LlamaModel, adapter, mode: str) -> Tuple[Optional[Int8Weight], str]:

@@ -60,11 +60,7 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
     if tree is not None or lk is not None:
         compact_kv(b.cache.k, b.cache.v, b.L0 + 1, acc.path, a, validate=False)
     catch_n, catch_h = _catch(st, acc.path, a, chain_only=lk is None)
-    n_look = None
-    if b.lookup is not None:
-        on_path = b.arange_block[None, :acc.path.shape[1]] < a[:, None]
-        src = 0 if lk is None else lk.source.gather(1, acc.path.clamp_min(0).long())
-        n_look = (on_path & (src == 2)).sum(1, dtype=torch.int32)
+    n_look = None if b.lookup is None else _lookup.accepted(st, lk, acc.path, a)
     commit(st, acc.tokens, a, catch_n, catch_h, n_look)
 
 
