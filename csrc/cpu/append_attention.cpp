@@ -119,8 +119,29 @@ KANGAROO_ISA_CLONES float scores_f32(const float* q, const float* k, int64_t ldk
 }
 
 // acc[0, Dh) += p[j] * v[j * ldv, +Dh) for j < n in j order, skipping p[j] == 0 (masked or underflowed: adding
-// nothing either way).
+// nothing either way). NV = Dh / 16 accumulators stay in registers across the keys (through memory, each key waited
+// on the previous key's stores); any other Dh runs the same per-element arithmetic through memory.
+template <int NV>
+__attribute__((always_inline)) inline void pv_regs(const float* p, const float* v, int64_t ldv, int64_t n,
+                                                   float* acc) {
+  v16f a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = load16(acc + 16 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    if (pj == 0.f) continue;
+    const float* vj = v + j * ldv;
+    for (int i = 0; i < NV; ++i) a[i] += pj * load16(vj + 16 * i);
+  }
+  for (int i = 0; i < NV; ++i) store16(acc + 16 * i, a[i]);
+}
+
 KANGAROO_ISA_CLONES void pv_f32(const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc) {
+  switch (Dh) {
+    case 32: return pv_regs<2>(p, v, ldv, n, acc);
+    case 64: return pv_regs<4>(p, v, ldv, n, acc);
+    case 128: return pv_regs<8>(p, v, ldv, n, acc);
+    default: break;
+  }
   for (int64_t j = 0; j < n; ++j) {
     const float pj = p[j];
     if (pj == 0.f) continue;
@@ -130,31 +151,57 @@ KANGAROO_ISA_CLONES void pv_f32(const float* p, const float* v, int64_t ldv, int
   }
 }
 
-// One fp32 query row q[Dh] over the unit-stride cached prefix [0, lp) (rows ldk / ldv apart) and the T new keys
-// visible to block row t (causal, or the tree words), out[Dh]. The scores sit at their sequence positions (prefix,
-// then the new keys) and every sum runs in that order, so a token's output is the same bits whether the keys before
-// it are cached or new in the same block (a verify block reproduces the plain steps).
-void attend_row_f32(const float* q, const float* kc, int64_t ldk, const float* vc, int64_t ldv, int64_t lp,
-                    const float* kn, const float* vn, int64_t T, const int32_t* words, int64_t t, float scale,
-                    int64_t Dh, float* sc, float* pr, float* acc, float* out) {
-  float m = scores_f32(q, kc, ldk, lp, Dh, scale, sc);
-  for (int64_t j = 0; j < T; ++j) {
-    const bool vis = words ? ((static_cast<uint32_t>(words[j / 32]) >> (j % 32)) & 1u) != 0 : j <= t;
-    sc[lp + j] = vis ? scores_f32(q, kn + j * Dh, Dh, 1, Dh, scale, sc + lp + j) : -INFINITY;
-    m = std::max(m, sc[lp + j]);
+// The Q = T * G query rows of one KV head (row r = t * G + g: block token t, query head g of the group; qs [Q, Dh],
+// rotated) over the unit-stride cached prefix [0, lp) (rows ldk / ldv apart) and the T new keys kn / vn [T, Dh]
+// visible to each token (causal, or its tree words, ldw apart); row r's output goes to out + t * ldo + g * Dh.
+// The prefix is read in chunks of kChunk keys that stay in L1 while every row uses them, so it streams from memory
+// once per KV head, not once per query row (at a 400-token prefix a verify block re-reading it per row cost 40 us
+// a row and layer). Per row the arithmetic is the one-row pass's: the scores sit at their sequence positions
+// (prefix, then the new keys), the max is exact, and the exp sum and every value sum run in that order, so a row's
+// output is the same bits whatever rows share its pass and whether the keys before it are cached or new in the
+// same block (a verify block reproduces the plain steps). Scratch: sc, pr [Q, lp + T], acc [Q, Dh], mx [Q].
+constexpr int64_t kChunk = 32;
+
+void attend_rows_f32(const float* qs, int64_t T, int64_t G, const float* kc, int64_t ldk, const float* vc,
+                     int64_t ldv, int64_t lp, const float* kn, const float* vn, const int32_t* words, int64_t ldw,
+                     float scale, int64_t Dh, float* sc, float* pr, float* acc, float* mx, float* out, int64_t ldo) {
+  const int64_t Q = T * G, W = lp + T;
+  std::fill(mx, mx + Q, -INFINITY);
+  for (int64_t j0 = 0; j0 < lp; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, lp - j0);
+    for (int64_t r = 0; r < Q; ++r)
+      mx[r] = std::max(mx[r], scores_f32(qs + r * Dh, kc + j0 * ldk, ldk, n, Dh, scale, sc + r * W + j0));
   }
-  if (m == -INFINITY) {  // sees no key: attends to nothing
-    std::fill(out, out + Dh, 0.f);
-    return;
+  for (int64_t r = 0; r < Q; ++r) {
+    const int64_t t = r / G;
+    const int32_t* wt = words ? words + t * ldw : nullptr;
+    float* s = sc + r * W + lp;
+    for (int64_t j = 0; j < T; ++j) {
+      const bool vis = wt ? ((static_cast<uint32_t>(wt[j / 32]) >> (j % 32)) & 1u) != 0 : j <= t;
+      s[j] = vis ? scores_f32(qs + r * Dh, kn + j * Dh, Dh, 1, Dh, scale, s + j) : -INFINITY;
+      mx[r] = std::max(mx[r], s[j]);
+    }
+    if (mx[r] != -INFINITY) exp_shifted(sc + r * W, W, mx[r], pr + r * W);  // 0 where masked (-inf)
+    std::fill(acc + r * Dh, acc + (r + 1) * Dh, 0.f);
   }
-  exp_shifted(sc, lp + T, m, pr);  // 0 where masked (-inf)
-  float l = 0.f;
-  for (int64_t j = 0; j < lp + T; ++j) l += pr[j];
-  std::fill(acc, acc + Dh, 0.f);
-  pv_f32(pr, vc, ldv, lp, Dh, acc);
-  pv_f32(pr + lp, vn, Dh, T, Dh, acc);
-  const float inv = 1.f / l;
-  for (int64_t d = 0; d < Dh; ++d) out[d] = acc[d] * inv;
+  for (int64_t j0 = 0; j0 < lp; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, lp - j0);
+    for (int64_t r = 0; r < Q; ++r)
+      if (mx[r] != -INFINITY) pv_f32(pr + r * W + j0, vc + j0 * ldv, ldv, n, Dh, acc + r * Dh);
+  }
+  for (int64_t r = 0; r < Q; ++r) {
+    float* o = out + (r / G) * ldo + (r % G) * Dh;
+    if (mx[r] == -INFINITY) {  // sees no key: attends to nothing
+      std::fill(o, o + Dh, 0.f);
+      continue;
+    }
+    const float* p = pr + r * W;
+    float l = 0.f;
+    for (int64_t j = 0; j < W; ++j) l += p[j];
+    pv_f32(p + lp, vn, Dh, T, Dh, acc + r * Dh);
+    const float inv = 1.f / l;
+    for (int64_t d = 0; d < Dh; ++d) o[d] = acc[r * Dh + d] * inv;
+  }
 }
 
 template <typename T>
@@ -176,15 +223,19 @@ void attend_bh(const Args& a, int64_t b, int64_t kh) {
   }
   const int64_t L = read_index(a.lens, a.lens64, b);
   const int64_t lp = std::min(std::max<int64_t>(L, 0), S);
-  // scratch: rotated new keys [T, Dh], new values [T, Dh], one query [Dh], its output [Dh], scores and their
-  // exps [lp + T] each, and one cache row converted to fp32 [Dh] (16-bit or strided caches)
-  float* knr = scratch(static_cast<size_t>(2 * NT * Dh + 3 * Dh + 2 * (lp + NT)));
+  // scratch: rotated new keys [T, Dh], new values [T, Dh], the queries [Q, Dh] and their outputs [Q, Dh], one cache
+  // row converted to fp32 [Dh] (16-bit or strided caches), the rows' maxima [Q], scores and exps [Q, lp + T] each
+  const bool kc_unit = a.s_kcd == 1, vc_unit = a.s_vcd == 1;
+  const bool rows_f32 = std::is_same<T, float>::value && kc_unit && vc_unit;  // attend_rows_f32
+  const int64_t Q = rows_f32 ? NT * G : 1;  // query rows sharing one pass (scratch for their scores and sums)
+  float* knr = scratch(static_cast<size_t>(2 * NT * Dh + 2 * Dh + Q * (2 * Dh + 1 + 2 * (lp + NT))));
   float* vnr = knr + NT * Dh;
-  float* qr = vnr + NT * Dh;
-  float* acc = qr + Dh;
-  float* tmp = acc + Dh;
-  float* sc = tmp + Dh;
-  float* pr = sc + lp + NT;
+  float* qr = vnr + NT * Dh;   // [Q, Dh]
+  float* acc = qr + Q * Dh;    // [Q, Dh]
+  float* tmp = acc + Q * Dh;   // [Dh]
+  float* mx = tmp + Dh;        // [Q]
+  float* sc = mx + Q;          // [Q, lp + T]
+  float* pr = sc + Q * (lp + NT);
   const float* cs = static_cast<const float*>(a.cs);
   auto cs_row = [&](int64_t t) {
     const int64_t p = a.pos ? read_index(a.pos, a.pos64, b * a.s_pb + t * a.s_pt) : L + t;
@@ -195,20 +246,25 @@ void attend_bh(const Args& a, int64_t b, int64_t kh) {
     if (cs) rope_row<T>(knr + t * Dh, cs_row(t), Dh);
     load_row(vn + b * a.s_vnb + t * a.s_vnt + kh * a.s_vnh, a.s_vnd, Dh, vnr + t * Dh);
   }
-  const bool kc_unit = a.s_kcd == 1, vc_unit = a.s_vcd == 1;
-  for (int64_t t = 0; t < NT; ++t) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (rows_f32) {
+      for (int64_t t = 0; t < NT; ++t)
+        for (int64_t g = 0; g < G; ++g) {
+          float* qt = qr + (t * G + g) * Dh;
+          load_row(q + b * a.s_qb + t * a.s_qt + (kh * G + g) * a.s_qh, a.s_qd, Dh, qt);
+          if (cs) rope_row<T>(qt, cs_row(t), Dh);
+        }
+      const int32_t* words = a.tree ? static_cast<const int32_t*>(a.tree) + b * a.s_tmb : nullptr;
+      attend_rows_f32(qr, NT, G, kc, a.s_kcs, vc, a.s_vcs, lp, knr, vnr, words, a.s_tmt, a.scale, Dh, sc, pr, acc,
+                      mx, out + (b * NT * a.Hq + kh * G) * Dh, a.Hq * Dh);
+    }
+  }
+  for (int64_t t = 0; t < NT && !rows_f32; ++t) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = kh * G + g;
       load_row(q + b * a.s_qb + t * a.s_qt + h * a.s_qh, a.s_qd, Dh, qr);
       if (cs) rope_row<T>(qr, cs_row(t), Dh);
       const int32_t* words = a.tree ? static_cast<const int32_t*>(a.tree) + b * a.s_tmb + t * a.s_tmt : nullptr;
-      if constexpr (std::is_same<T, float>::value) {
-        if (kc_unit && vc_unit) {
-          attend_row_f32(qr, kc, a.s_kcs, vc, a.s_vcs, lp, knr, vnr, NT, words, t, a.scale, Dh, sc, pr, acc,
-                         out + ((b * NT + t) * a.Hq + h) * Dh);
-          continue;
-        }
-      }
       float m = -INFINITY;
       for (int64_t j = 0; j < lp; ++j) {
         const T* kr = kc + j * a.s_kcs;
