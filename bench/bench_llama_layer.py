@@ -13,8 +13,10 @@ Impls, all in this run on the same inputs:
                   append_attention's CPU op, SwiGLU): what the layer cost before it was one op
   aten-in-op      llama_layer on column-major weights: the same maths as ATen calls from C++ (MKL GEMMs)
   kangaroo-packed llama_layer on pack_gemm_weight's layout: the hand loops the decoder runs
-For the GEMM: F.linear (torch-eager, MKL on the column-major weight) against gemm_packed. Bytes: the layer's fp32
-weights (the floor at the measured copy bandwidth). A CPU timing, one thread unless OMP_NUM_THREADS says otherwise.
+For the GEMM: F.linear (torch-eager, MKL on the column-major weight) against gemm_packed. For the attention alone
+(the demo head, Hq 4 / Hk 2, Dh 64, a 400-token prefix, T = 1 / 3 / 7, one K/V cache per layer): append_attention's
+CPU op against the cache write + RoPE + F.scaled_dot_product_attention (torch-eager). Bytes: the layer's fp32
+weights, or the cache's K/V (the floor at the measured copy bandwidth). A CPU timing, one thread unless OMP_NUM_THREADS says otherwise.
 
   python bench/bench_llama_layer.py [--quick] [--budget-s S]
 """
@@ -97,6 +99,43 @@ def main(argv=None):
                     time_rotating(lambda i: layer_op(cms[i], i), n_layers, dev, **it), bytes_moved=nbytes, batch=T)
             rec.add("llama_layer", "kangaroo-packed", shape, "fp32",
                     time_rotating(lambda i: layer_op(pks[i], i), n_layers, dev, **it), bytes_moved=nbytes, batch=T)
+    # the attention alone (append_attention's CPU op) at the demo head, a long prefix, one cache per layer (as in a
+    # decode step the 12 layers' K/V stream from the last-level cache); torch-eager: the cache write + SDPA
+    Hq, Hk, Dh = 4, 2, 64
+    apref = 64 if args.quick else 400
+    for T in ([1, 3] if args.quick else [1, 3, 7]):
+        shape = f"attention H={Hq}/{Hk} Dh={Dh} T={T} prefix={apref}"
+        if rec.out_of_time(shape, reserve=2.0):
+            continue
+        S = apref + T
+        rope = make_rope_cos_sin(S, Dh)
+        caches = [tuple(torch.randn(1, Hk, S, Dh, generator=gen) for _ in "kv") for _ in range(n_layers)]
+        q, k, v = (torch.randn(1, T, h, Dh, generator=gen) for h in (Hq, Hk, Hk))
+        lens = torch.full((1,), apref, dtype=torch.int32)
+        pos = lens.long()[:, None] + torch.arange(T)
+        causal = torch.ones(T, S, dtype=torch.bool).tril(apref)
+
+        def attn_op(i):
+            kc, vc = caches[i]
+            return append_attention(q, k, v, kc, vc, lens, positions=pos, rope_cos_sin=rope, validate=False)
+
+        def attn_eager(i):
+            kc, vc = caches[i]
+            cos, sin = rope[pos, :Dh // 2].repeat(1, 1, 2)[:, :, None], rope[pos, Dh // 2:].repeat(1, 1, 2)[:, :, None]
+            rot = lambda x: x * cos + torch.cat([-x[..., Dh // 2:], x[..., :Dh // 2]], -1) * sin  # noqa: E731
+            kc[0, :, apref:apref + T] = rot(k)[0].transpose(0, 1)
+            vc[0, :, apref:apref + T] = v[0].transpose(0, 1)
+            o = F.scaled_dot_product_attention(rot(q).transpose(1, 2), kc, vc, attn_mask=causal, enable_gqa=True)
+            return o.transpose(1, 2)
+
+        got, want = attn_op(0), attn_eager(0)
+        note = agree(torch.allclose(got, want, rtol=1e-4, atol=1e-4),
+                     f"append_attention vs SDPA max |diff| {float((got - want).abs().max()):.2g}, {shape}", dev)
+        kv_bytes = 4 * 2 * Hk * S * Dh
+        rec.add("append_attention_cpu", "torch-eager", shape, "fp32", time_rotating(attn_eager, n_layers, dev, **it),
+                bytes_moved=kv_bytes, batch=T, note=note)
+        rec.add("append_attention_cpu", "kangaroo", shape, "fp32", time_rotating(attn_op, n_layers, dev, **it),
+                bytes_moved=kv_bytes, batch=T)
     # the GEMM alone, on the demo layers' weights
     ps = [_weights(256, 4, 2, 64, 768, gen) for _ in range(n_layers)]
     for M in ([1, 5] if args.quick else [1, 5, 8]):

@@ -74,6 +74,16 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "llama_layer(Tensor x, Tensor ln1, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor ln2, Tensor wgu, Tensor wd, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor cache_lens, Tensor positions, Tensor? tree_mask, "
       "Tensor? active, Tensor rope_cos_sin, float eps, int num_heads, int num_kv_heads) -> Tensor");
+  // One step of the CPU decoder's chain draft loop (kangaroo/draft.py with K = 1 and an int8 draft head) in one
+  // crossing (csrc/cpu/draft_step.cpp): layers 0..l-1 on cur at pos for the rows in proc (their layer-l states into
+  // hidden), then, with draft and a drafting row, the adapter step and the int8 head: draft_token, n_chain, cur,
+  // proc <- drafting, drafting <- keep. Returns whether a row was drafting. CPU only.
+  m.def(
+      "draft_step(Tensor?[] layers, Tensor embed, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope_cos_sin, "
+      "float eps, int num_heads, int num_kv_heads, Tensor?[] adapter, Tensor(c!) adapter_k, Tensor(d!) adapter_v, "
+      "float rope_theta, float adapter_eps, Tensor head_q, Tensor head_scale, Tensor? head_norm, float threshold, "
+      "Tensor(e!) cur, Tensor pos, Tensor(f!) proc, Tensor(g!) drafting, bool draft, Tensor(h!) hidden, "
+      "Tensor(i!) draft_token, Tensor(j!) n_chain) -> bool");
   // llama_layer's packed CPU weight layouts (csrc/cpu/small_gemm.h): [N, K] -> [ceil(N / 32), K, 32], zero-padded,
   // or with bf16 (a weight whose values are all bf16) the pairs layout [ceil(N / 32), K, 16] int32; and back to the
   // first n rows (fp32).

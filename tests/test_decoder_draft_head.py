@@ -3,10 +3,12 @@
 greedy generate with either, batch 1 and ragged batch 4, with and without lookup; the int8 kernel is really the
 one called (a counting control); "auto" measures and reports its choice; bad values raise."""
 
+import types
 import warnings
 
 import pytest
 import torch
+from kangaroo import draft as kdraft
 from kangaroo.adapter import KangarooAdapter
 from kangaroo.generate import KangarooDecoder
 from kangaroo.model import LlamaModel
@@ -33,8 +35,11 @@ def test_output_equals_hf_with_either_head(model_and_ref, mode, lookup, monkeypa
     ad = KangarooAdapter.for_model(hf, 1)
     dec = KangarooDecoder.from_pretrained(hf, adapter=ad, draft_head=mode)
     calls = []
-    real = LmHeadExitInt8Plan.run  # the decoder's int8 head runs through its plan
+    real = LmHeadExitInt8Plan.run  # the decoder's int8 head runs through its plan, or inside the fused CPU step
     monkeypatch.setattr(LmHeadExitInt8Plan, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    native = kdraft.native_ops()
+    fused = types.SimpleNamespace(draft_step=lambda *a: calls.append(2) or native.draft_step(*a))
+    monkeypatch.setattr(kdraft, "native_ops", lambda: fused)
     for p, want in zip(prompts[:2], ref[:2]):
         out = dec.generate(p, NEW, threshold=0.0, max_draft=4, lookup=lookup)
         assert out.tokens.tolist() == want

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from draft_watch import watch_draft_steps
 from kangaroo import draft as kdraft
 from kangaroo import lookup as klookup
 from kangaroo.generate import KangarooDecoder
@@ -381,8 +382,7 @@ def test_lookup_first_skips_the_chain_where_the_lookup_matches(monkeypatch):
     hf, rep, _, ref_rep, _ = reference("llama")
     dec = decoder(hf)
     steps = []
-    real = kdraft.draft_head
-    monkeypatch.setattr(kdraft, "draft_head", lambda st, *a: steps.append(1) or real(st, *a))
+    watch_draft_steps(monkeypatch, on_draft=lambda tok: steps.append(1))
     runs = {}
     for policy in ("merge", "first"):
         steps.clear()

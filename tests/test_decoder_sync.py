@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from kangaroo import draft as kdraft
+from draft_watch import watch_draft_steps
 from kangaroo.generate import KangarooDecoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -116,15 +116,9 @@ def test_host_early_exit_is_exact(dec, kw, monkeypatch):
     for flag in (False, True):
         monkeypatch.setattr(dec, "host_early_exit", flag)
         n = [0]
-        real = kdraft._shallow
-
-        def counted(*a, **k):
-            n[0] += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(kdraft, "_shallow", counted)
-        out = dec.generate(PROMPTS, 12, **kw)
-        monkeypatch.setattr(kdraft, "_shallow", real)
+        with monkeypatch.context() as mp:
+            watch_draft_steps(mp, on_shallow=lambda: n.__setitem__(0, n[0] + 1))
+            out = dec.generate(PROMPTS, 12, **kw)
         outs.append([t.tolist() for t in out.tokens])
         calls.append(n[0])
     assert outs[0] == outs[1]
@@ -133,14 +127,7 @@ def test_host_early_exit_is_exact(dec, kw, monkeypatch):
 
 
 def test_planted_read_is_counted(dec, monkeypatch):
-    real = kdraft.draft_head
-
-    def leaky(*a, **k):
-        tok, keep, sib = real(*a, **k)
-        float(tok.max())  # a host read per draft step
-        return tok, keep, sib
-
-    monkeypatch.setattr(kdraft, "draft_head", leaky)
+    watch_draft_steps(monkeypatch, on_draft=lambda tok: float(tok.max()))  # a host read per draft step
     monkeypatch.setattr(dec, "host_early_exit", False)
     with CountHostReads() as c:
         out = dec.generate(PROMPTS, 12, max_draft=4)

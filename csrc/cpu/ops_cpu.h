@@ -27,4 +27,19 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
                          const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& rope_cos_sin,
                          double rope_theta, double eps, bool apply_out_norm, const at::Tensor& out);
 
+// kangaroo_kernels::llama_layer on CPU tensors (csrc/cpu/llama_layer.cpp).
+at::Tensor llama_layer_cpu(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& wqkv,
+                           const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& ln2,
+                           const at::Tensor& wgu, const at::Tensor& wd, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, int64_t layer, const at::Tensor& cache_lens,
+                           const at::Tensor& positions, const std::optional<at::Tensor>& tree_mask,
+                           const std::optional<at::Tensor>& active, const at::Tensor& rope_cos_sin, double eps,
+                           int64_t num_heads, int64_t num_kv_heads);
+
+// kangaroo_kernels::lm_head_exit_int8 on CPU tensors (csrc/cpu/lm_head_exit_int8.cpp).
+void lm_head_exit_int8_cpu(const at::Tensor& hidden, const at::Tensor& qweight, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& active,
+                           double threshold, double eps, const at::Tensor& token, const at::Tensor& conf,
+                           const at::Tensor& active_out, const at::Tensor& token_prob);
+
 }  // namespace kangaroo

@@ -238,6 +238,13 @@ class AdapterForwardPlan:
         self._weights, self._k, self._v = weights, k_cache, v_cache
         self._shape, self._dtype, self._device = (B, D), k_cache.dtype, dev
 
+    @property
+    def native_args(self):
+        """The native op's checked static arguments, as run() passes them: ((norm_in, wq, wk, wv, bq, bk, bv, wo,
+        norm_out, k_cache, v_cache), (rope_cos_sin, rope_theta, eps, apply_out_norm)); for callers that fuse the
+        adapter step into a larger native call (the CPU decoder's draft_step)."""
+        return self._static
+
     def run(self, h: torch.Tensor, cache_lens: torch.Tensor, positions: torch.Tensor, *,
             active: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, dt, dev = self._shape[0], self._dtype, self._device

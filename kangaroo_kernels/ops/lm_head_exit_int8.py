@@ -124,6 +124,13 @@ class LmHeadExitInt8Plan:
         self._static = (weight[0], weight[1].contiguous(), None if norm_weight is None else norm_weight.contiguous())
         self._shape, self._dtype, self._cpu = (B, D), dtype, torch.device("cpu")
 
+    @property
+    def native_args(self):
+        """The native op's checked static arguments, as run() passes them: (qweight, scale, norm_weight or None,
+        threshold, eps); for callers that fuse the head into a larger native call (the CPU decoder's draft_step)."""
+        q, scale, norm = self._static
+        return q, scale, norm, float(self._threshold), float(self._eps)
+
     def run(self, hidden: torch.Tensor, *, active: Optional[torch.Tensor] = None,
             out: Optional[LmHeadExit] = None) -> LmHeadExit:
         B, cpu = self._shape[0], self._cpu

@@ -225,11 +225,14 @@ def check_generate_args(config, input_ids, max_new_tokens, threshold, max_draft,
 
 def check_from_pretrained_args(path_or_hf_model, adapter, exit_layer, dtype, device) -> Tuple[Any, Any, int, Any,
                                                                                                 Any]:
-    """from_pretrained's arguments (path_or_hf_model is checked by LlamaModel.from_pretrained; a Module adapter
-    must be a KangarooAdapter, which the caller checks by isinstance)."""
+    """from_pretrained's arguments (path_or_hf_model is checked by LlamaModel.from_pretrained)."""
+    from kangaroo.adapter import KangarooAdapter
+
     if adapter is not None and not isinstance(adapter, (str, os.PathLike, torch.nn.Module)):
         raise ValueError(f"adapter must be None, a KangarooAdapter or an adapter folder (str or path), got "
                          f"{type(adapter).__name__} {adapter!r}")
+    if isinstance(adapter, torch.nn.Module) and not isinstance(adapter, KangarooAdapter):
+        raise ValueError(f"adapter must be a KangarooAdapter, got {type(adapter).__name__}")
     if exit_layer is not None:  # None: the adapter's (or 2 for a fresh adapter)
         exit_layer = _int("exit_layer", exit_layer, 1, what=" >= 1 (or None)")
     if dtype is not None and not isinstance(dtype, torch.dtype):

@@ -1,7 +1,8 @@
 """The draft side of a Kangaroo cycle: adapter-cache catch-up and the draft loop.
 
 In place on a DecodeState's static buffers (kangaroo.state), fixed shapes, predicated rows (finished and exited
-rows are no-ops for the kernels): CUDA-graph capturable; on CPU the same code runs eagerly.
+rows are no-ops for the kernels): CUDA-graph capturable; on CPU the same code runs eagerly, a chain step on the int8
+head as one native call (kangaroo_kernels::draft_step: the step's kernels and bookkeeping, the same bits).
 
 Draft loop (DESIGN.md section 1), γ = cfg.gamma, ℓ = cfg.exit_layer, x0 = buf.tok at position L0 = buf.L0, K =
 cfg.topk candidates a step (K = 1: the chain; K > 1: a tree):
@@ -15,7 +16,7 @@ With K > 1 each step also keeps the top-2..K candidates as leaf siblings of its 
 token (a T = K block, each seeing the prefix and itself); their shallow K/V and hidden states are parked in side
 buffers until verification lays the tree out in the cache (kangaroo.state.TreeLayout).
 
-CPU early exit (cfg.host_exit): host_done is the one place that reads flags on the host (free for CPU tensors)
+CPU early exit (cfg.host_exit): host_done (or draft_step's result) reads flags on the host (free for CPU tensors)
 to skip work no row needs; on CUDA every step runs predicated inside the graph instead.
 """
 
@@ -28,6 +29,7 @@ import torch
 from kangaroo import lookup as _lookup
 from kangaroo.adapter import attend_block
 from kangaroo_kernels import lm_head_exit, lm_head_topk
+from kangaroo_kernels._ext import ops as native_ops
 
 __all__ = ["catch_up", "draft", "draft_head", "host_done", "slots"]
 
@@ -116,6 +118,12 @@ def draft(st, n_steps: int) -> Optional[int]:
     sib = None
     for i in range(n_steps + 1):
         pos = b.L0 + i
+        if st.draft_step is not None:  # the CPU chain: this step's calls and bookkeeping in one native call
+            more = native_ops().draft_step(*st.draft_step, b.cur, pos, proc, drafting, i < n_steps, b.hbuf[:, i],
+                                           b.drafts[:, min(i, n_steps - 1)], b.n_chain)  # (no draft at i = n_steps)
+            if i == n_steps or (st.cfg.host_exit and not more):
+                return None if i == n_steps else i
+            continue
         if sib is None:
             h = _shallow(st, b.cur[:, None], pos, proc)
         else:

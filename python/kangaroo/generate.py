@@ -26,6 +26,7 @@ from kangaroo import draft as _draft
 from kangaroo import graphs as _graphs
 from kangaroo import verify as _verify
 from kangaroo.adapter import KangarooAdapter
+from kangaroo.graphs import next_draft_cap
 from kangaroo.model import LlamaModel
 from kangaroo.state import DecodeSettings, DecodeState, cache_slots, draft_head_weight, new_state, prefill
 from kangaroo.stats import GenerateOutput, GenerateStats, Tally, Timer
@@ -66,8 +67,6 @@ class KangarooDecoder:
         An exit_layer that contradicts the given adapter's raises ValueError."""
         path_or_hf_model, adapter, exit_layer, dtype, device = _args.check_from_pretrained_args(
             path_or_hf_model, adapter, exit_layer, dtype, device)
-        if isinstance(adapter, torch.nn.Module) and not isinstance(adapter, KangarooAdapter):
-            raise ValueError(f"adapter must be a KangarooAdapter, got {type(adapter).__name__}")
         model = LlamaModel.from_pretrained(path_or_hf_model, dtype=dtype, device=device)
         adapter = KangarooAdapter.resolve(adapter, model, exit_layer)
         return cls(model, adapter, **kwargs)
@@ -128,8 +127,8 @@ class KangarooDecoder:
                              float(temperature), int(top_k), float(top_p), max_new, host_exit, autoregressive,
                              lookup[0], lookup[1], first)
         B, S = len(prompts), cache_slots(cfg, c.max_context, self.max_cache_len, max(len(p) for p in prompts))
-        mode = "autoregressive" if autoregressive else ("kangaroo-tree" if topk > 1 else "kangaroo")
-        mode += "+lookup" if cfg.lookup_max else ""
+        mode = ("autoregressive" if autoregressive else "kangaroo-tree" if topk > 1 else "kangaroo") + (
+            "+lookup" if cfg.lookup_max else "")
         tally = Tally(B, max_new, cfg.n_nodes, 0 if autoregressive else gamma, eos, streamer, GenerateStats(mode))
         if max_new == 0:
             return tally.output(single)
@@ -172,10 +171,3 @@ class KangarooDecoder:
         if not cfg.host_exit:
             _graphs.warm_up_inactive(st, [*drafts.values(), verify])  # the graph path's warm-up, tested here too
         return drafts, verify
-
-
-def next_draft_cap(cap: int, gamma: int, drafted: int) -> int:
-    """The next cycle's draft-step cap from this cycle's: drafted = the most drafts any row made under `cap`.
-    A row that used the whole cap may have been cut short, so the cap returns to γ; otherwise every row exited
-    on its own confidence and the next cycle gets one step more than the longest draft."""
-    return gamma if drafted >= cap else min(gamma, drafted + 1)

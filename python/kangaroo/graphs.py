@@ -1,7 +1,7 @@
 """CUDA graphs for a decode call's steps: a warm-up with every row inactive, then one graph per step.
 
-The steps are kangaroo.generate's draft loops (one per adaptive cap) and verify, closed over a DecodeState's
-static buffers; the warm-up also runs on CPU's predicated path so it is tested there.
+The steps are kangaroo.generate's draft loops (one per adaptive cap, picked each cycle by next_draft_cap) and verify,
+closed over a DecodeState's static buffers; the warm-up also runs on CPU's predicated path so it is tested there.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from kangaroo.state import DecodeState
 
-__all__ = ["warm_up_inactive", "capture"]
+__all__ = ["warm_up_inactive", "capture", "next_draft_cap"]
 
 
 def warm_up_inactive(st: DecodeState, steps, rounds: int = 2) -> None:
@@ -47,3 +47,10 @@ def capture(st: DecodeState, drafts, verify):
         return lambda *_: g.replay()
 
     return {cap: graph(f) for cap, f in drafts.items()}, graph(verify)
+
+
+def next_draft_cap(cap: int, gamma: int, drafted: int) -> int:
+    """The next cycle's draft-step cap from this cycle's: drafted = the most drafts any row made under `cap`.
+    A row that used the whole cap may have been cut short, so the cap returns to γ; otherwise every row exited
+    on its own confidence and the next cycle gets one step more than the longest draft."""
+    return gamma if drafted >= cap else min(gamma, drafted + 1)

@@ -21,7 +21,8 @@ from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
 __all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "TreeLayout", "DecodeState", "new_state",
-           "cache_slots", "prefill", "draft_head_weight"]
+           "cache_slots", "prefill", "draft_head_weight",
+           "draft_step_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,7 @@ class DecodeState:
     tree: Optional[TreeLayout]         # None for the chain
     adapter_plan: Optional[AdapterForwardPlan] = None  # adapter_forward on this state's weights, caches and RoPE
     head_plan: Optional[LmHeadExitInt8Plan] = None     # the chain's int8 draft head (CPU; None: the exact head)
+    draft_step: Optional[tuple] = None  # CPU chain: draft_step's static arguments (draft_step_args; None: unfused)
 
     @property
     def B(self) -> int:
@@ -204,7 +206,23 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     head_q = head_q if drafting else None
     head_plan = None if head_q is None else LmHeadExitInt8Plan(head_q, cfg.threshold, batch=B, dtype=dt,
                                                                norm_weight=weights.norm_out, eps=eps)
-    return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan)
+    return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan,
+                       draft_step_args(model, cfg, buf, rope, plan, head_plan))
+
+
+def draft_step_args(model: LlamaModel, cfg: DecodeSettings, buf: DecodeBuffers, rope: torch.Tensor, plan,
+                    head_plan) -> Optional[tuple]:
+    """The static arguments of kangaroo_kernels::draft_step (csrc/cpu/draft_step.cpp: a chain draft step in one native
+    call, the same kernels and bits as the loop's separate calls) where it applies: a CPU model drafting a chain on
+    the int8 head (head_plan; tree drafting ranks with the exact head). None elsewhere: the loop runs its ops."""
+    if head_plan is None or model.device.type != "cpu":
+        return None
+    c, (w, tail) = model.config, plan.native_args
+    q, scale, norm, threshold, _ = head_plan.native_args  # its eps is the adapter's (both plans get new_state's)
+    names = ("ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd")
+    layers = [model.layers[i].get(k) for i in range(cfg.exit_layer) for k in names]
+    return (layers, model.embed_tokens, buf.cache.k, buf.cache.v, rope, c.rms_norm_eps, c.num_attention_heads,
+            c.num_key_value_heads, list(w[:9]), w[9], w[10], tail[1], tail[2], q, scale, norm, threshold)
 
 
 def prefill(st: DecodeState, prompts: List[List[int]]) -> None:

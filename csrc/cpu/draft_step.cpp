@@ -1,0 +1,110 @@
+// CPU implementation of kangaroo_kernels::draft_step: one step of the CPU decoder's chain draft loop
+// (kangaroo/draft.py, K = 1, an int8 draft head) in one dispatcher crossing.
+//
+// Why: on a small model the loop's ~25 Python-level tensor calls a step (the embedding, slicing the state buffers,
+// the bookkeeping wheres) cost ~100 us, about as much as the step's layer, adapter and head kernels together. The
+// step calls the same CPU kernels the unfused loop reaches through the dispatcher (llama_layer, adapter_forward,
+// lm_head_exit_int8) on the same tensors, so it gives the same bits; only the glue moves into C++.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu/checks.h"
+#include "cpu/ops_cpu.h"
+
+namespace kangaroo {
+
+namespace {
+
+const at::Tensor& req(const std::optional<at::Tensor>& t, const char* what) {
+  TORCH_CHECK_VALUE(t.has_value() && t->defined(), "draft_step: ", what, " is missing");
+  return *t;
+}
+
+void check_vec(const at::Tensor& t, at::ScalarType st, int64_t B, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.scalar_type() == st && t.device().is_cpu(), "draft_step: ",
+                    name, " must be a [B=", B, "] CPU tensor of ", st, ", got ", shape_str(t), " ", t.scalar_type());
+}
+
+}  // namespace
+
+bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,
+                    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos_sin, double eps,
+                    int64_t num_heads, int64_t num_kv_heads, const c10::List<std::optional<at::Tensor>>& adapter,
+                    const at::Tensor& adapter_k, const at::Tensor& adapter_v, double rope_theta, double adapter_eps, const at::Tensor& head_q, const at::Tensor& head_scale,
+                    const std::optional<at::Tensor>& head_norm, double threshold, const at::Tensor& cur,
+                    const at::Tensor& pos, const at::Tensor& proc, const at::Tensor& drafting, bool draft,
+                    const at::Tensor& hidden, const at::Tensor& draft_token, const at::Tensor& n_chain) {
+  TORCH_CHECK_VALUE(layers.size() % 7 == 0 && layers.size() > 0,
+                    "draft_step: layers must hold 7 tensors per shallow layer (ln1, wqkv, bqkv or None, wo, ln2, "
+                    "wgu, wd), got ", layers.size());
+  TORCH_CHECK_VALUE(adapter.size() == 9,
+                    "draft_step: adapter must hold norm_in, wq, wk, wv, bq, bk, bv (or None), wo, norm_out, got ",
+                    adapter.size(), " tensors");
+  const int64_t B = cur.size(0), ell = static_cast<int64_t>(layers.size()) / 7, D = embed.size(1);
+  check_vec(cur, at::kInt, B, "cur");
+  check_vec(pos, at::kInt, B, "pos");
+  check_vec(proc, at::kBool, B, "proc");
+  check_vec(drafting, at::kBool, B, "drafting");
+  check_vec(n_chain, at::kInt, B, "n_chain");
+  TORCH_CHECK_VALUE(draft_token.dim() == 1 && draft_token.size(0) == B && draft_token.scalar_type() == at::kInt,
+                    "draft_step: draft_token must be [B=", B, "] int32");
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.size(0) == B && hidden.size(1) == D, "draft_step: hidden must be [B=",
+                    B, ", D=", D, "], got ", shape_str(hidden));
+  TORCH_CHECK_VALUE(cur.is_contiguous() && pos.is_contiguous() && proc.is_contiguous() && drafting.is_contiguous() &&
+                        n_chain.is_contiguous(),
+                    "draft_step: cur, pos, proc, drafting and n_chain must be contiguous");
+
+  // layers 0..l-1 on the current tokens (the model's embedding rows, as F.embedding gives them)
+  at::Tensor x = at::index_select(embed, 0, cur).unsqueeze(1);
+  const at::Tensor positions = pos.unsqueeze(1);
+  for (int64_t l = 0; l < ell; ++l) {
+    auto w = [&](int64_t j) { return layers.get(7 * l + j); };
+    x = llama_layer_cpu(x, req(w(0), "ln1"), req(w(1), "wqkv"), w(2), req(w(3), "wo"), req(w(4), "ln2"),
+                        req(w(5), "wgu"), req(w(6), "wd"), k_cache, v_cache, l, pos, positions, std::nullopt, proc,
+                        rope_cos_sin, eps, num_heads, num_kv_heads);
+  }
+  const at::Tensor h = x.select(1, 0);
+  hidden.copy_(h);
+
+  const bool* dr = drafting.data_ptr<bool>();
+  bool any = false;
+  for (int64_t b = 0; b < B; ++b) any = any || dr[b];
+  if (!draft) return any;
+  bool* pr = proc.data_ptr<bool>();
+  if (!any) {  // what the predicated loop leaves: no row runs the next step
+    for (int64_t b = 0; b < B; ++b) pr[b] = false;
+    return false;
+  }
+  auto a = [&](int64_t j) { return adapter.get(j); };
+  const at::Tensor r = at::empty({B, D}, h.options());
+  adapter_forward_cpu(h.contiguous(), req(a(0), "norm_in"), req(a(1), "wq"), req(a(2), "wk"), req(a(3), "wv"), a(4),
+                      a(5), a(6), req(a(7), "wo"), req(a(8), "norm_out"), adapter_k, adapter_v, pos, pos, drafting, rope_cos_sin, rope_theta, adapter_eps, false,
+                      r);
+  const auto i32 = cur.options(), f32 = cur.options().dtype(at::kFloat);
+  const at::Tensor token = at::empty({B}, i32), conf = at::empty({B}, f32), prob = at::empty({B}, f32);
+  const at::Tensor keep = at::empty({B}, proc.options());
+  lm_head_exit_int8_cpu(r, head_q, head_scale, head_norm, drafting, threshold, adapter_eps, token, conf, keep, prob);
+
+  const int32_t* tk = token.data_ptr<int32_t>();
+  const bool* kp = keep.data_ptr<bool>();
+  int32_t* dt = draft_token.data_ptr<int32_t>();
+  const int64_t sd = draft_token.stride(0);
+  int32_t* cu = cur.data_ptr<int32_t>();
+  int32_t* nc = n_chain.data_ptr<int32_t>();
+  bool* dw = drafting.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    const bool d = dr[b];
+    dt[b * sd] = d ? tk[b] : -1;
+    nc[b] += d ? 1 : 0;
+    if (d) cu[b] = tk[b];
+    pr[b] = d;      // proc <- drafting (dr aliases dw: read before the write below)
+    dw[b] = kp[b];  // drafting <- keep (keep is false where the row was not drafting)
+  }
+  return true;
+}
+
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("draft_step", &kangaroo::draft_step_cpu); }
+
+}  // namespace kangaroo

@@ -1,0 +1,39 @@
+"""Test helper: observe every draft step the decoder runs, through either of its two paths.
+
+The CPU chain on the int8 head runs each step as one native call (kangaroo_kernels::draft_step, via
+kangaroo.draft.native_ops); every other configuration runs the step's ops (kangaroo.draft._shallow, draft_head).
+Tests that count or instrument steps watch both, so they hold whichever path the decoder takes.
+"""
+
+import types
+
+from kangaroo import draft as kdraft
+
+
+def watch_draft_steps(monkeypatch, on_shallow=None, on_draft=None):
+    """on_shallow() at every shallow pass of the draft loop; on_draft(token) at every adapter + head step that ran
+    (token: the step's draft tokens [B] i32; the fused step reports only steps where some row was drafting)."""
+    real_shallow, real_head, native = kdraft._shallow, kdraft.draft_head, kdraft.native_ops()
+
+    def shallow(*a, **k):
+        if on_shallow:
+            on_shallow()
+        return real_shallow(*a, **k)
+
+    def head(*a, **k):
+        tok, keep, sib = real_head(*a, **k)
+        if on_draft:
+            on_draft(tok)
+        return tok, keep, sib
+
+    def step(*a):
+        ran = native.draft_step(*a)  # a[-4]: draft, a[-2]: this step's draft_token column
+        if on_shallow:
+            on_shallow()
+        if on_draft and a[-4] and ran:
+            on_draft(a[-2])
+        return ran
+
+    monkeypatch.setattr(kdraft, "_shallow", shallow)
+    monkeypatch.setattr(kdraft, "draft_head", head)
+    monkeypatch.setattr(kdraft, "native_ops", lambda: types.SimpleNamespace(draft_step=step))
