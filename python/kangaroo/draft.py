@@ -58,7 +58,7 @@ def catch_up(st) -> None:
     if host_done(st, rows):
         return
     start, W = (b.L0 - b.catch_n).clamp_min(0), b.catch_h.shape[1]
-    if st.cfg.host_exit:  # CPU: as wide as the longest catch-up (a free read), one step when that is one node
+    if st.cfg.host_exit and W > 1:  # CPU: as wide as the longest catch-up (a free read), one step for one node
         W = int(torch.where(rows, b.catch_n, 0).max())
     if W > 1:
         _adapter_block(st, b.catch_h[:, :W], start, rows)
