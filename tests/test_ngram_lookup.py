@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kangaroo_kernels.ops.ngram_lookup import ngram_lookup
+from kangaroo_kernels.ops.ngram_lookup import NgramLookupPlan, ngram_lookup
 from kangaroo_kernels.reference import ngram_lookup_ref
 from kangaroo_kernels.types import NgramMatch
 
@@ -179,6 +179,30 @@ def test_ngram_lookup_bad_inputs(device):
     if device.type == "cuda":
         with pytest.raises(ValueError, match="lens"):
             ngram_lookup(h, lens.cpu(), 1, 2, 2)
+
+
+def test_ngram_lookup_plan_equals_the_op(device):
+    """NgramLookupPlan (the decoder's per-cycle call) gives ngram_lookup's result in its buffers, for int32 lens and
+    (through the wrapper) any other lens; static arguments are checked once, at construction."""
+    g = torch.Generator().manual_seed(4)
+    B, S, M = 3, 57, 5
+    hist = torch.randint(0, 4, (B, S), generator=g, dtype=torch.int32).to(device)
+    out = (torch.full((B, M), -1, dtype=torch.int32, device=device), torch.zeros(B, dtype=torch.int32, device=device))
+    plan = NgramLookupPlan(hist, 1, 3, M, out=out)
+    for _ in range(5):
+        lens = torch.randint(0, S + 1, (B,), generator=g, dtype=torch.int32).to(device)
+        want = ngram_lookup(hist, lens, 1, 3, M)
+        got = plan.run(lens)
+        assert got.tokens is out[0] and got.n is out[1]
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.n, want.n)
+        got64 = plan.run(lens.long())
+        assert torch.equal(got64.tokens, want.tokens) and torch.equal(got64.n, want.n)
+    with pytest.raises(ValueError, match="n_max"):
+        NgramLookupPlan(hist, 3, 2, M, out=out)
+    with pytest.raises(ValueError, match="out.tokens"):
+        NgramLookupPlan(hist, 1, 3, M + 1, out=out)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        NgramLookupPlan(hist.long(), 1, 3, M, out=out)
 
 
 def test_ngram_lookup_opcheck(device):

@@ -32,7 +32,7 @@ import torch
 from kangaroo_kernels import _checks, _ext
 from kangaroo_kernels.types import NgramMatch
 
-__all__ = ["NgramMatch", "ngram_lookup"]
+__all__ = ["NgramMatch", "NgramLookupPlan", "ngram_lookup"]
 
 _I32_MAX = 2**31 - 1
 
@@ -99,3 +99,31 @@ def ngram_lookup(history: torch.Tensor, lens: torch.Tensor, n_min: int, n_max: i
     lens32 = lens if lens.dtype == torch.int32 else lens.clamp(0, S).to(torch.int32)
     _op()(history.contiguous(), lens32.contiguous(), n_min, n_max, out.tokens, out.n)
     return out
+
+
+class NgramLookupPlan:
+    """ngram_lookup on a decoder's static history and output buffers, checked once (plan / run, like
+    AdapterForwardPlan): the decoder runs the lookup every cycle on the same [B, S] history and (tokens, n) buffers.
+
+        plan = NgramLookupPlan(history, n_min, n_max, M, out=(tokens, n))
+        plan.run(lens)   # == ngram_lookup(history, lens, n_min, n_max, M, out=(tokens, n), validate=False)
+
+    run() tests only lens (int32 [B] on history's device, contiguous) and hands any other lens to ngram_lookup."""
+
+    def __init__(self, history: torch.Tensor, n_min: int, n_max: int, M: int, *,
+                 out: Tuple[torch.Tensor, torch.Tensor]):
+        B = history.shape[0] if isinstance(history, torch.Tensor) and history.dim() == 2 else 0
+        lens = torch.zeros(B, dtype=torch.int32, device=getattr(history, "device", None))
+        self._out = ngram_lookup(history, lens, n_min, n_max, M, out=out, validate=False)  # every static check
+        if not history.is_contiguous() or history.dtype != torch.int32:
+            raise ValueError("NgramLookupPlan needs a contiguous int32 history (the decoder's buffer)")
+        self._args = (history, int(n_min), int(n_max), M)
+        self._shape, self._device = (B,), history.device
+
+    def run(self, lens: torch.Tensor) -> NgramMatch:
+        if not (_checks.tensor_ok(lens, torch.int32, self._shape, self._device) and lens.is_contiguous()):
+            history, n_min, n_max, M = self._args
+            return ngram_lookup(history, lens, n_min, n_max, M, out=tuple(self._out), validate=False)
+        history, n_min, n_max, _ = self._args
+        _op()(history, lens, n_min, n_max, self._out.tokens, self._out.n)
+        return self._out

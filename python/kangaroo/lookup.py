@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kangaroo_kernels import build_tree, merge_lookup_tree, ngram_lookup
+from kangaroo_kernels import build_tree, merge_lookup_tree
 
 __all__ = ["Branch", "accepted", "branch", "find", "record"]
 
@@ -39,9 +39,7 @@ class Branch(NamedTuple):
 
 def find(st):
     """The lookup of this cycle (ngram_lookup of each row's committed sequence) into buf.lookup.look."""
-    cfg, b, lb = st.cfg, st.buf, st.buf.lookup
-    n_min, n_max = cfg.lookup_ngram
-    return ngram_lookup(lb.history, b.L0 + 1, n_min, n_max, cfg.lookup_max, out=tuple(lb.look), validate=False)
+    return st.lookup_plan.run(st.buf.L0 + 1)
 
 
 def branch(st, n_base: int) -> Optional[Branch]:
@@ -52,7 +50,7 @@ def branch(st, n_base: int) -> Optional[Branch]:
     look = lb.look if cfg.lookup_first else find(st)
     base, parents = b.drafts[:, :n_base], None if st.tree is None else st.tree.parents
     if cfg.host_exit:  # host reads of CPU tensors are free
-        m_eff = int(torch.where(b.alive, look.n, 0).max())
+        m_eff = int((look.n * b.alive).max())
         if m_eff == 0:
             return None
         merged = merge_lookup_tree(base, look.tokens[:, :m_eff], n_look=look.n, parents=parents, validate=False)
@@ -74,9 +72,10 @@ def branch(st, n_base: int) -> Optional[Branch]:
 def accepted(st, lk: Optional[Branch], path: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """[B] i32: the accepted nodes of path[:, :a] (verify's Accepted) from the lookup's own branch (source 2); all
     0 when the cycle ran no branch (lk None)."""
+    if lk is None:
+        return torch.zeros_like(a)
     on_path = st.buf.arange_block[None, :path.shape[1]] < a[:, None]
-    src = 0 if lk is None else lk.source.gather(1, path.clamp_min(0).long())
-    return (on_path & (src == 2)).sum(1, dtype=torch.int32)
+    return (on_path & (lk.source.gather(1, path.clamp_min(0).long()) == 2)).sum(1, dtype=torch.int32)
 
 
 def record(st, toks: torch.Tensor, a: torch.Tensor) -> None:

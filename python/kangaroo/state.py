@@ -18,6 +18,7 @@ from kangaroo.model import KVCache, LlamaModel
 from kangaroo_kernels import build_tree
 from kangaroo_kernels.ops.adapter_forward import AdapterForwardPlan
 from kangaroo_kernels.ops.lm_head_exit_int8 import LmHeadExitInt8Plan
+from kangaroo_kernels.ops.ngram_lookup import NgramLookupPlan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
 __all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "TreeLayout", "DecodeState", "new_state",
@@ -139,6 +140,7 @@ class DecodeState:
     adapter_plan: Optional[AdapterForwardPlan] = None  # adapter_forward on this state's weights, caches and RoPE
     head_plan: Optional[LmHeadExitInt8Plan] = None     # the chain's int8 draft head (CPU; None: the exact head)
     draft_step: Optional[tuple] = None  # CPU chain: draft_step's static arguments (draft_step_args; None: unfused)
+    lookup_plan: Optional[NgramLookupPlan] = None  # ngram_lookup on buf.lookup's history into buf.lookup.look
 
     @property
     def B(self) -> int:
@@ -206,8 +208,9 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     head_q = head_q if drafting else None
     head_plan = None if head_q is None else LmHeadExitInt8Plan(head_q, cfg.threshold, batch=B, dtype=dt,
                                                                norm_weight=weights.norm_out, eps=eps)
+    look_plan = None if lookup is None else NgramLookupPlan(lookup.history, *cfg.lookup_ngram, M, out=tuple(look))
     return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan,
-                       draft_step_args(model, cfg, buf, rope, plan, head_plan))
+                       draft_step_args(model, cfg, buf, rope, plan, head_plan), look_plan)
 
 
 def draft_step_args(model: LlamaModel, cfg: DecodeSettings, buf: DecodeBuffers, rope: torch.Tensor, plan,
