@@ -16,7 +16,8 @@ Impls, all in this run on the same inputs:
 For the GEMM: F.linear (torch-eager, MKL on the column-major weight) against gemm_packed. For the attention alone
 (the demo head, Hq 4 / Hk 2, Dh 64, a 400-token prefix, T = 1 / 3 / 7, one K/V cache per layer): append_attention's
 CPU op against the cache write + RoPE + F.scaled_dot_product_attention (torch-eager). Bytes: the layer's fp32
-weights, or the cache's K/V (the floor at the measured copy bandwidth). A CPU timing, one thread unless OMP_NUM_THREADS says otherwise.
+weights, or the cache's K/V (the floor at the measured copy bandwidth). A CPU timing, one thread unless
+OMP_NUM_THREADS says otherwise.
 
   python bench/bench_llama_layer.py [--quick] [--budget-s S]
 """

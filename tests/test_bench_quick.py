@@ -79,3 +79,20 @@ def test_e2e_cpu_quick_writes_its_csv(tmp_path):
         assert float(got[m]) > 0, (m, got.get(m))
     assert got["identical_to_hf"] == "True"
     assert "draft_head_int8" in got
+
+
+def test_e2e_lookup_cpu_quick_writes_its_csv(tmp_path):
+    """bench/e2e_lookup_cpu.py (Kangaroo + lookup vs Kangaroo alone on the shipped model) runs end to end in --quick
+    mode: its ratios are written and positive, and every method's output equals plain decoding (exit status 0)."""
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", KANGAROO_BENCH_RESULTS=str(tmp_path), MPLBACKEND="Agg", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e_lookup_cpu.py"), "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"e2e_lookup_cpu.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(os.path.join(str(tmp_path), "e2e_lookup_cpu.csv"), newline="") as f:
+        got = {r["metric"]: r["value"] for r in csv.DictReader(f)}
+    for m in ("plain_tokens_per_s", "kangaroo_tokens_per_s", "hybrid_over_kangaroo", "nomatch_over_kangaroo",
+              "nomatch_over_kangaroo_prompt_min"):
+        assert float(got[m]) > 0, (m, got.get(m))
+    assert got["identical_to_plain"] == "True"
