@@ -156,7 +156,7 @@ KANGAROO_ISA_CLONES void pv_f32(const float* p, const float* v, int64_t ldv, int
 // visible to each token (causal, or its tree words, ldw apart); row r's output goes to out + t * ldo + g * Dh.
 // The prefix is read in chunks of kChunk keys that stay in L1 while every row uses them, so it streams from memory
 // once per KV head, not once per query row (at a 400-token prefix a verify block re-reading it per row cost 40 us
-// a row and layer). Per row the arithmetic is the one-row pass's: the scores sit at their sequence positions
+// a row and layer). Per row the arithmetic does not depend on Q: the scores sit at their sequence positions
 // (prefix, then the new keys), the max is exact, and the exp sum and every value sum run in that order, so a row's
 // output is the same bits whatever rows share its pass and whether the keys before it are cached or new in the
 // same block (a verify block reproduces the plain steps). Scratch: sc, pr [Q, lp + T], acc [Q, Dh], mx [Q].

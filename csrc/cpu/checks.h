@@ -40,12 +40,18 @@ inline void check_meta(const char* name, const at::Tensor& t, std::initializer_l
   check_layout(name, t, dev);
 }
 
-// check_meta for an int32 tensor (the dtype checked right after the shape).
+// check_meta for a tensor of one dtype (the dtype checked right after the shape).
+inline void check_typed(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
+                        const char* expected, at::ScalarType dtype, const char* dtype_name, const c10::Device& dev) {
+  check_shape(name, t, shape, expected);
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
+  check_layout(name, t, dev);
+}
+
+// check_typed for an int32 tensor.
 inline void check_i32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
                       const char* expected, const c10::Device& dev) {
-  check_shape(name, t, shape, expected);
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  check_layout(name, t, dev);
+  check_typed(name, t, shape, expected, at::kInt, "int32", dev);
 }
 
 }  // namespace kangaroo

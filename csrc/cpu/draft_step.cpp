@@ -22,11 +22,6 @@ const at::Tensor& req(const std::optional<at::Tensor>& t, const char* what) {
   return *t;
 }
 
-void check_vec(const at::Tensor& t, at::ScalarType st, int64_t B, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.scalar_type() == st && t.device().is_cpu(), "draft_step: ",
-                    name, " must be a [B=", B, "] CPU tensor of ", st, ", got ", shape_str(t), " ", t.scalar_type());
-}
-
 }  // namespace
 
 bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,
@@ -43,18 +38,16 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
                     "draft_step: adapter must hold norm_in, wq, wk, wv, bq, bk, bv (or None), wo, norm_out, got ",
                     adapter.size(), " tensors");
   const int64_t B = cur.size(0), ell = static_cast<int64_t>(layers.size()) / 7, D = embed.size(1);
-  check_vec(cur, at::kInt, B, "cur");
-  check_vec(pos, at::kInt, B, "pos");
-  check_vec(proc, at::kBool, B, "proc");
-  check_vec(drafting, at::kBool, B, "drafting");
-  check_vec(n_chain, at::kInt, B, "n_chain");
+  const c10::Device cpu(c10::kCPU);
+  check_i32("draft_step: cur", cur, {B}, "[B]", cpu);
+  check_i32("draft_step: pos", pos, {B}, "[B]", cpu);
+  check_typed("draft_step: proc", proc, {B}, "[B]", at::kBool, "bool", cpu);
+  check_typed("draft_step: drafting", drafting, {B}, "[B]", at::kBool, "bool", cpu);
+  check_i32("draft_step: n_chain", n_chain, {B}, "[B]", cpu);
   TORCH_CHECK_VALUE(draft_token.dim() == 1 && draft_token.size(0) == B && draft_token.scalar_type() == at::kInt,
                     "draft_step: draft_token must be [B=", B, "] int32");
   TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.size(0) == B && hidden.size(1) == D, "draft_step: hidden must be [B=",
                     B, ", D=", D, "], got ", shape_str(hidden));
-  TORCH_CHECK_VALUE(cur.is_contiguous() && pos.is_contiguous() && proc.is_contiguous() && drafting.is_contiguous() &&
-                        n_chain.is_contiguous(),
-                    "draft_step: cur, pos, proc, drafting and n_chain must be contiguous");
 
   // layers 0..l-1 on the current tokens (the model's embedding rows, as F.embedding gives them)
   at::Tensor x = at::index_select(embed, 0, cur).unsqueeze(1);

@@ -22,8 +22,7 @@ from kangaroo_kernels.ops.ngram_lookup import NgramLookupPlan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
 __all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "TreeLayout", "DecodeState", "new_state",
-           "cache_slots", "prefill", "draft_head_weight",
-           "draft_step_args"]
+           "cache_slots", "prefill", "draft_head_weight", "draft_step_args"]
 
 
 @dataclasses.dataclass(frozen=True)
