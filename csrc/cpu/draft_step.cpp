@@ -27,7 +27,8 @@ const at::Tensor& req(const std::optional<at::Tensor>& t, const char* what) {
 bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,
                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos_sin, double eps,
                     int64_t num_heads, int64_t num_kv_heads, const c10::List<std::optional<at::Tensor>>& adapter,
-                    const at::Tensor& adapter_k, const at::Tensor& adapter_v, double rope_theta, double adapter_eps, const at::Tensor& head_q, const at::Tensor& head_scale,
+                    const at::Tensor& adapter_k, const at::Tensor& adapter_v, double rope_theta, double adapter_eps,
+                    const at::Tensor& head_q, const at::Tensor& head_scale,
                     const std::optional<at::Tensor>& head_norm, double threshold, const at::Tensor& cur,
                     const at::Tensor& pos, const at::Tensor& proc, const at::Tensor& drafting, bool draft,
                     const at::Tensor& hidden, const at::Tensor& draft_token, const at::Tensor& n_chain) {
@@ -73,8 +74,8 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
   auto a = [&](int64_t j) { return adapter.get(j); };
   const at::Tensor r = at::empty({B, D}, h.options());
   adapter_forward_cpu(h.contiguous(), req(a(0), "norm_in"), req(a(1), "wq"), req(a(2), "wk"), req(a(3), "wv"), a(4),
-                      a(5), a(6), req(a(7), "wo"), req(a(8), "norm_out"), adapter_k, adapter_v, pos, pos, drafting, rope_cos_sin, rope_theta, adapter_eps, false,
-                      r);
+                      a(5), a(6), req(a(7), "wo"), req(a(8), "norm_out"), adapter_k, adapter_v, pos, pos, drafting,
+                      rope_cos_sin, rope_theta, adapter_eps, false, r);
   const auto i32 = cur.options(), f32 = cur.options().dtype(at::kFloat);
   const at::Tensor token = at::empty({B}, i32), conf = at::empty({B}, f32), prob = at::empty({B}, f32);
   const at::Tensor keep = at::empty({B}, proc.options());
