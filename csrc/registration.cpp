@@ -36,6 +36,12 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
   // N-gram lookup (the hybrid drafter's lookup branch). history[B,S] int32/int64, lens[B] int32; writes
   // tokens[B,M] int32 (-1 padded) and n[B] int32. Semantics: csrc/include/kangaroo/ngram_lookup.cuh.
   m.def("ngram_lookup(Tensor history, Tensor lens, int n_min, int n_max, Tensor(a!) tokens, Tensor(b!) n) -> ()");
+  // The lookup branch merged into the cycle's draft tree. draft[B,N], look[B,M], n_look[B] or None, parents[B,N] or
+  // None (a chain), all int32; writes tokens/parents_out/source[B,N+M], n_shared[B], lookup_nodes[B,M] int32.
+  // Semantics: csrc/include/kangaroo/lookup_tree.cuh.
+  m.def(
+      "merge_lookup_tree(Tensor draft, Tensor look, Tensor? n_look, Tensor? parents, Tensor(a!) tokens, "
+      "Tensor(b!) parents_out, Tensor(c!) source, Tensor(d!) n_shared, Tensor(e!) lookup_nodes) -> ()");
   // KV append + attention over prefix and new block (decode, chain, tree). CPU: csrc/cpu/append_attention.cpp;
   // CUDA: the Triton kernel registered by kangaroo_kernels/append_attention.py. num_splits 0: the kernel chooses.
   m.def(

@@ -15,7 +15,7 @@ import pytest
 import kangaroo_kernels
 
 KERNELS = ("compact_kv_kernel", "compact_kv_lens_kernel", "build_tree_kernel", "argmax_chunks_kernel",
-           "lazy_kernel", "walk_kernel", "verify_sample_kernel", "ngram_lookup_kernel")
+           "lazy_kernel", "walk_kernel", "verify_sample_kernel", "ngram_lookup_kernel", "merge_lookup_tree_kernel")
 
 
 def _tool(name):

@@ -187,7 +187,7 @@ def test_merge_chain_target_accepts_as_without_lookup(device):
 @pytest.mark.parametrize("kind,B,N,M,V", [
     ("chain", 3, 6, 5, 3), ("chain", 4, 1, 8, 2), ("chain", 2, 0, 3, 4), ("chain", 3, 9, 2, 50),
     ("decoder", 3, 12, 6, 3), ("decoder", 2, 6, 7, 2), ("random", 4, 17, 6, 3), ("random", 2, 33, 9, 2),
-    ("random", 3, 1, 1, 2),
+    ("random", 3, 1, 1, 2), ("decoder", 70, 8, 8, 2),  # B = 70: more rows than one CPU work chunk (64)
 ])
 def test_merge_matches_reference(device, kind, B, N, M, V):
     gen = torch.Generator().manual_seed(N * 100 + M * 10 + V)

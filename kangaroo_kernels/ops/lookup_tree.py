@@ -17,23 +17,20 @@ Design note.
   base unchanged, so a caller with a fixed layout of N nodes gets N + M nodes with the lookup at N.. N + M - 1.
   `source` marks each node (1: base drafter, 2: lookup, 3: both) so the decoder can count acceptances by
   source from verify's path: accepted node x came from the lookup iff source[x] & 2.
-  Cost: pure torch, static shapes, no host sync. Chain: O(B·min(N, M)) elementwise work by cumulative products,
-  ~40 small ATen ops. Tree: the walk is done for all nodes at once: depth, and "every ancestor-or-self carries
-  the lookup token of its depth and is the first sibling with its token", by pointer jumping (ceil(log2 N)
-  rounds of gathers), plus an O(B·N²) sibling comparison; ~140 small ops at N = 12, M = 8 (counted with the
-  profiler). On CUDA they belong in the decoder's captured graph (or under torch.compile, which traces the
-  function with fullgraph=True), not in eager launches.
+  Cost: one native launch (CUDA kernel and CPU twin: csrc/include/kangaroo/lookup_tree.cuh), one thread per
+  row walking O(nl·N) compares, static shapes, no host sync, CUDA-graph capturable. It replaced a pure-torch
+  formulation of ~40 small ops (chain) to ~140 (tree, by pointer jumping), which bench/bench_lookup_tree.py keeps
+  as its baseline.
 """
 
 from typing import Optional
 
 import torch
 
-from kangaroo_kernels import _checks
+from kangaroo_kernels import _checks, _ext
 from kangaroo_kernels.types import LookupTree
 
 __all__ = ["LookupTree", "merge_lookup_tree"]
-
 
 
 def _validate(draft, look, n_look, parents) -> None:
@@ -55,11 +52,6 @@ def _validate(draft, look, n_look, parents) -> None:
         raise ValueError(f"n_look [B] must be in [0, M = {M}], got {n_look.tolist()}")
     if parents is not None and flags[3]:
         raise ValueError("parents [B, N] must satisfy -1 <= parents[b, i] < i (topological order)")
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x[b, idx[b, i]] where idx >= 0, else 0 (idx is clamped for the gather)."""
-    return torch.gather(x, 1, idx.clamp(min=0))
 
 
 def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Optional[torch.Tensor] = None,
@@ -101,67 +93,10 @@ def merge_lookup_tree(draft: torch.Tensor, look: torch.Tensor, *, n_look: Option
     if parents is not None:
         parents = _checks.to_int32(parents)
 
-    i32 = torch.int32
-    j = torch.arange(M, device=dev, dtype=i32)
-    live = look >= 0
-    if n_look is not None:
-        live &= j < n_look[:, None]
-    live = torch.cumprod(live, 1, dtype=i32) > 0  # the live lookup ends at its first absent entry
-    i = torch.arange(N, device=dev, dtype=i32)
-    if parents is None:
-        base_par = (i - 1).expand(B, N)
-        K = min(N, M)
-        # chain node k is shared iff draft[:k+1] == look[:k+1] on live entries (live ids are >= 0)
-        hit = (draft[:, :K] == look[:, :K]) & live[:, :K]
-        n_shared = torch.cumprod(hit, 1, dtype=i32).sum(1, dtype=i32)
-        on_look = i < n_shared[:, None]
-        last_shared = n_shared - 1  # the chain node where the prefix last agreed (-1: the root)
-        shared_nodes = j.expand(B, M)
-    else:
-        base_par = parents
-        d = draft.long()
-        lk = torch.where(live, look.long(), -1)
-        par = parents.long()
-        il = i.long()
-        par_ok = (par >= -1) & (par < il)
-        par = torch.where(par_ok, par, -1)
-        rounds = max(0, (N - 1).bit_length())
-        # depth by pointer jumping
-        depth = torch.ones((B, N), dtype=torch.long, device=dev)
-        jump = par
-        for _ in range(rounds):
-            has = jump >= 0
-            depth, jump = depth + torch.where(has, _gather(depth, jump), 0), torch.where(has, _gather(jump, jump), -1)
-        # a sibling with the same token and a lower index is the one the verifier (and the walk) takes
-        same = (par[:, :, None] == par[:, None, :]) & (d[:, :, None] == d[:, None, :])
-        dominated = (same & par_ok[:, None, :] & (il[None, :] < il[:, None])[None]).any(2)
-        want = _gather(lk, (depth - 1).clamp(max=M - 1))  # the lookup token of the node's depth
-        ok = (d >= 0) & par_ok & ~dominated & (depth <= M) & (d == want)
-        # shared iff ok on every ancestor-or-self: AND along the parent chain by pointer jumping
-        jump = par
-        for _ in range(rounds):
-            has = jump >= 0
-            ok, jump = ok & (~has | _gather(ok, jump)), torch.where(has, _gather(jump, jump), -1)
-        on_look = ok
-        # the shared nodes have distinct depths 1..n_shared: lookup token depth - 1 is that node (slot M: others)
-        slots = torch.full((B, M + 1), -1, dtype=torch.long, device=dev)
-        slots.scatter_(1, torch.where(on_look, depth - 1, M), il.expand(B, N))
-        shared_nodes = slots[:, :M].to(i32)
-        n_shared = (shared_nodes >= 0).sum(1, dtype=i32)
-        last_shared = torch.gather(shared_nodes, 1, (n_shared - 1).clamp(min=0)[:, None].long())[:, 0]
-        last_shared = torch.where(n_shared > 0, last_shared, -1)
-    ns = n_shared[:, None]
-    private = live & (j >= ns)
-    look_par = torch.where(j == ns, last_shared[:, None], N - 1 + j)
-    res = LookupTree(
-        torch.cat([draft.to(i32), torch.where(private, look, -1).to(i32)], 1),
-        torch.cat([base_par.to(i32), torch.where(private, look_par, -1)], 1),
-        torch.cat([(draft >= 0).to(i32) + 2 * on_look.to(i32), 2 * private.to(i32)], 1),
-        n_shared,
-        torch.where(j < ns, shared_nodes, torch.where(private, N + j, -1)),
-    )
-    if out is None:
-        return res
-    for o, r in zip(out, res):
-        o.copy_(r)
-    return out
+    i32 = dict(dtype=torch.int32, device=dev)
+    res = out if out is not None else LookupTree(*(torch.empty((B, N + M), **i32) for _ in range(3)),
+                                                 torch.empty((B,), **i32), torch.empty((B, M), **i32))
+    if n_look is not None:  # the kernel clamps int32 counts to [0, M]; int64 ones are clamped before narrowing
+        n_look = _checks.to_int32(n_look if n_look.dtype == torch.int32 else n_look.clamp(0, M))
+    _ext.inplace_op("merge_lookup_tree")(draft, look, n_look, parents, *res)
+    return res
