@@ -5,7 +5,8 @@ tests/test_decoder_exact.py), sequence and tree drafting, batch 1 and 4 (ragged)
 (CUDA) path, on prompts built to repeat (a random block repeated, so the lookup finds matches and its branch is
 accepted) and prompts that never repeat (distinct tokens). Every cache (shallow, deep, adapter) equals a fresh
 prefill of the committed sequence after generation, with catch-ups of several positions exercised; a planted
-layout bug (a lookup node laid out under the wrong parent) fails both checks. The joint-law sampling test of
+layout bug of each policy (merge: a lookup node laid out under the wrong parent; first: the lookup chain's shallow
+block one slot late) fails both checks. The joint-law sampling test of
 tests/test_decoder_sampling.py passes with lookup on a prompt whose suffix repeats. When the lookup finds nothing
 the cycle runs the same layer passes as plain Kangaroo (CPU skip).
 """
@@ -178,24 +179,42 @@ def _misparent(monkeypatch):
     monkeypatch.setattr(klookup, "build_tree", wrong)
 
 
-def test_planted_wrong_parent_is_caught(monkeypatch):
-    """The planted layout bug breaks exactness (llama) and the cache check (mistral, where the tokens survive it)."""
+def _late_chain_block(monkeypatch):
+    """Planted bug of lookup_policy "first" (sequence): the lookup chain's shallow block one slot late (cache slots
+    and positions L0 + 1 ..), so x0's shallow K/V is never written and every state sees a shifted context."""
+    real = klookup.chain_block
+
+    def late(st, hit):
+        st.buf.L0.add_(1)
+        real(st, hit)
+        st.buf.L0.sub_(1)
+
+    monkeypatch.setattr(klookup, "chain_block", late)
+
+
+@pytest.mark.parametrize("policy,plant", [("merge", _misparent), ("first", _late_chain_block)],
+                         ids=["merge-wrong-parent", "first-late-block"])
+def test_planted_layout_bug_is_caught(monkeypatch, policy, plant):
+    """A planted layout bug of each policy breaks exactness (llama) and the cache check (mistral)."""
+    kw = dict(threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=6, lookup_policy=policy)
     hf, rep, _, ref_rep, _ = reference("llama")
     dec = decoder(hf)
-    assert run(dec, rep, 4, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=6)[0] == ref_rep
-    _misparent(monkeypatch)
-    got, _ = run(dec, rep, 4, threshold=0.5, max_draft=4, lookup=True, lookup_ngram=(1, 3), lookup_max=6)
-    assert got != ref_rep, "a lookup node under the wrong parent went unnoticed by the exactness check"
-    hf = make_hf("mistral", seed=3)
-    rep, _ = make_lookup_prompts(hf.config.vocab_size, seed=4)
+    assert run(dec, rep, 4, **kw)[0] == ref_rep
+    hf2 = make_hf("mistral", seed=3)
+    rep2, _ = make_lookup_prompts(hf2.config.vocab_size, seed=4)
     torch.manual_seed(11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dec = keep_states(KangarooDecoder.from_pretrained(hf, exit_layer=2))
-    out = dec.generate(rep, NEW, threshold=0.3, max_draft=3, lookup=True, lookup_ngram=(1, 3), lookup_max=6)
+        dec2 = keep_states(KangarooDecoder.from_pretrained(hf2, exit_layer=2))
+    kw2 = dict(kw, threshold=0.3, max_draft=3)
+    check_caches(dec2, rep2, dec2.generate(rep2, NEW, **kw2).tokens)  # control: consistent without the bug
+    plant(monkeypatch)
+    got, _ = run(dec, rep, 4, **kw)
+    out = dec2.generate(rep2, NEW, **kw2)
     assert out.stats.accepted_from_lookup > 0
+    assert got != ref_rep, f"the planted {policy} layout bug went unnoticed by the exactness check"
     with pytest.raises(AssertionError):
-        check_caches(dec, rep, out.tokens)
+        check_caches(dec2, rep2, out.tokens)
 
 
 def test_no_match_costs_what_kangaroo_costs(monkeypatch):

@@ -101,20 +101,23 @@ def slots(st, start: torch.Tensor, n: int) -> torch.Tensor:
 
 def draft(st, n_steps: int) -> Optional[int]:
     """Catch-up, then the draft loop (module docstring) of at most n_steps <= γ steps (the adaptive cap). Fills
-    buf.drafts (-1 padded), n_chain, hbuf and the parked siblings. Returns the steps run when the CPU early exit
-    stopped the loop, None when all n_steps ran."""
+    buf.drafts (-1 padded), n_chain, hbuf, the parked siblings (with cfg.lookup_first a row whose lookup matched
+    takes it as its chain: kangaroo.lookup.chain_block). The steps run if the CPU early exit stopped them, else None."""
     catch_up(st)
-    cfg, b = st.cfg, st.buf
-    K, g, ell = cfg.topk, cfg.gamma, cfg.exit_layer
+    b = st.buf
     b.cur.copy_(b.tok)
     b.n_chain.zero_()
     b.drafts.fill_(-1)
-    proc, drafting = b.alive.clone(), b.alive.clone()
-    if cfg.lookup_first:  # rows whose lookup found a continuation verify it alone (kangaroo.lookup.branch)
-        proc.logical_and_(_lookup.find(st).n == 0)
-        drafting.copy_(proc)
-        if host_done(st, proc):
-            return 0
+    hit = _lookup.first(st) if st.cfg.lookup_first else None  # rows that verify their lookup alone: no chain
+    proc = b.alive.clone() if hit is None else b.alive & ~hit
+    ran = 0 if host_done(st, proc) else _loop(st, n_steps, proc, proc.clone())
+    _lookup.chain_block(st, hit)
+    return ran
+
+
+def _loop(st, n_steps: int, proc: torch.Tensor, drafting: torch.Tensor) -> Optional[int]:
+    cfg, b = st.cfg, st.buf
+    K, g, ell = cfg.topk, cfg.gamma, cfg.exit_layer
     sib = None
     for i in range(n_steps + 1):
         pos = b.L0 + i

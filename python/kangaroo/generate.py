@@ -53,8 +53,7 @@ class KangarooDecoder:
         self.adapter = adapter.to(device=model.device, dtype=model.dtype).eval()
         self.exit_layer = adapter.exit_layer
         self.cuda_graphs, self.host_early_exit, self.adaptive_draft = cuda_graphs, host_early_exit, adaptive_draft
-        self.max_cache_len = max_cache_len
-        self.draft_head = draft_head
+        self.max_cache_len, self.draft_head = max_cache_len, draft_head
         self.draft_lm_head = draft_head_weight(model, self.adapter, draft_head)  # (int8 copy | None, description)
         self.debug_hook: Optional[Callable[[DecodeState], None]] = None
 

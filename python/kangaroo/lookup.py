@@ -22,7 +22,7 @@ import torch
 
 from kangaroo_kernels import build_tree, merge_lookup_tree
 
-__all__ = ["Branch", "accepted", "branch", "find", "record"]
+__all__ = ["Branch", "accepted", "branch", "chain_block", "find", "first", "record"]
 
 
 class Branch(NamedTuple):
@@ -42,11 +42,53 @@ def find(st):
     return st.lookup_plan.run(st.buf.L0 + 1)
 
 
+def first(st) -> Optional[torch.Tensor]:
+    """cfg.lookup_first: this cycle's lookup (find); the rows that found a continuation [B] bool, which verify it
+    alone (sequence drafting: chain_block; a tree: merged by branch) and draft no adapter chain this cycle. None:
+    the CPU early exit saw no row match (the cycle is Kangaroo's)."""
+    n = find(st).n
+    if st.cfg.host_exit and not bool(n.any()):
+        return None
+    return st.buf.alive & (n > 0)
+
+
+def chain_block(st, hit: Optional[torch.Tensor]) -> None:
+    """cfg.lookup_first with sequence drafting, after the draft loop: each row in `hit` takes its lookup tokens as
+    its chain (buf.drafts[:, :M], -1 padded) and one causal block of [x0, tokens] through layers 1..ℓ at L0.. gives
+    their shallow K/V and layer-ℓ states (buf.hbuf[:, :M + 1]). Every row's draft is then a chain: verify needs no
+    merge, tree mask or compact_kv (branch). CPU early exit: cut to the longest match, skipped without one (or with
+    hit None: first found no match)."""
+    cfg, b, m = st.cfg, st.buf, st.model
+    if hit is None or st.tree is not None:
+        return
+    look = b.lookup.look
+    M = int((look.n * hit).max()) if cfg.host_exit else look.tokens.shape[1]
+    if M == 0:
+        return
+    toks = look.tokens[:, :M]
+    b.drafts[:, :M].copy_(torch.where(hit[:, None], toks, b.drafts[:, :M]))
+    tokens = torch.cat([b.tok[:, None], toks.clamp_min(0)], 1)
+    h = m.forward_layers(m.embed(tokens), 0, cfg.exit_layer, b.cache, b.L0, b.L0[:, None] + b.arange_block[:M + 1],
+                         active=hit)
+    b.hbuf[:, :M + 1].copy_(torch.where(hit[:, None, None], h, b.hbuf[:, :M + 1]))
+
+
 def branch(st, n_base: int) -> Optional[Branch]:
     """The lookup (find; with cfg.lookup_first the draft loop already ran it), the merge with the first n_base
     adapter nodes, and the merged tree's shallow pass (layer-ℓ states into buf.hbuf[:, :T]). None: the CPU early
-    exit found no private lookup node."""
+    exit found no private lookup node. cfg.lookup_first with sequence drafting: the chains of chain_block, verified
+    as a chain (mask and parents None; source 2 on the rows that took their lookup)."""
     cfg, b, lb, m = st.cfg, st.buf, st.buf.lookup, st.model
+    if cfg.lookup_first and st.tree is None:
+        if cfg.host_exit and not bool(lb.look.n.any()):
+            return None
+        hit = b.alive & (lb.look.n > 0)
+        if cfg.host_exit and not bool(hit.any()):
+            return None
+        width = max(n_base, int((lb.look.n * hit).max())) if cfg.host_exit else b.drafts.shape[1]
+        tokens = b.drafts[:, :width]
+        source = torch.where(hit[:, None], 2, (tokens >= 0).to(torch.int32))
+        return Branch(width + 1, b.L0[:, None] + b.arange_block[:width + 1], None, None, tokens, source)
     look = lb.look if cfg.lookup_first else find(st)
     base, parents = b.drafts[:, :n_base], None if st.tree is None else st.tree.parents
     if cfg.host_exit:  # host reads of CPU tensors are free

@@ -53,6 +53,11 @@ class DecodeSettings:
         return 0 if self.autoregressive else self.n_base + self.lookup_max
 
     @property
+    def draft_width(self) -> int:
+        """buf.drafts' width: the adapter's nodes, or with lookup_first in sequence mode a row's lookup chain."""
+        return max(self.n_base, self.lookup_max) if self.lookup_first and self.topk == 1 else self.n_base
+
+    @property
     def catch_width(self) -> int:
         """The most accepted positions a cycle whose adapter K/V the next cycle's catch-up must append: 1 (the last
         chain draft or a sibling), or with lookup the deepest path (a path that leaves the chain at depth 1; with
@@ -85,7 +90,7 @@ class DecodeBuffers:
     arange_block: torch.Tensor  # [N+1] 0..N
     cur: torch.Tensor           # the draft loop's current token
     n_chain: torch.Tensor       # chain drafts
-    drafts: torch.Tensor        # [B, N], -1 padded
+    drafts: torch.Tensor        # [B, cfg.draft_width], -1 padded
     hbuf: torch.Tensor          # [B, N+1, D] layer-ℓ states of x0, the chain drafts, then the siblings
     acc: Accepted
     out: torch.Tensor           # [B, 6 + N]: the cycle's host transfer (kangaroo.verify.commit)
@@ -197,7 +202,7 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
         torch.zeros(B, cfg.catch_width, D, dtype=dt, device=dev), ak, av,
         torch.tensor(sorted(set(eos)), **i32) if eos else None, seeds.to(dev) if sampling else None,
         torch.zeros(B, dtype=torch.int64, device=dev) if sampling else None, torch.arange(N + 1, **i32),
-        torch.zeros(B, **i32), torch.zeros(B, **i32), torch.full((B, Nb), -1, **i32),
+        torch.zeros(B, **i32), torch.zeros(B, **i32), torch.full((B, cfg.draft_width), -1, **i32),
         torch.zeros(B, N + 1, D, dtype=dt, device=dev),
         Accepted(torch.zeros(B, **i32), torch.zeros(B, N + 1, **i32), torch.zeros(B, N + 1, **i32)),
         torch.zeros(B, 6 + N, **i32), side_k, side_v, lookup)

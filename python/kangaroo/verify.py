@@ -43,7 +43,7 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
     ell, g, Nb = cfg.exit_layer, cfg.gamma, cfg.n_base
     T = Nb + 1 if n_drafted is None or tree is not None else n_drafted + 1
     lk = _lookup.branch(st, T - 1) if b.lookup is not None else None
-    drafts = None if T == Nb + 1 else b.drafts[:, :T - 1]
+    drafts = b.drafts[:, :T - 1]
     if lk is not None:
         T, positions, mask, parents, drafts = lk.T, lk.positions, lk.mask, lk.parents, lk.tokens
     elif tree is None:
@@ -57,7 +57,7 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
                          active=b.alive)
     acc = decide(st, m.logits(h), parents, drafts)
     a = torch.where(b.alive, acc.accept_len, 0)
-    if tree is not None or lk is not None:
+    if parents is not None:  # a tree layout: the accepted path's K/V into place
         compact_kv(b.cache.k, b.cache.v, b.L0 + 1, acc.path, a, validate=False)
     catch_n, catch_h = _catch(st, acc.path, a, chain_only=lk is None)
     n_look = None if b.lookup is None else _lookup.accepted(st, lk, acc.path, a)
@@ -65,11 +65,10 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
 
 
 def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool):
-    """(catch_n [B], catch_h [B, W, D]): the accepted positions the adapter has no K/V for and their layer-ℓ
-    states. The adapter ran on x0 and chain nodes 0..n_chain-2 only, so the path lacks it from its first node that
-    is not one of those (the last chain draft, a sibling, a private lookup node) to its end; a row that drafted no
-    chain (lookup_first) lacks it from x0 on. chain_only: no lookup branch this cycle (the CPU early exit found
-    none): the one-node case, without the general path's scans."""
+    """(catch_n [B], catch_h [B, W, D]): the accepted positions without adapter K/V and their layer-ℓ states. The
+    adapter ran on x0 and chain nodes 0..n_chain-2 only: the path lacks it from its first other node (the last chain
+    draft, a sibling, a lookup node) on, and from x0 on in a row that drafted no chain (lookup_first). chain_only:
+    no lookup branch this cycle: the one-node case, without the general path's scans."""
     b, W = st.buf, st.cfg.catch_width
     rows = torch.arange(st.B, device=a.device)
     if W == 1 or chain_only:  # the adapter's nodes only: at most the last chain draft or a sibling (leaves)
