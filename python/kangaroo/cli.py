@@ -57,8 +57,8 @@ def _generate_parser() -> argparse.ArgumentParser:
                    help="Kangaroo + lookup: also verify the continuation of the last earlier occurrence of the "
                         "sequence's suffix (prompt + output n-gram lookup)")
     p.add_argument("--lookup-max", type=int, default=4, help="most lookup tokens per cycle (default 4)")
-    p.add_argument("--lookup-ngram", type=int, nargs=2, default=[2, 3], metavar=("N_MIN", "N_MAX"),
-                   help="suffix lengths the lookup matches (default 2 3)")
+    p.add_argument("--lookup-ngram", type=int, nargs=2, default=[3, 4], metavar=("N_MIN", "N_MAX"),
+                   help="suffix lengths the lookup matches (default 3 4)")
     p.add_argument("--lookup-policy", choices=["auto", "merge", "first"], default="auto",
                    help="merge: the lookup merged with the adapter's chain every cycle; first: a matched lookup is "
                         "verified alone (no chain that cycle); auto: first on CPU, merge on CUDA")

@@ -462,7 +462,7 @@ def _tokens_per_s(run, prompts, repeats: int = 2):
 
 
 def tune_lookup(dec, ids, eta: float, gamma: int, new_tokens: int = 64, sizes=(2, 4, 6, 8),
-                ngrams=((1, 3), (2, 3))) -> dict:
+                ngrams=((1, 3), (2, 3), (3, 4), (4, 6))) -> dict:
     """The lookup branch's size M and n-gram range with the most tokens/s for Kangaroo + lookup at the sequence
     mode's (eta, gamma), over the tuning prompt(s) (each timed twice, the faster run counts). On a CPU a verify
     block costs more the wider it is, so the best M is a measurement, not a constant."""
