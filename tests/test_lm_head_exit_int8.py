@@ -1,9 +1,13 @@
 """quantize_lm_head / lm_head_exit_int8 (the CPU draft head on int8 weights) against the reference: odd shapes
 (V below, at and across the kernel's 512-token blocks; D not a multiple of the 4-row unroll), fp32/bf16/fp16 hidden,
 with and without the norm, ties across blocks, NaN/inf rows, thread counts, out= buffers and aliasing, bad input;
-the quantizer's error bound; and that the int8 draft rarely disagrees with the exact head (the premise of using it)."""
+the quantizer's error bound; that the int8 draft rarely disagrees with the exact head (the premise of using it); and
+the kernel's AVX2 and baseline paths (KANGAROO_CPU_ISA) on any machine."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -200,3 +204,31 @@ def test_plan_equals_the_op_and_refuses_what_it_refuses():
         LmHeadExitInt8Plan(qw, 0.3, batch=3, norm_weight=nw[:5])
     with pytest.raises(ValueError, match="threshold"):
         LmHeadExitInt8Plan(qw, float("nan"), batch=3)
+
+
+_ISA_SCRIPT = r"""
+import math, torch
+from kangaroo_kernels.ops.lm_head_exit_int8 import lm_head_exit_int8, quantize_lm_head
+from kangaroo_kernels.reference.lm_head_exit_int8 import lm_head_exit_int8_ref
+torch.set_num_threads(1)
+worst = 0.0
+for B, V, D in [(1, 4096, 256), (1, 1537, 96), (2, 513, 3), (3, 1000, 64), (4, 2100, 40), (1, 4099, 130)]:
+    gen = torch.Generator().manual_seed(V + D)
+    h, w = torch.randn(B, D, generator=gen), torch.randn(V, D, generator=gen) * (4 / math.sqrt(D))
+    w[7] = w[3]  # an exact tie: the lower index wins on every path
+    qw = quantize_lm_head(w)
+    res, ref = lm_head_exit_int8(h, qw, 0.3), lm_head_exit_int8_ref(h, qw, 0.3)
+    worst = max(worst, float((res.conf - ref.conf).abs().max()))
+    assert torch.equal(res.token, ref.token), (B, V, D, res.token, ref.token)
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_fallback_isa_paths_match_the_reference(isa):
+    """The GEMV picks AVX-512, AVX2 + FMA or the compiler's clones by the CPU; KANGAROO_CPU_ISA caps the pick, so each
+    fallback runs here too (on a CPU without AVX2 both caps run the baseline)."""
+    env = dict(os.environ, KANGAROO_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 4e-5
