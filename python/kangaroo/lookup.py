@@ -124,5 +124,11 @@ def record(st, toks: torch.Tensor, a: torch.Tensor) -> None:
     """Appends a cycle's emitted tokens toks[:, :a+1] to the live rows' committed history (before L0 advances).
     The static-width write also lands toks[:, a+1:] past the new committed length, where nothing reads it."""
     b, h = st.buf, st.buf.lookup.history
+    if st.cfg.host_exit:  # CPU (host reads are free): a slice copy per live row instead of gather + where + scatter
+        for row, (alive, start) in enumerate(zip(b.alive.tolist(), (b.L0 + 1).tolist())):
+            if alive:
+                n = min(toks.shape[1], h.shape[1] - start)
+                h[row, start:start + n].copy_(toks[row, :n])
+        return
     idx = (b.L0[:, None] + 1 + b.arange_block[:toks.shape[1]]).clamp_max(h.shape[1] - 1).long()
     h.scatter_(1, idx, torch.where(b.alive[:, None], toks, h.gather(1, idx)))
