@@ -70,13 +70,12 @@ def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool):
     draft, a sibling, a lookup node) on, and from x0 on in a row that drafted no chain (lookup_first). chain_only:
     no lookup branch this cycle: the one-node case, without the general path's scans."""
     b, W = st.buf, st.cfg.catch_width
-    rows = torch.arange(st.B, device=a.device)
     if W == 1 or chain_only:  # the adapter's nodes only: at most the last chain draft or a sibling (leaves)
         last = (a - 1).clamp_min(0).long()
         if st.tree is not None:
             last = path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
         need = b.alive & (a > 0) & (last >= b.n_chain - 1)
-        return need.to(torch.int32), b.hbuf[rows, last + 1][:, None]
+        return need.to(torch.int32), b.hbuf.gather(1, (last + 1)[:, None, None].expand(-1, 1, b.hbuf.shape[2]))
     i = b.arange_block[None, :path.shape[1]]
     seen = (path == i) & (i < b.n_chain[:, None] - 1) & (i < a[:, None])
     first = torch.cumprod(seen, 1, dtype=torch.int32).sum(1, dtype=torch.int32)
@@ -111,7 +110,7 @@ def commit(st, toks: torch.Tensor, a: torch.Tensor, catch_n: torch.Tensor, catch
     b.out[:, 1].copy_(torch.where(alive, b.n_chain, 0))
     b.out[:, 2].copy_(alive.to(torch.int32))
     if n_look is not None:
-        b.out[:, 3].copy_(torch.where(alive, n_look, 0))
+        b.out[:, 3].copy_(n_look)  # 0 on finished rows already (a is 0 there)
         b.out[:, 4].copy_((alive & (b.lookup.look.n > 0)).to(torch.int32))
     b.out[:, 5:5 + toks.shape[1]].copy_(toks)
     alive.copy_(new_alive)
