@@ -1,7 +1,16 @@
 // CPU implementation of kangaroo_kernels::adapter_forward (semantics and roundings:
 // kangaroo_kernels/reference/adapter_forward.py): the same ATen maths as the reference, called from C++, with the
 // attention of append_attention's CPU kernel called directly (one CPU attention path for the model and the adapter).
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/pow.h>
+#include <ATen/ops/rsqrt.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -5,7 +5,9 @@
 // the bookkeeping wheres) cost ~100 us, about as much as the step's layer, adapter and head kernels together. The
 // step calls the same CPU kernels the unfused loop reaches through the dispatcher (llama_layer, adapter_forward,
 // lm_head_exit_int8) on the same tensors, so it gives the same bits; only the glue moves into C++.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <torch/library.h>
 
 #include <optional>

@@ -6,7 +6,11 @@
 // which 125 us GEMVs; bench/bench_llama_layer.py compares both paths). The GEMMs' per-row results do not depend on
 // how many rows share the call, so verifying k tokens reproduces k plain steps exactly.
 // Other dtypes and layouts run the same maths as ATen calls.
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -6,7 +6,11 @@
 //                 values, NaN above every number as torch.sort puts it), minus the row's logsumexp; the reference
 //                 sorts the whole vocabulary (a 4096-token row: ~0.4 ms of a ~0.9 ms tree draft head).
 // The sampled lm_head_exit path stays with the reference (kangaroo_kernels/ops/lm_head_exit.py dispatches).
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/matmul.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -41,7 +45,7 @@ void lm_head_exit_greedy_cpu(const at::Tensor& hidden, const at::Tensor& lm_head
                              const at::Tensor& active_out, const at::Tensor& token_prob) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 && lm_head_weight.dim() == 2 && lm_head_weight.size(1) == hidden.size(1),
                     "hidden must be [B, D] and lm_head_weight [V, D]");
-  const int64_t B = hidden.size(0), V = lm_head_weight.size(0);
+  const int64_t B = hidden.size(0);
   auto ok = [&](const at::Tensor& t, at::ScalarType st) {
     return t.dim() == 1 && t.size(0) == B && t.is_contiguous() && t.scalar_type() == st && t.device().is_cpu();
   };

@@ -11,7 +11,8 @@
 // AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU (GCC/Clang target_clones): no CPU feature is
 // assumed. Blocks run in parallel (at::parallel_for) and each keeps its own max / first argmax / sum of exp, merged
 // in block order afterwards (so ties go to the lowest index, as torch.argmax).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
