@@ -11,23 +11,28 @@ export MAX_JOBS
 
 all: build
 
+# What the package and the demo need; the test tools (pytest, scipy, ruff) come with `make test` / `make lint`.
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "$(TORCH_SPEC)" numpy scipy pytest ninja tqdm ruff transformers tokenizers safetensors matplotlib
+	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja tqdm transformers tokenizers safetensors matplotlib
 	touch $@
 
-venv: $(VENV)/.deps
+$(VENV)/.test-deps: $(VENV)/.deps
+	$(PIP) install -q scipy pytest ruff
+	touch $@
+
+venv: $(VENV)/.deps $(VENV)/.test-deps
 
 # Native build (C++ CPU ops; CUDA ops when nvcc + CUDA torch are present). Editable install of both packages.
 build: $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import kangaroo_kernels as k; print('kangaroo_kernels build:', k.build_info())"
 
-test: build
+test: build $(VENV)/.test-deps
 	$(PY) -m pytest -q -ra --durations=15 tests
 
-test-fast: build
+test-fast: build $(VENV)/.test-deps
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 # Without a GPU the demo needs only the C++ CPU ops: skip compiling the CUDA kernels (minutes on 2 cores).
@@ -47,7 +52,7 @@ bench-gpu: build
 compile-report: $(VENV)/.deps
 	$(PY) bench/compile_report.py --arch 90 80
 
-lint: $(VENV)/.deps
+lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check kangaroo_kernels python bench tests setup.py
 
 # Torch-free compile check of the CUDA kernels (CMakeLists.txt), for sm_80 and sm_90.
