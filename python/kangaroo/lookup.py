@@ -80,12 +80,10 @@ def branch(st, n_base: int) -> Optional[Branch]:
     as a chain (mask and parents None; source 2 on the rows that took their lookup)."""
     cfg, b, lb, m = st.cfg, st.buf, st.buf.lookup, st.model
     if cfg.lookup_first and st.tree is None:
-        if cfg.host_exit and not bool(lb.look.n.any()):
+        m_eff = int((lb.look.n * b.alive).max()) if cfg.host_exit else b.drafts.shape[1]
+        if m_eff == 0:
             return None
-        hit = b.alive & (lb.look.n > 0)
-        if cfg.host_exit and not bool(hit.any()):
-            return None
-        width = max(n_base, int((lb.look.n * hit).max())) if cfg.host_exit else b.drafts.shape[1]
+        hit, width = b.alive & (lb.look.n > 0), max(n_base, m_eff)
         tokens = b.drafts[:, :width]
         source = torch.where(hit[:, None], 2, (tokens >= 0).to(torch.int32))
         return Branch(width + 1, b.L0[:, None] + b.arange_block[:width + 1], None, None, tokens, source)
