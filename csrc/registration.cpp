@@ -90,6 +90,15 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "float rope_theta, float adapter_eps, Tensor head_q, Tensor head_scale, Tensor? head_norm, float threshold, "
       "Tensor(e!) cur, Tensor pos, Tensor(f!) proc, Tensor(g!) drafting, bool draft, Tensor(h!) hidden, "
       "Tensor(i!) draft_token, Tensor(j!) n_chain) -> bool");
+  // The tail of a CPU decoder cycle (kangaroo/verify.py commit; csrc/cpu/commit_step.cpp) in one crossing: with
+  // a = accept_len on live rows (0 elsewhere), the catch-up request (catch_n_in / catch_h_in, or without them the
+  // leaf one: hbuf's row of the path's last accepted node), the lookup history, x0, L0, n_gen, EOS / length ends,
+  // the packed per-cycle result out and alive. CPU only.
+  m.def(
+      "commit_step(Tensor tokens, Tensor accept_len, Tensor? path, Tensor? catch_n_in, Tensor? catch_h_in, "
+      "Tensor? n_look, Tensor hbuf, Tensor n_chain, Tensor? look_n, Tensor(a!)? history, Tensor? eos, "
+      "Tensor max_new, Tensor(b!) L0, Tensor(c!) tok, Tensor(d!) catch_n, Tensor(e!) need_catch, "
+      "Tensor(f!) catch_h, Tensor(g!) n_gen, Tensor(h!) out, Tensor(i!) alive) -> ()");
   // llama_layer's packed CPU weight layouts (csrc/cpu/small_gemm.h): [N, K] -> [ceil(N / 32), K, 32], zero-padded,
   // or with bf16 (a weight whose values are all bf16) the pairs layout [ceil(N / 32), K, 16] int32; and back to the
   // first n rows (fp32).

@@ -41,8 +41,7 @@ def host_done(st, rows: torch.Tensor) -> bool:
 
 def _shallow(st, tokens, pos, active, tree_mask=None):
     """Layers 1..ℓ on tokens[B,T] all at position pos[B] (T > 1: siblings, each sees the prefix and itself)."""
-    m = st.model
-    positions = pos[:, None].expand(-1, tokens.shape[1])
+    m, positions = st.model, pos[:, None].expand(-1, tokens.shape[1])
     return m.forward_layers(m.embed(tokens), 0, st.cfg.exit_layer, st.buf.cache, pos, positions,
                             tree_mask=tree_mask, active=active)
 

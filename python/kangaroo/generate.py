@@ -89,13 +89,10 @@ class KangarooDecoder:
         target filtered by top_k / top_p, reproducibly for a given seed. eos: an id or ids that end a row (the EOS
         is included in its output). streamer: callable(row, new_token_ids) or an object with put/end (HF
         streamers; batch 1). lookup: Kangaroo + lookup (kangaroo.lookup), each cycle also verifies the up to
-        `lookup_max` tokens that followed the most recent earlier occurrence of the longest suffix of
-        lookup_ngram = (n_min, n_max) tokens of the row's prompt + output (exact and lossless as without it; the
-        defaults M = 4, n-gram 3..4 measured fastest on the demo, on CPU).
-        lookup_policy: "merge" verifies the lookup merged with the adapter's chain every cycle; "first" lets a row
-        whose lookup found a continuation verify it alone, drafting no chain that cycle (the chain where the lookup
-        finds nothing); "auto": "first" with the CPU early exit (a draft step costs a fifth of a plain step there),
-        "merge" on the predicated (CUDA) path."""
+        `lookup_max` tokens that followed the latest earlier occurrence of the longest suffix of lookup_ngram =
+        (n_min, n_max) tokens of the row's prompt + output (exact and lossless; defaults: the demo's fastest, CPU).
+        lookup_policy: "merge" verifies the lookup merged with the adapter's chain every cycle; "first": a row whose
+        lookup matched verifies it alone (no chain that cycle); "auto": "first" with the CPU early exit, else merge."""
         a = _args.check_generate_args(self.config, input_ids, max_new_tokens, threshold, max_draft, tree, temperature,
                                       top_k, top_p, seed, eos, streamer, tree_topk, sibling_threshold,
                                       self.max_cache_len)

@@ -109,11 +109,8 @@ def branch(st, n_base: int) -> Optional[Branch]:
     return Branch(N + 1, positions, tree.mask, merged.parents, merged.tokens, merged.source)
 
 
-def accepted(st, lk: Optional[Branch], path: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """[B] i32: the accepted nodes of path[:, :a] (verify's Accepted) from the lookup's own branch (source 2); all
-    0 when the cycle ran no branch (lk None)."""
-    if lk is None:
-        return torch.zeros_like(a)
+def accepted(st, lk: Branch, path: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """[B] i32: the accepted nodes of path[:, :a] (verify's Accepted) from the lookup's own branch (source 2)."""
     on_path = st.buf.arange_block[None, :path.shape[1]] < a[:, None]
     return (on_path & (lk.source.gather(1, path.clamp_min(0).long()) == 2)).sum(1, dtype=torch.int32)
 

@@ -22,7 +22,7 @@ from kangaroo_kernels.ops.ngram_lookup import NgramLookupPlan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
 __all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "TreeLayout", "DecodeState", "new_state",
-           "cache_slots", "prefill", "draft_head_weight", "draft_step_args"]
+           "cache_slots", "prefill", "draft_head_weight", "draft_step_args", "commit_step_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +145,7 @@ class DecodeState:
     head_plan: Optional[LmHeadExitInt8Plan] = None     # the chain's int8 draft head (CPU; None: the exact head)
     draft_step: Optional[tuple] = None  # CPU chain: draft_step's static arguments (draft_step_args; None: unfused)
     lookup_plan: Optional[NgramLookupPlan] = None  # ngram_lookup on buf.lookup's history into buf.lookup.look
+    commit_step: Optional[tuple] = None  # CPU early exit: commit_step's static arguments (commit_step_args)
 
     @property
     def B(self) -> int:
@@ -214,7 +215,18 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
                                                                norm_weight=weights.norm_out, eps=eps)
     look_plan = None if lookup is None else NgramLookupPlan(lookup.history, *cfg.lookup_ngram, M, out=tuple(look))
     return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan,
-                       draft_step_args(model, cfg, buf, rope, plan, head_plan), look_plan)
+                       draft_step_args(model, cfg, buf, rope, plan, head_plan), look_plan, commit_step_args(cfg, buf))
+
+
+def commit_step_args(cfg: DecodeSettings, buf: DecodeBuffers) -> Optional[tuple]:
+    """The static arguments of kangaroo_kernels::commit_step (csrc/cpu/commit_step.cpp: kangaroo.verify.commit in
+    one native call, the same bits) on CPU buffers with the CPU early exit; None elsewhere (commit runs its ops:
+    the predicated path, CUDA-graph capturable)."""
+    if not cfg.host_exit or buf.tok.device.type != "cpu":
+        return None
+    lk = buf.lookup
+    return (buf.hbuf, buf.n_chain, None if lk is None else lk.look.n, None if lk is None else lk.history, buf.eos,
+            buf.max_new, buf.L0, buf.tok, buf.catch_n, buf.need_catch, buf.catch_h, buf.n_gen, buf.out, buf.alive)
 
 
 def draft_step_args(model: LlamaModel, cfg: DecodeSettings, buf: DecodeBuffers, rope: torch.Tensor, plan,

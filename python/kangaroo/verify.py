@@ -4,9 +4,8 @@
 In place on a DecodeState's static buffers, no host reads, fixed shapes (CUDA-graph capturable). The verify block
 starts at the root x0 (position L0): target row 0 scores x0, row j + 1 scores draft node j. Accepting `a` nodes
 commits L0 + a + 1 slots; the emitted correction/bonus token is the next x0. Only the adapter K/V of accepted
-nodes the adapter never ran on (the last chain draft, a sibling, or with lookup every node from where the path left
-the chain) is missing: their layer-ℓ states go to buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
-With lookup the block is the merged tree of kangaroo.lookup.branch, verified like a tree.
+nodes the adapter never ran on (the last chain draft, a sibling, with lookup every node from where the path left the
+chain) is missing: their layer-ℓ states go to buf.catch_h for the next cycle's catch-up (kangaroo.draft.catch_up).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from kangaroo import lookup as _lookup
 from kangaroo.draft import slots
 from kangaroo_kernels import compact_kv, verify_greedy, verify_sample
+from kangaroo_kernels._ext import ops as native_ops
 
 __all__ = ["verify", "decide", "commit", "autoregressive_step"]
 
@@ -59,23 +59,25 @@ def verify(st, n_drafted: Optional[int] = None) -> None:
     a = torch.where(b.alive, acc.accept_len, 0)
     if parents is not None:  # a tree layout: the accepted path's K/V into place
         compact_kv(b.cache.k, b.cache.v, b.L0 + 1, acc.path, a, validate=False)
-    catch_n, catch_h = _catch(st, acc.path, a, chain_only=lk is None)
-    n_look = None if b.lookup is None else _lookup.accepted(st, lk, acc.path, a)
-    commit(st, acc.tokens, a, catch_n, catch_h, n_look)
+    look = None if lk is None else (_catch(st, acc.path, a), _lookup.accepted(st, lk, acc.path, a))
+    commit(st, acc.tokens, a, None if tree is None else acc.path, *(look or (None, None)))
 
 
-def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool):
+def _catch_leaf(st, path: Optional[torch.Tensor], a: torch.Tensor):
+    """_catch without a lookup branch: only the path's (None: the chain's) last node, a leaf, can lack it."""
+    b = st.buf
+    last = (a - 1).clamp_min(0).long()
+    if path is not None:
+        last = path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
+    need = b.alive & (a > 0) & (last >= b.n_chain - 1)
+    return need.to(torch.int32), b.hbuf.gather(1, (last + 1)[:, None, None].expand(-1, 1, b.hbuf.shape[2]))
+
+
+def _catch(st, path: torch.Tensor, a: torch.Tensor):
     """(catch_n [B], catch_h [B, W, D]): the accepted positions without adapter K/V and their layer-ℓ states. The
     adapter ran on x0 and chain nodes 0..n_chain-2 only: the path lacks it from its first other node (the last chain
-    draft, a sibling, a lookup node) on, and from x0 on in a row that drafted no chain (lookup_first). chain_only:
-    no lookup branch this cycle: the one-node case, without the general path's scans."""
+    draft, a sibling, a lookup node) on, and from x0 on in a row that drafted no chain (lookup_first)."""
     b, W = st.buf, st.cfg.catch_width
-    if W == 1 or chain_only:  # the adapter's nodes only: at most the last chain draft or a sibling (leaves)
-        last = (a - 1).clamp_min(0).long()
-        if st.tree is not None:
-            last = path.gather(1, last[:, None])[:, 0].long().clamp_min(0)
-        need = b.alive & (a > 0) & (last >= b.n_chain - 1)
-        return need.to(torch.int32), b.hbuf.gather(1, (last + 1)[:, None, None].expand(-1, 1, b.hbuf.shape[2]))
     i = b.arange_block[None, :path.shape[1]]
     seen = (path == i) & (i < b.n_chain[:, None] - 1) & (i < a[:, None])
     first = torch.cumprod(seen, 1, dtype=torch.int32).sum(1, dtype=torch.int32)
@@ -87,14 +89,17 @@ def _catch(st, path: torch.Tensor, a: torch.Tensor, chain_only: bool):
     return torch.where(b.alive, a - first + x0, 0), h
 
 
-def commit(st, toks: torch.Tensor, a: torch.Tensor, catch_n: torch.Tensor, catch_h: torch.Tensor,
+def commit(st, toks: torch.Tensor, a: torch.Tensor, path: Optional[torch.Tensor] = None, catch=None,
            n_look: Optional[torch.Tensor] = None) -> None:
-    """Length update, next x0, catch-up request, EOS / length bookkeeping, the lookup history, and the packed
-    per-cycle result buf.out = [accept_len, n_chain, alive_after, accepted lookup nodes, lookup hit, tokens...] (the
-    one device -> host transfer of a cycle; the host reads tokens[:a + 1] of toks, the emitted tokens of the cycle's
-    Accepted)."""
+    """Length update, next x0, catch-up request (catch: _catch's, None: _catch_leaf's), EOS / length ends, the lookup
+    history, the packed result buf.out = [accept_len, n_chain, alive_after, accepted lookup nodes, lookup hit,
+    tokens...] (a cycle's one device -> host transfer; the host reads toks[:a + 1]). a [B]: 0 on finished rows. CPU
+    early exit: one native call (csrc/cpu/commit_step.cpp), the same bits."""
+    if st.commit_step is not None:
+        return native_ops().commit_step(toks, a, path, *(catch or (None, None)), n_look, *st.commit_step)
     b = st.buf
     alive = b.alive
+    catch_n, catch_h = _catch_leaf(st, path, a) if catch is None else catch
     if b.lookup is not None:
         _lookup.record(st, toks, a)
     b.tok.copy_(torch.where(alive, toks.gather(1, a.long()[:, None])[:, 0], b.tok))
@@ -109,8 +114,8 @@ def commit(st, toks: torch.Tensor, a: torch.Tensor, catch_n: torch.Tensor, catch
     b.out[:, 0].copy_(a)
     b.out[:, 1].copy_(torch.where(alive, b.n_chain, 0))
     b.out[:, 2].copy_(alive.to(torch.int32))
-    if n_look is not None:
-        b.out[:, 3].copy_(n_look)  # 0 on finished rows already (a is 0 there)
+    if b.lookup is not None:  # n_look is 0 on finished rows already (a is 0 there)
+        b.out[:, 3].copy_(torch.zeros_like(a) if n_look is None else n_look)
         b.out[:, 4].copy_((alive & (b.lookup.look.n > 0)).to(torch.int32))
     b.out[:, 5:5 + toks.shape[1]].copy_(toks)
     alive.copy_(new_alive)
@@ -123,4 +128,4 @@ def autoregressive_step(st, n_drafted: Optional[int] = None) -> None:
                          active=b.alive)
     acc = decide(st, m.logits(h))
     zero = torch.zeros_like(acc.accept_len)
-    commit(st, acc.tokens, zero, zero, b.catch_h)
+    commit(st, acc.tokens, zero, catch=(zero, b.catch_h))
