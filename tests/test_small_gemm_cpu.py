@@ -3,6 +3,10 @@ gemm_packed, what the fp32 CPU model's layers and LM head run): against F.linear
 decoder's exactness rests on: a row's result is the same bits whatever rows share the call and however many threads
 run it."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +140,43 @@ def test_cpu_model_packs_a_bf16_checkpoint_as_pairs_and_decodes_the_same():
     x = rms_norm_ref(h, m.norm, m.config.rms_norm_eps)
     head32 = ops().pack_gemm_weight(m.lm_head)  # the fp32 layout of the same head
     assert torch.equal(m.logits(h), ops().gemm_packed(x, head32, m.config.vocab_size))
+
+
+_ISA_SCRIPT = r"""
+import torch
+from kangaroo_kernels._ext import ops
+torch.set_num_threads(1)
+worst = 0.0
+for M, N, K in [(1, 512, 256), (5, 1536, 256), (8, 256, 768), (3, 70, 33), (13, 100, 64)]:
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+    for bf16 in (False, True):
+        wq = w.bfloat16().float() if bf16 else w
+        y = ops().gemm_packed(x, ops().pack_gemm_weight(wq, bf16), N)
+        worst = max(worst, float((y.double() - x.double() @ wq.double().T).abs().max()))
+print(ops().cpu_isa(), worst)
+"""
+
+
+def _run_isa(cap):
+    env = dict(os.environ)
+    env.pop("KANGAROO_CPU_ISA", None)
+    if cap:
+        env["KANGAROO_CPU_ISA"] = cap
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    isa, worst = proc.stdout.split()[-2:]
+    return isa, float(worst)
+
+
+def test_cpu_isa_is_what_torch_reports_and_the_caps_run_each_fallback():
+    """The dispatched loops (simd.h cpu_isa) run the ISA torch's own dispatch picks (the target_clones they replace
+    resolved to the baseline build on some machines), KANGAROO_CPU_ISA caps it, and every build's GEMM matches an
+    fp64 product (fp32 sums of K <= 768 terms of size ~1: |error| < 1e-4)."""
+    want = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "baseline")
+    isa, worst = _run_isa(None)
+    assert isa == want and worst < 1e-4, (isa, want, worst)
+    isa, worst = _run_isa("avx2")
+    assert isa == ("baseline" if want == "baseline" else "avx2") and worst < 1e-4, (isa, worst)
+    isa, worst = _run_isa("baseline")
+    assert isa == "baseline" and worst < 1e-4, (isa, worst)

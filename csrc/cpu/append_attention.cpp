@@ -81,10 +81,11 @@ inline int64_t read_index(const void* p, bool is64, int64_t i) {
 
 // p[j] = exp(s[j] - m) for j < n, m >= every s[j] (so every argument is <= 0): vectorized, the softmax's only
 // transcendental (std::exp, scalar, was a third of a 7-row verify layer's attention at a 200-token prefix).
-KANGAROO_ISA_CLONES void exp_shifted(const float* s, int64_t n, float m, float* p) {
+KANGAROO_BODY void exp_shifted_body(const float* s, int64_t n, float m, float* p) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(s[j] - m);
 }
+KANGAROO_ISA_DISPATCH(void, exp_shifted, (const float* s, int64_t n, float m, float* p), (s, n, m, p))
 
 // s[j] = scale * dot(q, k[j * ldk, +Dh)) for j < n; returns the max. Four keys per pass (independent FMA chains),
 // every dot the same fixed-order arithmetic (dot16), so a key's score does not depend on its neighbours.
@@ -97,8 +98,8 @@ __attribute__((always_inline)) inline float dot16(const float* q, const float* k
   return s;
 }
 
-KANGAROO_ISA_CLONES float scores_f32(const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale,
-                                     float* s) {
+KANGAROO_BODY float scores_f32_body(const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale,
+                                    float* s) {
   float m = -INFINITY;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
@@ -117,6 +118,9 @@ KANGAROO_ISA_CLONES float scores_f32(const float* q, const float* k, int64_t ldk
   }
   return m;
 }
+KANGAROO_ISA_DISPATCH(float, scores_f32,
+                      (const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale, float* s),
+                      (q, k, ldk, n, Dh, scale, s))
 
 // acc[0, Dh) += p[j] * v[j * ldv, +Dh) for j < n in j order, skipping p[j] == 0 (masked or underflowed: adding
 // nothing either way). NV = Dh / 16 accumulators stay in registers across the keys (through memory, each key waited
@@ -135,7 +139,7 @@ __attribute__((always_inline)) inline void pv_regs(const float* p, const float* 
   for (int i = 0; i < NV; ++i) store16(acc + 16 * i, a[i]);
 }
 
-KANGAROO_ISA_CLONES void pv_f32(const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc) {
+KANGAROO_BODY void pv_f32_body(const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc) {
   switch (Dh) {
     case 32: return pv_regs<2>(p, v, ldv, n, acc);
     case 64: return pv_regs<4>(p, v, ldv, n, acc);
@@ -150,6 +154,9 @@ KANGAROO_ISA_CLONES void pv_f32(const float* p, const float* v, int64_t ldv, int
     for (int64_t d = 0; d < Dh; ++d) acc[d] += pj * vj[d];
   }
 }
+KANGAROO_ISA_DISPATCH(void, pv_f32,
+                      (const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc),
+                      (p, v, ldv, n, Dh, acc))
 
 // The Q = T * G query rows of one KV head (row r = t * G + g: block token t, query head g of the group; qs [Q, Dh],
 // rotated) over the unit-stride cached prefix [0, lp) (rows ldk / ldv apart) and the T new keys kn / vn [T, Dh]

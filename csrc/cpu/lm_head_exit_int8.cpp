@@ -8,7 +8,7 @@
 //
 // The GEMV streams the weight once, column-major ([D, V] in memory: for each d a contiguous row over V), in blocks
 // of kTile tokens whose fp32 accumulators stay in L1; the inner loop (int8 -> fp32 convert, FMA) is compiled for
-// AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU (GCC/Clang target_clones): no CPU feature is
+// AVX-512, AVX2+FMA and baseline x86-64, picked at run time by the CPU (cpu_isa, simd.h): no CPU feature is
 // assumed. Blocks run in parallel (at::parallel_for) and each keeps its own max / first argmax / sum of exp, merged
 // in block order afterwards (so ties go to the lowest index, as torch.argmax).
 #include <ATen/Dispatch.h>
@@ -41,8 +41,8 @@ namespace {
 constexpr int64_t kTile = 4096, kStat = 512;
 
 // y[j] = sum_d x[d] * q[d * V + v0 + j] for j < n (q column-major [V, D], i.e. [D, V] in memory).
-KANGAROO_ISA_CLONES void gemv_block_int8(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
-                                         int64_t n, float* y) {
+KANGAROO_BODY void gemv_block_int8_body(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
+                                        int64_t n, float* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = 0.f;
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {  // four weight rows per pass: one accumulator load/store per four FMAs
@@ -61,11 +61,14 @@ KANGAROO_ISA_CLONES void gemv_block_int8(const float* x, const int8_t* q, int64_
     for (int64_t j = 0; j < n; ++j) y[j] += xd * static_cast<float>(r[j]);
   }
 }
+KANGAROO_ISA_DISPATCH(void, gemv_block_int8,
+                      (const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0, int64_t n, float* y),
+                      (x, q, D, V, v0, n, y))
 
 // gemv_block_int8 for four rows at once (x: 4 rows D apart; y: 4 rows ldy apart), so a batch streams the weight
 // once per four rows instead of once per row; n <= 1024 keeps the four accumulator rows (16 KB) in L1.
-KANGAROO_ISA_CLONES void gemv_block_int8_x4(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
-                                            int64_t n, float* y, int64_t ldy) {
+KANGAROO_BODY void gemv_block_int8_x4_body(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
+                                           int64_t n, float* y, int64_t ldy) {
   float* y0 = y;
   float* y1 = y + ldy;
   float* y2 = y + 2 * ldy;
@@ -83,6 +86,10 @@ KANGAROO_ISA_CLONES void gemv_block_int8_x4(const float* x, const int8_t* q, int
     }
   }
 }
+KANGAROO_ISA_DISPATCH(void, gemv_block_int8_x4,
+                      (const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0, int64_t n, float* y,
+                       int64_t ldy),
+                      (x, q, D, V, v0, n, y, ldy))
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The same two GEMVs with explicit int8 -> fp32 conversions (one vpmovsxbd + vcvtdq2ps per 16 weights), for CPUs
@@ -157,27 +164,13 @@ void gemv_int8_simd(const float* x, const int8_t* q, int64_t D, int64_t V, int64
 
 #pragma GCC diagnostic pop
 
-enum class Isa { kAvx512, kAvx2, kBaseline };
-
-// What the CPU runs, read once; KANGAROO_CPU_ISA=avx2 / baseline caps it (tests run the fallbacks on any machine).
-Isa int8_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    const char* cap = std::getenv("KANGAROO_CPU_ISA");
-    const std::string want = cap ? cap : "";
-    const bool fma = __builtin_cpu_supports("fma");
-    if (want != "avx2" && want != "baseline" && __builtin_cpu_supports("avx512f") && fma) return Isa::kAvx512;
-    if (want != "baseline" && __builtin_cpu_supports("avx2") && fma) return Isa::kAvx2;
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
 #endif
 
-// One row's tile: the explicit-conversion kernel where the CPU has AVX-512 or AVX2 + FMA, else the clones above.
+// One row's tile: the explicit-conversion kernel where the CPU has AVX-512 or AVX2 + FMA (cpu_isa), else the
+// baseline build of gemv_block_int8.
 void gemv_int8(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0, int64_t n, float* y) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (int8_isa()) {
+  switch (cpu_isa()) {
     case Isa::kAvx512:
       return gemv_int8_simd<true>(x, q, D, V, v0, n, y);
     case Isa::kAvx2:
@@ -197,7 +190,7 @@ struct BlockStat {
 
 // Scales the block's raw dot products y[0, n) by sc into logits (in place) and returns their statistics. The two
 // passes are `omp simd` reductions (compiled with -fopenmp-simd): vectorized without -ffast-math.
-KANGAROO_ISA_CLONES BlockStat block_stats(float* y, const float* sc, int64_t n) {
+KANGAROO_BODY BlockStat block_stats_body(float* y, const float* sc, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int nans = 0;
 #pragma omp simd reduction(max : m) reduction(+ : nans)
@@ -221,6 +214,7 @@ KANGAROO_ISA_CLONES BlockStat block_stats(float* y, const float* sc, int64_t n) 
   st.sum = sum;
   return st;
 }
+KANGAROO_ISA_DISPATCH(BlockStat, block_stats, (float* y, const float* sc, int64_t n), (y, sc, n))
 
 // x rounded to the dtype of `hidden` (rms_norm_ref rounds its intermediate and its product to hidden's dtype).
 template <typename T>

@@ -1,26 +1,75 @@
 // Runtime ISA dispatch for the hand-written CPU loops.
 //
-// KANGAROO_ISA_CLONES compiles a function for AVX-512, AVX2+FMA and baseline x86-64 and lets the loader pick the
-// one the CPU runs (GCC/Clang target_clones, an ifunc): no CPU feature is assumed at build or run time. Loops
-// written as `omp simd` reductions vectorize under -fopenmp-simd (setup.py) without -ffast-math.
+// KANGAROO_ISA_DISPATCH(ret, name, (params), (args)) defines `ret name params`, which runs name##_body (an
+// always_inline function written once) compiled for AVX-512, AVX2 + FMA or baseline x86-64, whichever cpu_isa()
+// picks on the machine it runs on: no CPU feature is assumed at build or run time. Not GCC's target_clones: its
+// ifunc resolvers can run before libgcc has read the CPU's features, and then pick the baseline clone everywhere
+// (measured with GCC 12.2 on an AMD EPYC Zen 5: every clone resolved to baseline, its GEMMs 2x slower).
+// Loops written as `omp simd` reductions vectorize under -fopenmp-simd (setup.py) without -ffast-math.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KANGAROO_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__clang__)
-#define KANGAROO_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KANGAROO_ISA_CLONES
-#endif
+#include <string>
 
 namespace kangaroo {
 
-// 16 floats as one GCC vector: one zmm under the AVX-512 clone, two ymm under AVX2, four xmm in the baseline; the
-// same per-lane arithmetic in all three.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// What the CPU runs (AVX-512 F/BW/DQ/VL, or AVX2 + FMA, else baseline), read once. KANGAROO_CPU_ISA=avx2 or
+// baseline caps it: the tests run the fallbacks on any machine.
+inline Isa cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    const char* cap = std::getenv("KANGAROO_CPU_ISA");
+    const std::string want = cap ? cap : "";
+    const bool fma = __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (want != "avx2" && want != "baseline" && avx512 && fma) return Isa::kAvx512;
+    if (want != "baseline" && fma) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return isa;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+}  // namespace kangaroo
+
+// A dispatched function's body: inlined into each ISA's build of it.
+#define KANGAROO_BODY __attribute__((always_inline)) inline
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KANGAROO_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define KANGAROO_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define KANGAROO_ISA_DISPATCH(ret, name, params, args)                            \
+  KANGAROO_TARGET_AVX512 ret name##_avx512 params { return name##_body args; } \
+  KANGAROO_TARGET_AVX2 ret name##_avx2 params { return name##_body args; }     \
+  ret name##_baseline params { return name##_body args; }                      \
+  ret name params {                                                            \
+    switch (::kangaroo::cpu_isa()) {                                           \
+      case ::kangaroo::Isa::kAvx512: return name##_avx512 args;                \
+      case ::kangaroo::Isa::kAvx2: return name##_avx2 args;                    \
+      default: return name##_baseline args;                                    \
+    }                                                                          \
+  }
+#else
+#define KANGAROO_ISA_DISPATCH(ret, name, params, args) \
+  ret name params { return name##_body args; }
+#endif
+
+// The vector helpers below are always inlined into a dispatched body: their by-value vector ABI never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace kangaroo {
+
+// 16 floats as one GCC vector: one zmm in the AVX-512 build of a body, two ymm under AVX2, four xmm in the
+// baseline; the same per-lane arithmetic in all three.
 typedef float v16f __attribute__((vector_size(64)));
 
 __attribute__((always_inline)) inline v16f load16(const float* p) {
@@ -47,7 +96,7 @@ __attribute__((always_inline)) inline float hsum16(v16f v) {
 // exp(x) for x <= 0 (a logit minus its row's max) in plain float arithmetic that the compiler vectorizes (std::exp
 // does not without -ffast-math): 2^(x log2 e) split into 2^round (exponent bits) and a polynomial of the rest;
 // relative error ~2e-7, far inside the confidence's tolerance. Below -87 the result is 0 (fp32 underflow).
-inline float exp_nonpositive(float x) {
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const float t = std::max(x, -87.f) * 1.44269504089f;
   const float fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23): vectorizes, std::floor does not
   const float f = t - fi;  // in [-0.5, 0.5]: the Taylor series of 2^f = e^(f ln 2) to degree 6 is within 2e-7

@@ -4,8 +4,9 @@
 // gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors) and
 // multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512), so the weight is read once per
 // 8 rows, front to back. The vectors are GCC vector types, compiled for AVX-512, AVX2+FMA and baseline x86-64
-// (KANGAROO_ISA_CLONES) from the same source; each lane accumulates its own column in k order, so the chain behind
-// an output is fixed by K alone, never by M, the row group or the thread split (threads split on tile boundaries).
+// (KANGAROO_ISA_DISPATCH) from the same source; each lane accumulates its own column in k order, so the chain
+// behind an output is fixed by K alone, never by M, the row group or the thread split (threads split on tile
+// boundaries).
 // Packed (tile-major) instead of the column-major [K, N] storage: there each k reads 128 bytes N * 4 apart, which
 // the prefetchers follow poorly (measured on the demo's layer: 1.00 / 1.34 / 1.95x for 1 / 4 / 7 rows column-major,
 // 0.94 / 1.07 / 1.26x packed, streaming from L3).
@@ -118,18 +119,26 @@ __attribute__((always_inline)) inline void tiles(const float* x, int64_t ldx, in
   }
 }
 
-KANGAROO_ISA_CLONES void gemm_tiles_f32(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
-                                        int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+KANGAROO_BODY void gemm_tiles_f32_body(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
+                                       int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
   tiles<false>(x, ldx, M, wp, K, N, t0, t1, e);
 }
+KANGAROO_ISA_DISPATCH(void, gemm_tiles_f32,
+                      (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
+                       int64_t t1, const Epilogue& e),
+                      (x, ldx, M, wp, K, N, t0, t1, e))
 
-KANGAROO_ISA_CLONES void gemm_tiles_bf16(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
-                                         int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+KANGAROO_BODY void gemm_tiles_bf16_body(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
+                                        int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
   tiles<true>(x, ldx, M, wp, K, N, t0, t1, e);
 }
+KANGAROO_ISA_DISPATCH(void, gemm_tiles_bf16,
+                      (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
+                       int64_t t1, const Epilogue& e),
+                      (x, ldx, M, wp, K, N, t0, t1, e))
 
-KANGAROO_ISA_CLONES void gemv_rows(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
-                                   const float* b, float* y) {
+KANGAROO_BODY void gemv_rows_body(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
+                                  const float* b, float* y) {
   for (int64_t n = 0; n < N; ++n) {
     const float* r = w + n * ldw;
     float s = 0.f;
@@ -138,8 +147,11 @@ KANGAROO_ISA_CLONES void gemv_rows(const float* w, int64_t ldw, const float* x, 
     y[n] = b ? s + b[n] : s;
   }
 }
+KANGAROO_ISA_DISPATCH(void, gemv_rows,
+                      (const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y),
+                      (w, ldw, x, N, K, b, y))
 
-KANGAROO_ISA_CLONES void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+KANGAROO_BODY void silu_mul_body(const float* gate, const float* up, int64_t n, float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
@@ -148,6 +160,7 @@ KANGAROO_ISA_CLONES void silu_mul(const float* gate, const float* up, int64_t n,
     out[i] = g * sig * up[i];
   }
 }
+KANGAROO_ISA_DISPATCH(void, silu_mul, (const float* gate, const float* up, int64_t n, float* out), (gate, up, n, out))
 
 }  // namespace
 
