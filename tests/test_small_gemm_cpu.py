@@ -143,40 +143,57 @@ def test_cpu_model_packs_a_bf16_checkpoint_as_pairs_and_decodes_the_same():
 
 
 _ISA_SCRIPT = r"""
-import torch
+import hashlib, torch
 from kangaroo_kernels._ext import ops
 torch.set_num_threads(1)
-worst = 0.0
-for M, N, K in [(1, 512, 256), (5, 1536, 256), (8, 256, 768), (3, 70, 33), (13, 100, 64)]:
+worst, h = 0.0, hashlib.sha256()
+for M, N, K in [(1, 512, 256), (5, 1536, 256), (8, 256, 768), (3, 70, 33), (13, 100, 64), (2, 64, 5)]:
     g = torch.Generator().manual_seed(M * N + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
     for bf16 in (False, True):
         wq = w.bfloat16().float() if bf16 else w
         y = ops().gemm_packed(x, ops().pack_gemm_weight(wq, bf16), N)
         worst = max(worst, float((y.double() - x.double() @ wq.double().T).abs().max()))
-print(ops().cpu_isa(), worst)
+        h.update(y.numpy().tobytes())
+from kangaroo_kernels import append_attention
+for B, T, Hq, Hk, Dh, P in [(1, 1, 4, 2, 64, 130), (2, 5, 4, 2, 64, 77), (1, 3, 8, 8, 128, 40), (1, 2, 2, 1, 24, 9)]:
+    g = torch.Generator().manual_seed(T * Dh + P)
+    q, k, v = (torch.randn(B, T, H, Dh, generator=g) for H in (Hq, Hk, Hk))
+    kc, vc = torch.randn(B, Hk, P + T, Dh, generator=g), torch.randn(B, Hk, P + T, Dh, generator=g)
+    out = append_attention(q, k, v, kc, vc, torch.full((B,), P, dtype=torch.int32))
+    h.update(out.numpy().tobytes())
+print(ops().cpu_isa(), ops().gemm_isa(), worst, h.hexdigest())
 """
 
 
-def _run_isa(cap):
+def _run_isa(cap, gemm=None):
     env = dict(os.environ)
     env.pop("KANGAROO_CPU_ISA", None)
+    env.pop("KANGAROO_GEMM_ISA", None)
     if cap:
         env["KANGAROO_CPU_ISA"] = cap
+    if gemm:
+        env["KANGAROO_GEMM_ISA"] = gemm
     proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    isa, worst = proc.stdout.split()[-2:]
-    return isa, float(worst)
+    isa, gemm, worst, digest = proc.stdout.split()[-4:]
+    return isa, gemm, float(worst), digest
 
 
 def test_cpu_isa_is_what_torch_reports_and_the_caps_run_each_fallback():
-    """The dispatched loops (simd.h cpu_isa) run the ISA torch's own dispatch picks (the target_clones they replace
-    resolved to the baseline build on some machines), KANGAROO_CPU_ISA caps it, and every build's GEMM matches an
-    fp64 product (fp32 sums of K <= 768 terms of size ~1: |error| < 1e-4)."""
+    """The dispatched loops (simd.h cpu_isa) run the ISA torch's own dispatch picks, KANGAROO_CPU_ISA caps it, the
+    GEMM's build is one the CPU runs (on AVX-512 the faster of its AVX-512 and AVX2 builds), every build matches an
+    fp64 product (fp32 sums of K <= 768 terms of size ~1: |error| < 1e-4), and the AVX-512 and AVX2 builds of the
+    GEMM and of the attention give the same bits (the same FMA chains per lane, the same pairwise lane sums), so
+    which one a machine picks never changes a result."""
     want = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "baseline")
-    isa, worst = _run_isa(None)
+    isa, gemm, worst, full = _run_isa(None)
     assert isa == want and worst < 1e-4, (isa, want, worst)
-    isa, worst = _run_isa("avx2")
-    assert isa == ("baseline" if want == "baseline" else "avx2") and worst < 1e-4, (isa, worst)
-    isa, worst = _run_isa("baseline")
-    assert isa == "baseline" and worst < 1e-4, (isa, worst)
+    assert gemm in ({"avx512", "avx2"} if want == "avx512" else {want}), gemm
+    isa, gemm, worst, capped = _run_isa("avx2")
+    assert isa == gemm == ("baseline" if want == "baseline" else "avx2") and worst < 1e-4, (isa, gemm, worst)
+    if want == "avx512":  # both GEMM builds, forced: the same bits
+        assert _run_isa(None, "avx512")[1] == "avx512" and _run_isa(None, "avx2")[1] == "avx2"
+        assert _run_isa(None, "avx512")[3] == capped == full
+    isa, gemm, worst, _ = _run_isa("baseline")
+    assert isa == gemm == "baseline" and worst < 1e-4, (isa, gemm, worst)

@@ -89,23 +89,42 @@ KANGAROO_ISA_DISPATCH(void, exp_shifted, (const float* s, int64_t n, float m, fl
 
 // s[j] = scale * dot(q, k[j * ldk, +Dh)) for j < n; returns the max. Four keys per pass (independent FMA chains),
 // every dot the same fixed-order arithmetic (dot16), so a key's score does not depend on its neighbours.
+// dot16: 16 lane sums over d in steps of 16, in 16 / W vectors of W floats (the ISA's width: a 64-byte vector under
+// AVX2 lives on the stack), then the lanes' sum in hsum16's pairwise order: the same bits for W = 16, 8 and 4.
+template <int W>
 __attribute__((always_inline)) inline float dot16(const float* q, const float* k, int64_t Dh) {
-  v16f c{};
+  typedef typename VecOf<W>::f V;
+  constexpr int NV = 16 / W;
+  V c[NV];
+  for (int v = 0; v < NV; ++v) c[v] = V{};
   int64_t d = 0;
-  for (; d + 16 <= Dh; d += 16) c += load16(q + d) * load16(k + d);
-  float s = hsum16(c);
+  for (; d + 16 <= Dh; d += 16)
+    for (int v = 0; v < NV; ++v) c[v] += load_vec<V>(q + d + v * W) * load_vec<V>(k + d + v * W);
+  float s;
+  if constexpr (W == 16) {
+    s = hsum16(c[0]);
+  } else if constexpr (W == 8) {  // lane i + lane i + 8, then + 4, + 2, + 1
+    const v8f a = c[0] + c[1];
+    const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    s = (b[0] + b[2]) + (b[1] + b[3]);
+  } else {
+    const v4f b = (c[0] + c[2]) + (c[1] + c[3]);
+    s = (b[0] + b[2]) + (b[1] + b[3]);
+  }
   for (; d < Dh; ++d) s += q[d] * k[d];
   return s;
 }
 
+template <Isa I>
 KANGAROO_BODY float scores_f32_body(const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale,
                                     float* s) {
+  constexpr int W = kVecWidth<I>;
   float m = -INFINITY;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const float* kj = k + j * ldk;
-    const float s0 = dot16(q, kj, Dh), s1 = dot16(q, kj + ldk, Dh), s2 = dot16(q, kj + 2 * ldk, Dh),
-                s3 = dot16(q, kj + 3 * ldk, Dh);
+    const float s0 = dot16<W>(q, kj, Dh), s1 = dot16<W>(q, kj + ldk, Dh), s2 = dot16<W>(q, kj + 2 * ldk, Dh),
+                s3 = dot16<W>(q, kj + 3 * ldk, Dh);
     s[j] = s0 * scale;
     s[j + 1] = s1 * scale;
     s[j + 2] = s2 * scale;
@@ -113,50 +132,65 @@ KANGAROO_BODY float scores_f32_body(const float* q, const float* k, int64_t ldk,
     m = std::max(std::max(m, std::max(s[j], s[j + 1])), std::max(s[j + 2], s[j + 3]));
   }
   for (; j < n; ++j) {
-    s[j] = dot16(q, k + j * ldk, Dh) * scale;
+    s[j] = dot16<W>(q, k + j * ldk, Dh) * scale;
     m = std::max(m, s[j]);
   }
   return m;
 }
-KANGAROO_ISA_DISPATCH(float, scores_f32,
-                      (const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale, float* s),
-                      (q, k, ldk, n, Dh, scale, s))
+KANGAROO_ISA_DISPATCH_T(cpu_isa, float, scores_f32,
+                        (const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale, float* s),
+                        (q, k, ldk, n, Dh, scale, s))
 
-// acc[0, Dh) += p[j] * v[j * ldv, +Dh) for j < n in j order, skipping p[j] == 0 (masked or underflowed: adding
-// nothing either way). NV = Dh / 16 accumulators stay in registers across the keys (through memory, each key waited
-// on the previous key's stores); any other Dh runs the same per-element arithmetic through memory.
-template <int NV>
+// acc[0, NV W) += p[j] * v[j * ldv, +NV W) for j < n in j order, skipping p[j] == 0 (masked or underflowed: adding
+// nothing either way). The NV accumulators stay in registers across the keys (through memory, each key waited on
+// the previous key's stores).
+template <int W, int NV>
 __attribute__((always_inline)) inline void pv_regs(const float* p, const float* v, int64_t ldv, int64_t n,
                                                    float* acc) {
-  v16f a[NV];
-  for (int i = 0; i < NV; ++i) a[i] = load16(acc + 16 * i);
+  typedef typename VecOf<W>::f V;
+  V a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = load_vec<V>(acc + W * i);
   for (int64_t j = 0; j < n; ++j) {
     const float pj = p[j];
     if (pj == 0.f) continue;
     const float* vj = v + j * ldv;
-    for (int i = 0; i < NV; ++i) a[i] += pj * load16(vj + 16 * i);
+    for (int i = 0; i < NV; ++i) a[i] += pj * load_vec<V>(vj + W * i);
   }
-  for (int i = 0; i < NV; ++i) store16(acc + 16 * i, a[i]);
+  for (int i = 0; i < NV; ++i) store_vec(acc + W * i, a[i]);
 }
 
+// pv_regs over [0, Dh) in passes of at most 8 vectors (what stays in registers; each lane's sum over j is the same
+// whichever pass holds it), the tail past a multiple of W through memory.
+template <Isa I>
 KANGAROO_BODY void pv_f32_body(const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc) {
-  switch (Dh) {
-    case 32: return pv_regs<2>(p, v, ldv, n, acc);
-    case 64: return pv_regs<4>(p, v, ldv, n, acc);
-    case 128: return pv_regs<8>(p, v, ldv, n, acc);
-    default: break;
+  constexpr int W = kVecWidth<I>;
+  int64_t d0 = 0;
+  for (; d0 + W <= Dh;) {
+    const int64_t nv = std::min<int64_t>(8, (Dh - d0) / W);
+    switch (nv) {
+      case 8: pv_regs<W, 8>(p, v + d0, ldv, n, acc + d0); break;
+      case 7: pv_regs<W, 7>(p, v + d0, ldv, n, acc + d0); break;
+      case 6: pv_regs<W, 6>(p, v + d0, ldv, n, acc + d0); break;
+      case 5: pv_regs<W, 5>(p, v + d0, ldv, n, acc + d0); break;
+      case 4: pv_regs<W, 4>(p, v + d0, ldv, n, acc + d0); break;
+      case 3: pv_regs<W, 3>(p, v + d0, ldv, n, acc + d0); break;
+      case 2: pv_regs<W, 2>(p, v + d0, ldv, n, acc + d0); break;
+      default: pv_regs<W, 1>(p, v + d0, ldv, n, acc + d0); break;
+    }
+    d0 += nv * W;
   }
+  if (d0 == Dh) return;
   for (int64_t j = 0; j < n; ++j) {
     const float pj = p[j];
     if (pj == 0.f) continue;
     const float* vj = v + j * ldv;
 #pragma omp simd
-    for (int64_t d = 0; d < Dh; ++d) acc[d] += pj * vj[d];
+    for (int64_t d = d0; d < Dh; ++d) acc[d] += pj * vj[d];
   }
 }
-KANGAROO_ISA_DISPATCH(void, pv_f32,
-                      (const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc),
-                      (p, v, ldv, n, Dh, acc))
+KANGAROO_ISA_DISPATCH_T(cpu_isa, void, pv_f32,
+                        (const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc),
+                        (p, v, ldv, n, Dh, acc))
 
 // The Q = T * G query rows of one KV head (row r = t * G + g: block token t, query head g of the group; qs [Q, Dh],
 // rotated) over the unit-stride cached prefix [0, lp) (rows ldk / ldv apart) and the T new keys kn / vn [T, Dh]

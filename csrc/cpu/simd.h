@@ -2,9 +2,12 @@
 //
 // KANGAROO_ISA_DISPATCH(ret, name, (params), (args)) defines `ret name params`, which runs name##_body (an
 // always_inline function written once) compiled for AVX-512, AVX2 + FMA or baseline x86-64, whichever cpu_isa()
-// picks on the machine it runs on: no CPU feature is assumed at build or run time. Not GCC's target_clones: its
-// ifunc resolvers can run before libgcc has read the CPU's features, and then pick the baseline clone everywhere
-// (measured with GCC 12.2 on an AMD EPYC Zen 5: every clone resolved to baseline, its GEMMs 2x slower).
+// picks on the machine it runs on: no CPU feature is assumed at build or run time. KANGAROO_ISA_DISPATCH_T passes
+// the ISA to a templated body, which then uses that ISA's vector width (VecOf / kVecWidth) and register blocking:
+// with one 64-byte vector type for every ISA (as in the target_clones builds this replaces), GCC 12 keeps the AVX2
+// and baseline builds' accumulators on the stack (measured through the cap below on an AVX-512 machine: the AVX2
+// build's GEMM 12x and plain decoding 9.5x slower than the AVX-512 build's; with its own width, 1.0-1.2x).
+// KANGAROO_CPU_ISA=avx2 / baseline caps the pick, so the tests run every build on any machine.
 // Loops written as `omp simd` reductions vectorize under -fopenmp-simd (setup.py) without -ffast-math.
 #pragma once
 
@@ -58,9 +61,24 @@ inline Isa cpu_isa() {
       default: return name##_baseline args;                                    \
     }                                                                          \
   }
+// The same for a body templated on the Isa it is built for (its vector width, its register blocking), the build
+// chosen by pick() (cpu_isa, or a measurement of the builds the CPU can run).
+#define KANGAROO_ISA_DISPATCH_T(pick, ret, name, params, args)                                              \
+  KANGAROO_TARGET_AVX512 ret name##_avx512 params { return name##_body<::kangaroo::Isa::kAvx512> args; } \
+  KANGAROO_TARGET_AVX2 ret name##_avx2 params { return name##_body<::kangaroo::Isa::kAvx2> args; }       \
+  ret name##_baseline params { return name##_body<::kangaroo::Isa::kBaseline> args; }                    \
+  ret name params {                                                                                       \
+    switch (pick()) {                                                                                     \
+      case ::kangaroo::Isa::kAvx512: return name##_avx512 args;                                           \
+      case ::kangaroo::Isa::kAvx2: return name##_avx2 args;                                               \
+      default: return name##_baseline args;                                                               \
+    }                                                                                                     \
+  }
 #else
 #define KANGAROO_ISA_DISPATCH(ret, name, params, args) \
   ret name params { return name##_body args; }
+#define KANGAROO_ISA_DISPATCH_T(pick, ret, name, params, args) \
+  ret name params { return name##_body<::kangaroo::Isa::kBaseline> args; }
 #endif
 
 // The vector helpers below are always inlined into a dispatched body: their by-value vector ABI never applies.
@@ -83,6 +101,48 @@ __attribute__((always_inline)) inline void store16(float* p, v16f v) { std::memc
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
+
+// load16 / store16 / a bit cast for any GCC vector type V, by value (never the address of a register value).
+template <typename V>
+__attribute__((always_inline)) inline V load_vec(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+__attribute__((always_inline)) inline void store_vec(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename To, typename From>
+__attribute__((always_inline)) inline To bit_cast_vec(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_vec: sizes differ");
+  To t;
+  std::memcpy(&t, &v, sizeof(t));
+  return t;
+}
+
+// W floats (and W uint32) as one GCC vector: a body templated on W uses the register width of the ISA it is built
+// for (a 64-byte vector under AVX2 is two ymm that GCC 12 keeps on the stack once many are live).
+template <int W>
+struct VecOf;
+// The vector width in floats a body built for ISA I uses: 16 (zmm), 8 (ymm), 4 (xmm).
+template <Isa I>
+constexpr int kVecWidth = I == Isa::kAvx512 ? 16 : I == Isa::kAvx2 ? 8 : 4;
+template <>
+struct VecOf<16> {
+  typedef v16f f;
+  typedef uint32_t u __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<8> {
+  typedef v8f f;
+  typedef uint32_t u __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<4> {
+  typedef v4f f;
+  typedef uint32_t u __attribute__((vector_size(16)));
+};
 
 // The lanes' sum in a fixed pairwise order (lane i + lane i + 8, then + 4, + 2, + 1), with register shuffles: a
 // spill to memory and scalar adds cost ~70 cycles a call, which made attention scores a third of a decode layer.

@@ -1,12 +1,12 @@
 // Small-batch fp32 GEMMs and row helpers for the hand-written CPU layers (declarations and contract: small_gemm.h),
 // and the pack_gemm_weight / unpack_gemm_weight ops that define the packed layout.
 //
-// gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors) and
-// multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512), so the weight is read once per
-// 8 rows, front to back. The vectors are GCC vector types, compiled for AVX-512, AVX2+FMA and baseline x86-64
-// (KANGAROO_ISA_DISPATCH) from the same source; each lane accumulates its own column in k order, so the chain
-// behind an output is fixed by K alone, never by M, the row group or the thread split (threads split on tile
-// boundaries).
+// gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors on AVX-512) and
+// multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512; 2 rows on AVX2, 1 baseline), so
+// the weight is read once per row group, front to back. The vectors are GCC vector types of the ISA's width, built
+// for AVX-512, AVX2+FMA and baseline x86-64 (KANGAROO_ISA_DISPATCH_T) from the same source; each lane accumulates
+// its own column in k order, so the chain behind an output is fixed by K alone, never by M, the row group, the
+// vector width (AVX-512 and AVX2 give the same bits) or the thread split (threads split on tile boundaries).
 // Packed (tile-major) instead of the column-major [K, N] storage: there each k reads 128 bytes N * 4 apart, which
 // the prefetchers follow poorly (measured on the demo's layer: 1.00 / 1.34 / 1.95x for 1 / 4 / 7 rows column-major,
 // 0.94 / 1.07 / 1.26x packed, streaming from L3).
@@ -23,8 +23,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -32,9 +34,7 @@
 namespace kangaroo {
 namespace {
 
-typedef v16f v16;
-constexpr int64_t kNB = kPackCols;  // columns per tile: two v16
-constexpr int kMB = 8;       // rows per weight pass
+constexpr int64_t kNB = kPackCols;  // columns per tile
 // software prefetch distance in k rows (4 KB of fp32): measured 1.2-1.4x on 5-row GEMMs from DRAM
 constexpr int64_t kAhead = 32;
 
@@ -46,45 +46,51 @@ struct Epilogue {
   int64_t ldy;
 };
 
-typedef uint32_t v16u __attribute__((vector_size(64)));
+// Rows per weight pass for W-float vectors: the MB x 32 / W accumulators, the tile row's 32 / W weight vectors and
+// a broadcast must fit the ISA's vector registers (32 zmm; 16 ymm; 16 xmm), or every one of them goes through the
+// stack (GCC 12 spilled the AVX2 build of 8-row 64-byte vectors: 12x slower than AVX-512).
+template <Isa I>
+constexpr int kRows = I == Isa::kAvx512 ? 8 : I == Isa::kAvx2 ? 2 : 1;
 
-// Rows [m0, m0 + MB) x the tile's columns [n0, n0 + nc), nc <= 32 (the last tile may be partial). BF16: the tile
-// holds bf16 pairs (small_gemm.h), turned into the two fp32 vectors by a shift and a mask: the same values as the
-// fp32 tile of a bf16-exact weight, so the same multiply-adds and the same bits.
-template <int MB, bool BF16>
+// Rows [m0, m0 + MB) x the tile's columns [n0, n0 + nc), nc <= 32 (the last tile may be partial), in NV = 32 / W
+// vectors of W floats (VecOf, simd.h), vector v holding columns [v W, v W + W). BF16: the tile holds bf16 pairs
+// (small_gemm.h), turned into fp32 vectors by a shift and a mask: the same values as the fp32 tile of a bf16-exact
+// weight, so the same multiply-adds and the same bits.
+template <int W, int MB, bool BF16>
 __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int64_t m0, const void* wt, int64_t K,
                                                 int64_t n0, int64_t nc, const Epilogue& e) {
-  v16 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = v16{};
+  typedef typename VecOf<W>::f V;
+  typedef typename VecOf<W>::u U;
+  constexpr int NV = kNB / W;
+  V acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   const float* xr = x + m0 * ldx;
   const float* wf = static_cast<const float*>(wt);
   const uint32_t* wb = static_cast<const uint32_t*>(wt);
   for (int64_t k = 0; k < K; ++k) {
-    v16 w0, w1;
-    if constexpr (BF16) {
+    V w[NV];
+    if constexpr (BF16) {  // word j: column j's bf16 bits low, column j + 16's high
       __builtin_prefetch(wb + (k + 2 * kAhead) * 16);
-      v16u pair;
-      std::memcpy(&pair, wb + k * 16, sizeof(pair));
-      const v16u lo = pair << 16, hi = pair & 0xFFFF0000u;
-      std::memcpy(&w0, &lo, sizeof(w0));
-      std::memcpy(&w1, &hi, sizeof(w1));
+      for (int v = 0; v < NV / 2; ++v) {
+        const U pair = load_vec<U>(wb + k * 16 + v * W);
+        w[v] = bit_cast_vec<V>(U(pair << 16));
+        w[NV / 2 + v] = bit_cast_vec<V>(U(pair & 0xFFFF0000u));
+      }
     } else {
       __builtin_prefetch(wf + (k + kAhead) * kNB);
       __builtin_prefetch(wf + (k + kAhead) * kNB + 16);
-      w0 = load16(wf + k * kNB);
-      w1 = load16(wf + k * kNB + 16);
+      for (int v = 0; v < NV; ++v) w[v] = load_vec<V>(wf + k * kNB + v * W);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const float a = xr[m * ldx + k];
-      acc[m][0] += a * w0;
-      acc[m][1] += a * w1;
+      for (int v = 0; v < NV; ++v) acc[m][v] += a * w[v];
     }
   }
   for (int m = 0; m < MB; ++m) {
     float out[kNB];
-    store16(out, acc[m][0]);
-    store16(out + 16, acc[m][1]);
+    for (int v = 0; v < NV; ++v) store_vec(out + v * W, acc[m][v]);  // by value: see store16
     float* yr = e.y + (m0 + m) * e.ldy + n0;
     const float* rr = e.residual ? e.residual + (m0 + m) * e.ldr + n0 : nullptr;
     for (int64_t j = 0; j < nc; ++j) {
@@ -96,46 +102,88 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int
   }
 }
 
-// Tiles [t0, t1) for all M rows, 8 rows per weight pass.
-template <bool BF16>
+// The last M % MB rows of a tile (R: the largest remainder still to try).
+template <int W, int R, bool BF16>
+__attribute__((always_inline)) inline void tile_rest(int64_t r, const float* x, int64_t ldx, int64_t m0,
+                                                     const void* wt, int64_t K, int64_t n0, int64_t nc,
+                                                     const Epilogue& e) {
+  if constexpr (R >= 1) {
+    if (r == R) return tile<W, R, BF16>(x, ldx, m0, wt, K, n0, nc, e);
+    tile_rest<W, R - 1, BF16>(r, x, ldx, m0, wt, K, n0, nc, e);
+  }
+}
+
+// Tiles [t0, t1) for all M rows, kRows<I> rows of kVecWidth<I>-float vectors per weight pass.
+template <Isa I, bool BF16>
 __attribute__((always_inline)) inline void tiles(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
                                                  int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+  constexpr int W = kVecWidth<I>, MB = kRows<I>;
   const int64_t tile_bytes = K * kNB * (BF16 ? 2 : 4);
   for (int64_t t = t0; t < t1; ++t) {
     const void* wt = static_cast<const char*>(wp) + t * tile_bytes;
     const int64_t n0 = t * kNB, nc = std::min(kNB, N - n0);
     int64_t m0 = 0;
-    for (; m0 + kMB <= M; m0 += kMB) tile<kMB, BF16>(x, ldx, m0, wt, K, n0, nc, e);
-    switch (M - m0) {
-      case 7: tile<7, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 6: tile<6, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 5: tile<5, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 4: tile<4, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 3: tile<3, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 2: tile<2, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      case 1: tile<1, BF16>(x, ldx, m0, wt, K, n0, nc, e); break;
-      default: break;
-    }
+    for (; m0 + MB <= M; m0 += MB) tile<W, MB, BF16>(x, ldx, m0, wt, K, n0, nc, e);
+    tile_rest<W, MB - 1, BF16>(M - m0, x, ldx, m0, wt, K, n0, nc, e);
   }
 }
 
+Isa gemm_isa();
+
+template <Isa I>
 KANGAROO_BODY void gemm_tiles_f32_body(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
                                        int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
-  tiles<false>(x, ldx, M, wp, K, N, t0, t1, e);
+  tiles<I, false>(x, ldx, M, wp, K, N, t0, t1, e);
 }
-KANGAROO_ISA_DISPATCH(void, gemm_tiles_f32,
-                      (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
-                       int64_t t1, const Epilogue& e),
-                      (x, ldx, M, wp, K, N, t0, t1, e))
+KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles_f32,
+                        (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
+                         int64_t t1, const Epilogue& e),
+                        (x, ldx, M, wp, K, N, t0, t1, e))
 
+template <Isa I>
 KANGAROO_BODY void gemm_tiles_bf16_body(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
                                         int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
-  tiles<true>(x, ldx, M, wp, K, N, t0, t1, e);
+  tiles<I, true>(x, ldx, M, wp, K, N, t0, t1, e);
 }
-KANGAROO_ISA_DISPATCH(void, gemm_tiles_bf16,
-                      (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
-                       int64_t t1, const Epilogue& e),
-                      (x, ldx, M, wp, K, N, t0, t1, e))
+KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles_bf16,
+                        (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
+                         int64_t t1, const Epilogue& e),
+                        (x, ldx, M, wp, K, N, t0, t1, e))
+
+// The GEMM tiles' build: cpu_isa(), but on an AVX-512 CPU whichever of the AVX-512 build (16-float vectors, 8 rows
+// a pass) and the AVX2 one (8 floats, 2 rows) runs a decode-sized GEMM faster here, measured once (~3 ms): on an
+// AMD EPYC Zen 5 the AVX2 build ran the decoder's GEMMs 1.4-1.7x faster. Both give the same bits (per column the
+// same FMA chain in k order), so the pick never changes a result. KANGAROO_CPU_ISA caps it like cpu_isa;
+// KANGAROO_GEMM_ISA=avx512 or avx2 picks without measuring (on an AVX-512 CPU).
+Isa gemm_isa() {
+  static const Isa isa = [] {
+    const Isa cpu = cpu_isa();
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* force = std::getenv("KANGAROO_GEMM_ISA");  // "avx512" / "avx2": skip the measurement
+    if (cpu == Isa::kAvx512 && force != nullptr && std::string(force) == "avx512") return Isa::kAvx512;
+    if (cpu == Isa::kAvx512 && force != nullptr && std::string(force) == "avx2") return Isa::kAvx2;
+    if (cpu == Isa::kAvx512) {
+      constexpr int64_t K = 256, N = 512, T = N / kNB;
+      std::vector<uint32_t> w(T * K * kNB / 2, 0x3C003C00u);  // bf16 pairs of 0.0078
+      std::vector<float> x(8 * K, 0.5f), y(8 * N);
+      const Epilogue e{nullptr, nullptr, 0, y.data(), N};
+      auto time = [&](auto fn) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int64_t M : {1, 3, 5}) fn(x.data(), K, M, w.data(), K, N, 0, T, e);
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      };
+      double t2 = 1e30, t512 = 1e30;
+      for (int rep = 0; rep < 24; ++rep) {  // alternating, the best of each: a busy machine's hiccups fall out
+        t2 = std::min(t2, time(gemm_tiles_bf16_avx2));
+        t512 = std::min(t512, time(gemm_tiles_bf16_avx512));
+      }
+      return t2 < t512 ? Isa::kAvx2 : Isa::kAvx512;
+    }
+#endif
+    return cpu;
+  }();
+  return isa;
+}
 
 KANGAROO_BODY void gemv_rows_body(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
                                   const float* b, float* y) {
@@ -164,6 +212,14 @@ KANGAROO_ISA_DISPATCH(void, silu_mul, (const float* gate, const float* up, int64
 
 }  // namespace
 
+std::string gemm_isa_name() {
+  switch (gemm_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
 bool is_packed(const at::Tensor& wp, int64_t N, int64_t K) {
   const bool f32 = wp.scalar_type() == at::kFloat && wp.dim() == 3 && wp.size(2) == kNB;
   const bool bf16 = wp.scalar_type() == at::kInt && wp.dim() == 3 && wp.size(2) == kNB / 2;
@@ -179,7 +235,7 @@ void gemm_packed(const float* x, int64_t ldx, int64_t M, const at::Tensor& wp, i
   const bool bf16 = wp.scalar_type() == at::kInt;
   const void* w = wp.data_ptr();
   // about 64K multiply-adds per tile range before a second thread pays for its fork
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kNB * K * std::min<int64_t>(M, kMB)));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kNB * K * std::min<int64_t>(M, 8)));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     if (bf16) {
       gemm_tiles_bf16(x, ldx, M, w, K, N, t0, t1, e);

@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 namespace kangaroo {
 
@@ -21,6 +22,9 @@ namespace kangaroo {
 //               fp32): word j of row k holds column j's bf16 bits low and column j + 16's high, so a shift and a
 //               mask give the two fp32 vectors exactly: half the bytes, the same products, the same bits.
 constexpr int64_t kPackCols = 32;
+
+// The build of the GEMM tiles this machine runs: "avx512", "avx2" or "baseline" (small_gemm.cpp gemm_isa).
+std::string gemm_isa_name();
 
 // Whether wp is a packed [N, K] weight in either layout (contiguous, CPU).
 bool is_packed(const at::Tensor& wp, int64_t N, int64_t K);

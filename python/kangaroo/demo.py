@@ -340,8 +340,15 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    try:  # the builds the library's own CPU loops run here (csrc/cpu/simd.h)
+        from kangaroo_kernels._ext import ops
+
+        isa = f"{ops().cpu_isa()} (GEMM: {ops().gemm_isa()} build)"
+    except (ImportError, RuntimeError, AttributeError):
+        isa = "unknown (the native extension is not built)"
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel_isa": isa,
+            "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
 
 
 def ship(built: dict, dest: Path, command: str) -> dict:
