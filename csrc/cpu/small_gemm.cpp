@@ -151,8 +151,8 @@ KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles_bf16,
                         (x, ldx, M, wp, K, N, t0, t1, e))
 
 // The GEMM tiles' build: cpu_isa(), but on an AVX-512 CPU whichever of the AVX-512 build (16-float vectors, 8 rows
-// a pass) and the AVX2 one (8 floats, 2 rows) runs a decode-sized GEMM faster here, measured once (~3 ms): on an
-// AMD EPYC Zen 5 the AVX2 build ran the decoder's GEMMs 1.4-1.7x faster. Both give the same bits (per column the
+// a pass) and the AVX2 one (8 floats, 2 rows) runs decode-sized GEMMs on weights past L2 faster here, measured once
+// (~15 ms): on an AMD EPYC Zen 5 the AVX2 build ran them 1.4-1.7x faster from L2, about as fast from L3. Both give the same bits (per column the
 // same FMA chain in k order), so the pick never changes a result. KANGAROO_CPU_ISA caps it like cpu_isa;
 // KANGAROO_GEMM_ISA=avx512 or avx2 picks without measuring (on an AVX-512 CPU).
 Isa gemm_isa() {
@@ -162,18 +162,19 @@ Isa gemm_isa() {
     const char* force = std::getenv("KANGAROO_GEMM_ISA");  // "avx512" / "avx2": skip the measurement
     if (cpu == Isa::kAvx512 && force != nullptr && std::string(force) == "avx512") return Isa::kAvx512;
     if (cpu == Isa::kAvx512 && force != nullptr && std::string(force) == "avx2") return Isa::kAvx2;
-    if (cpu == Isa::kAvx512) {
-      constexpr int64_t K = 256, N = 512, T = N / kNB;
-      std::vector<uint32_t> w(T * K * kNB / 2, 0x3C003C00u);  // bf16 pairs of 0.0078
+    if (cpu == Isa::kAvx512) {  // a decode-like load: 1, 3 and 5 rows by 12 weights streaming from past L2
+      constexpr int64_t K = 256, N = 1024, T = N / kNB, L = 12, tile = K * kNB / 2;
+      std::vector<uint32_t> w(L * T * tile, 0x3C003C00u);  // bf16 pairs of 0.0078
       std::vector<float> x(8 * K, 0.5f), y(8 * N);
       const Epilogue e{nullptr, nullptr, 0, y.data(), N};
       auto time = [&](auto fn) {
         const auto t0 = std::chrono::steady_clock::now();
-        for (int64_t M : {1, 3, 5}) fn(x.data(), K, M, w.data(), K, N, 0, T, e);
+        for (int64_t M : {1, 3, 5})
+          for (int64_t l = 0; l < L; ++l) fn(x.data(), K, M, w.data() + l * T * tile, K, N, 0, T, e);
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       };
       double t2 = 1e30, t512 = 1e30;
-      for (int rep = 0; rep < 24; ++rep) {  // alternating, the best of each: a busy machine's hiccups fall out
+      for (int rep = 0; rep < 6; ++rep) {  // alternating, the best of each: a busy machine's hiccups fall out
         t2 = std::min(t2, time(gemm_tiles_bf16_avx2));
         t512 = std::min(t512, time(gemm_tiles_bf16_avx512));
       }
