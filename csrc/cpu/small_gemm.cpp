@@ -130,25 +130,17 @@ __attribute__((always_inline)) inline void tiles(const float* x, int64_t ldx, in
 
 Isa gemm_isa();
 
+// Tiles [t0, t1) of a packed weight in either layout (bf16: the pairs layout).
 template <Isa I>
-KANGAROO_BODY void gemm_tiles_f32_body(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
-                                       int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+KANGAROO_BODY void gemm_tiles_body(const float* x, int64_t ldx, int64_t M, const void* wp, bool bf16, int64_t K,
+                                   int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
+  if (bf16) return tiles<I, true>(x, ldx, M, wp, K, N, t0, t1, e);
   tiles<I, false>(x, ldx, M, wp, K, N, t0, t1, e);
 }
-KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles_f32,
-                        (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
-                         int64_t t1, const Epilogue& e),
-                        (x, ldx, M, wp, K, N, t0, t1, e))
-
-template <Isa I>
-KANGAROO_BODY void gemm_tiles_bf16_body(const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K,
-                                        int64_t N, int64_t t0, int64_t t1, const Epilogue& e) {
-  tiles<I, true>(x, ldx, M, wp, K, N, t0, t1, e);
-}
-KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles_bf16,
-                        (const float* x, int64_t ldx, int64_t M, const void* wp, int64_t K, int64_t N, int64_t t0,
-                         int64_t t1, const Epilogue& e),
-                        (x, ldx, M, wp, K, N, t0, t1, e))
+KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles,
+                        (const float* x, int64_t ldx, int64_t M, const void* wp, bool bf16, int64_t K, int64_t N,
+                         int64_t t0, int64_t t1, const Epilogue& e),
+                        (x, ldx, M, wp, bf16, K, N, t0, t1, e))
 
 // The GEMM tiles' build: cpu_isa(), but on an AVX-512 CPU whichever of the AVX-512 build (16-float vectors, 8 rows
 // a pass) and the AVX2 one (8 floats, 2 rows) runs decode-sized GEMMs on weights past L2 faster here, measured once
@@ -170,13 +162,13 @@ Isa gemm_isa() {
       auto time = [&](auto fn) {
         const auto t0 = std::chrono::steady_clock::now();
         for (int64_t M : {1, 3, 5})
-          for (int64_t l = 0; l < L; ++l) fn(x.data(), K, M, w.data() + l * T * tile, K, N, 0, T, e);
+          for (int64_t l = 0; l < L; ++l) fn(x.data(), K, M, w.data() + l * T * tile, true, K, N, 0, T, e);
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       };
       double t2 = 1e30, t512 = 1e30;
       for (int rep = 0; rep < 6; ++rep) {  // alternating, the best of each: a busy machine's hiccups fall out
-        t2 = std::min(t2, time(gemm_tiles_bf16_avx2));
-        t512 = std::min(t512, time(gemm_tiles_bf16_avx512));
+        t2 = std::min(t2, time(gemm_tiles_avx2));
+        t512 = std::min(t512, time(gemm_tiles_avx512));
       }
       return t2 < t512 ? Isa::kAvx2 : Isa::kAvx512;
     }
@@ -237,13 +229,8 @@ void gemm_packed(const float* x, int64_t ldx, int64_t M, const at::Tensor& wp, i
   const void* w = wp.data_ptr();
   // about 64K multiply-adds per tile range before a second thread pays for its fork
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kNB * K * std::min<int64_t>(M, 8)));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    if (bf16) {
-      gemm_tiles_bf16(x, ldx, M, w, K, N, t0, t1, e);
-    } else {
-      gemm_tiles_f32(x, ldx, M, w, K, N, t0, t1, e);
-    }
-  });
+  at::parallel_for(0, tiles, grain,
+                   [&](int64_t t0, int64_t t1) { gemm_tiles(x, ldx, M, w, bf16, K, N, t0, t1, e); });
 }
 
 void gemv_nk_f32(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y) {
