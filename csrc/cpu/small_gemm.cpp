@@ -144,9 +144,9 @@ KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles,
 
 // The GEMM tiles' build: cpu_isa(), but on an AVX-512 CPU whichever of the AVX-512 build (16-float vectors, 8 rows
 // a pass) and the AVX2 one (8 floats, 2 rows) runs decode-sized GEMMs on weights past L2 faster here, measured once
-// (~15 ms): on an AMD EPYC Zen 5 the AVX2 build ran them 1.4-1.7x faster from L2, about as fast from L3. Both give the same bits (per column the
-// same FMA chain in k order), so the pick never changes a result. KANGAROO_CPU_ISA caps it like cpu_isa;
-// KANGAROO_GEMM_ISA=avx512 or avx2 picks without measuring (on an AVX-512 CPU).
+// (~15 ms): on an AMD EPYC Zen 5 the AVX2 build ran the decoder's layers 1.1-1.6x faster (1 to 5 rows). Both give
+// the same bits (per column the same FMA chain in k order), so the pick never changes a result. KANGAROO_CPU_ISA
+// caps it like cpu_isa; KANGAROO_GEMM_ISA=avx512 or avx2 picks without measuring (on an AVX-512 CPU).
 Isa gemm_isa() {
   static const Isa isa = [] {
     const Isa cpu = cpu_isa();
