@@ -11,25 +11,13 @@
 #include "cpu/simd.h"
 #include "cpu/small_gemm.h"
 
-namespace {
-
-// The ISA the hand-written CPU loops run (simd.h cpu_isa): "avx512", "avx2" or "baseline".
-std::string cpu_isa_name() {
-  switch (kangaroo::cpu_isa()) {
-    case kangaroo::Isa::kAvx512: return "avx512";
-    case kangaroo::Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
-}
-
-}  // namespace
 
 TORCH_LIBRARY(kangaroo_kernels, m) {
   // What the CPU kernels' dispatched loops run on this machine (KANGAROO_CPU_ISA=avx2 / baseline caps it).
-  m.def("cpu_isa() -> str", &cpu_isa_name);
+  m.def("cpu_isa() -> str", [] { return std::string(kangaroo::isa_name(kangaroo::cpu_isa())); });
   // The build of the packed GEMM (llama_layer, the CPU LM head) that runs here: cpu_isa, or on an AVX-512 CPU the
   // faster of its AVX-512 and AVX2 builds, measured once (the same bits either way).
-  m.def("gemm_isa() -> str", &kangaroo::gemm_isa_name);
+  m.def("gemm_isa() -> str", [] { return std::string(kangaroo::isa_name(kangaroo::gemm_isa())); });
   // Tree topology. parents[B,N] int32 (-1: child of the root), num_nodes[B] int32 or None.
   // Writes depth[B,N] i32, mask[B,N,W] i32 (W = ceil(N/32) ancestor-or-self bit words),
   // first_child[B,N] i32, next_sibling[B,N] i32; root's children are reported via

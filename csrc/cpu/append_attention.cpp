@@ -81,11 +81,13 @@ inline int64_t read_index(const void* p, bool is64, int64_t i) {
 
 // p[j] = exp(s[j] - m) for j < n, m >= every s[j] (so every argument is <= 0): vectorized, the softmax's only
 // transcendental (std::exp, scalar, was a third of a 7-row verify layer's attention at a 200-token prefix).
+template <Isa>
 KANGAROO_BODY void exp_shifted_body(const float* s, int64_t n, float m, float* p) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(s[j] - m);
 }
-KANGAROO_ISA_DISPATCH(void, exp_shifted, (const float* s, int64_t n, float m, float* p), (s, n, m, p))
+KANGAROO_ISA_DISPATCH(cpu_isa, void, exp_shifted, (const float* s, int64_t n, float m, float* p),
+                      (s, n, m, p))
 
 // s[j] = scale * dot(q, k[j * ldk, +Dh)) for j < n; returns the max. Four keys per pass (independent FMA chains),
 // every dot the same fixed-order arithmetic (dot16), so a key's score does not depend on its neighbours.
@@ -137,7 +139,7 @@ KANGAROO_BODY float scores_f32_body(const float* q, const float* k, int64_t ldk,
   }
   return m;
 }
-KANGAROO_ISA_DISPATCH_T(cpu_isa, float, scores_f32,
+KANGAROO_ISA_DISPATCH(cpu_isa, float, scores_f32,
                         (const float* q, const float* k, int64_t ldk, int64_t n, int64_t Dh, float scale, float* s),
                         (q, k, ldk, n, Dh, scale, s))
 
@@ -188,7 +190,7 @@ KANGAROO_BODY void pv_f32_body(const float* p, const float* v, int64_t ldv, int6
     for (int64_t d = d0; d < Dh; ++d) acc[d] += pj * vj[d];
   }
 }
-KANGAROO_ISA_DISPATCH_T(cpu_isa, void, pv_f32,
+KANGAROO_ISA_DISPATCH(cpu_isa, void, pv_f32,
                         (const float* p, const float* v, int64_t ldv, int64_t n, int64_t Dh, float* acc),
                         (p, v, ldv, n, Dh, acc))
 

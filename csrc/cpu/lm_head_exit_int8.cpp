@@ -18,11 +18,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <string>
 #include <vector>
 
 #include "cpu/checks.h"
@@ -41,6 +39,7 @@ namespace {
 constexpr int64_t kTile = 4096, kStat = 512;
 
 // y[j] = sum_d x[d] * q[d * V + v0 + j] for j < n (q column-major [V, D], i.e. [D, V] in memory).
+template <Isa>
 KANGAROO_BODY void gemv_block_int8_body(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
                                         int64_t n, float* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = 0.f;
@@ -61,12 +60,13 @@ KANGAROO_BODY void gemv_block_int8_body(const float* x, const int8_t* q, int64_t
     for (int64_t j = 0; j < n; ++j) y[j] += xd * static_cast<float>(r[j]);
   }
 }
-KANGAROO_ISA_DISPATCH(void, gemv_block_int8,
+KANGAROO_ISA_DISPATCH(cpu_isa, void, gemv_block_int8,
                       (const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0, int64_t n, float* y),
                       (x, q, D, V, v0, n, y))
 
 // gemv_block_int8 for four rows at once (x: 4 rows D apart; y: 4 rows ldy apart), so a batch streams the weight
 // once per four rows instead of once per row; n <= 1024 keeps the four accumulator rows (16 KB) in L1.
+template <Isa>
 KANGAROO_BODY void gemv_block_int8_x4_body(const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0,
                                            int64_t n, float* y, int64_t ldy) {
   float* y0 = y;
@@ -86,7 +86,7 @@ KANGAROO_BODY void gemv_block_int8_x4_body(const float* x, const int8_t* q, int6
     }
   }
 }
-KANGAROO_ISA_DISPATCH(void, gemv_block_int8_x4,
+KANGAROO_ISA_DISPATCH(cpu_isa, void, gemv_block_int8_x4,
                       (const float* x, const int8_t* q, int64_t D, int64_t V, int64_t v0, int64_t n, float* y,
                        int64_t ldy),
                       (x, q, D, V, v0, n, y, ldy))
@@ -190,6 +190,7 @@ struct BlockStat {
 
 // Scales the block's raw dot products y[0, n) by sc into logits (in place) and returns their statistics. The two
 // passes are `omp simd` reductions (compiled with -fopenmp-simd): vectorized without -ffast-math.
+template <Isa>
 KANGAROO_BODY BlockStat block_stats_body(float* y, const float* sc, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int nans = 0;
@@ -214,7 +215,8 @@ KANGAROO_BODY BlockStat block_stats_body(float* y, const float* sc, int64_t n) {
   st.sum = sum;
   return st;
 }
-KANGAROO_ISA_DISPATCH(BlockStat, block_stats, (float* y, const float* sc, int64_t n), (y, sc, n))
+KANGAROO_ISA_DISPATCH(cpu_isa, BlockStat, block_stats, (float* y, const float* sc, int64_t n),
+                      (y, sc, n))
 
 // x rounded to the dtype of `hidden` (rms_norm_ref rounds its intermediate and its product to hidden's dtype).
 template <typename T>

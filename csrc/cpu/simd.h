@@ -1,9 +1,9 @@
 // Runtime ISA dispatch for the hand-written CPU loops.
 //
-// KANGAROO_ISA_DISPATCH(ret, name, (params), (args)) defines `ret name params`, which runs name##_body (an
-// always_inline function written once) compiled for AVX-512, AVX2 + FMA or baseline x86-64, whichever cpu_isa()
-// picks on the machine it runs on: no CPU feature is assumed at build or run time. KANGAROO_ISA_DISPATCH_T passes
-// the ISA to a templated body, which then uses that ISA's vector width (VecOf / kVecWidth) and register blocking:
+// KANGAROO_ISA_DISPATCH(pick, ret, name, (params), (args)) defines `ret name params`, which runs name##_body<I> (an
+// always_inline function template written once) compiled for AVX-512, AVX2 + FMA or baseline x86-64, whichever
+// pick() (usually cpu_isa) returns on the machine it runs on: no CPU feature is assumed at build or run time. A body
+// may use its ISA's vector width (VecOf / kVecWidth) and register blocking:
 // with one 64-byte vector type for every ISA (as in the target_clones builds this replaces), GCC 12 keeps the AVX2
 // and baseline builds' accumulators on the stack (measured through the cap below on an AVX-512 machine: the AVX2
 // build's GEMM 12x and plain decoding 9.5x slower than the AVX-512 build's; with its own width, 1.0-1.2x).
@@ -20,6 +20,10 @@
 namespace kangaroo {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
+}
 
 // What the CPU runs (AVX-512 F/BW/DQ/VL, or AVX2 + FMA, else baseline), read once. KANGAROO_CPU_ISA=avx2 or
 // baseline caps it: the tests run the fallbacks on any machine.
@@ -50,20 +54,9 @@ inline Isa cpu_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define KANGAROO_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 #define KANGAROO_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define KANGAROO_ISA_DISPATCH(ret, name, params, args)                            \
-  KANGAROO_TARGET_AVX512 ret name##_avx512 params { return name##_body args; } \
-  KANGAROO_TARGET_AVX2 ret name##_avx2 params { return name##_body args; }     \
-  ret name##_baseline params { return name##_body args; }                      \
-  ret name params {                                                            \
-    switch (::kangaroo::cpu_isa()) {                                           \
-      case ::kangaroo::Isa::kAvx512: return name##_avx512 args;                \
-      case ::kangaroo::Isa::kAvx2: return name##_avx2 args;                    \
-      default: return name##_baseline args;                                    \
-    }                                                                          \
-  }
-// The same for a body templated on the Isa it is built for (its vector width, its register blocking), the build
-// chosen by pick() (cpu_isa, or a measurement of the builds the CPU can run).
-#define KANGAROO_ISA_DISPATCH_T(pick, ret, name, params, args)                                              \
+// `ret name params` runs name##_body<I> (a body templated on the Isa it is built for: its vector width, its
+// register blocking) built for the ISA that pick() returns (cpu_isa, or a measurement of the builds the CPU runs).
+#define KANGAROO_ISA_DISPATCH(pick, ret, name, params, args)                                              \
   KANGAROO_TARGET_AVX512 ret name##_avx512 params { return name##_body<::kangaroo::Isa::kAvx512> args; } \
   KANGAROO_TARGET_AVX2 ret name##_avx2 params { return name##_body<::kangaroo::Isa::kAvx2> args; }       \
   ret name##_baseline params { return name##_body<::kangaroo::Isa::kBaseline> args; }                    \
@@ -75,9 +68,7 @@ inline Isa cpu_isa() {
     }                                                                                                     \
   }
 #else
-#define KANGAROO_ISA_DISPATCH(ret, name, params, args) \
-  ret name params { return name##_body args; }
-#define KANGAROO_ISA_DISPATCH_T(pick, ret, name, params, args) \
+#define KANGAROO_ISA_DISPATCH(pick, ret, name, params, args) \
   ret name params { return name##_body<::kangaroo::Isa::kBaseline> args; }
 #endif
 
@@ -90,19 +81,11 @@ namespace kangaroo {
 // baseline; the same per-lane arithmetic in all three.
 typedef float v16f __attribute__((vector_size(64)));
 
-__attribute__((always_inline)) inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// By value: taking the address of an accumulator would keep a whole accumulator array out of registers.
-__attribute__((always_inline)) inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
-
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
-// load16 / store16 / a bit cast for any GCC vector type V, by value (never the address of a register value).
+// Loads, stores and bit casts of GCC vector types V, by value: taking the address of an accumulator would keep a
+// whole accumulator array out of registers.
 template <typename V>
 __attribute__((always_inline)) inline V load_vec(const void* p) {
   V v;

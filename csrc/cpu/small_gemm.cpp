@@ -4,7 +4,7 @@
 // gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors on AVX-512) and
 // multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512; 2 rows on AVX2, 1 baseline), so
 // the weight is read once per row group, front to back. The vectors are GCC vector types of the ISA's width, built
-// for AVX-512, AVX2+FMA and baseline x86-64 (KANGAROO_ISA_DISPATCH_T) from the same source; each lane accumulates
+// for AVX-512, AVX2+FMA and baseline x86-64 (KANGAROO_ISA_DISPATCH) from the same source; each lane accumulates
 // its own column in k order, so the chain behind an output is fixed by K alone, never by M, the row group, the
 // vector width (AVX-512 and AVX2 give the same bits) or the thread split (threads split on tile boundaries).
 // Packed (tile-major) instead of the column-major [K, N] storage: there each k reads 128 bytes N * 4 apart, which
@@ -90,7 +90,7 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int
   }
   for (int m = 0; m < MB; ++m) {
     float out[kNB];
-    for (int v = 0; v < NV; ++v) store_vec(out + v * W, acc[m][v]);  // by value: see store16
+    for (int v = 0; v < NV; ++v) store_vec(out + v * W, acc[m][v]);
     float* yr = e.y + (m0 + m) * e.ldy + n0;
     const float* rr = e.residual ? e.residual + (m0 + m) * e.ldr + n0 : nullptr;
     for (int64_t j = 0; j < nc; ++j) {
@@ -128,8 +128,6 @@ __attribute__((always_inline)) inline void tiles(const float* x, int64_t ldx, in
   }
 }
 
-Isa gemm_isa();
-
 // Tiles [t0, t1) of a packed weight in either layout (bf16: the pairs layout).
 template <Isa I>
 KANGAROO_BODY void gemm_tiles_body(const float* x, int64_t ldx, int64_t M, const void* wp, bool bf16, int64_t K,
@@ -137,10 +135,41 @@ KANGAROO_BODY void gemm_tiles_body(const float* x, int64_t ldx, int64_t M, const
   if (bf16) return tiles<I, true>(x, ldx, M, wp, K, N, t0, t1, e);
   tiles<I, false>(x, ldx, M, wp, K, N, t0, t1, e);
 }
-KANGAROO_ISA_DISPATCH_T(gemm_isa, void, gemm_tiles,
+KANGAROO_ISA_DISPATCH(gemm_isa, void, gemm_tiles,
                         (const float* x, int64_t ldx, int64_t M, const void* wp, bool bf16, int64_t K, int64_t N,
                          int64_t t0, int64_t t1, const Epilogue& e),
                         (x, ldx, M, wp, bf16, K, N, t0, t1, e))
+
+
+template <Isa>
+KANGAROO_BODY void gemv_rows_body(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
+                                  const float* b, float* y) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* r = w + n * ldw;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
+    y[n] = b ? s + b[n] : s;
+  }
+}
+KANGAROO_ISA_DISPATCH(cpu_isa, void, gemv_rows,
+                      (const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y),
+                      (w, ldw, x, N, K, b, y))
+
+template <Isa>
+KANGAROO_BODY void silu_mul_body(const float* gate, const float* up, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float e = exp_nonpositive(-std::fabs(g));  // sigmoid from exp(-|g|): no overflow either side
+    const float sig = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+    out[i] = g * sig * up[i];
+  }
+}
+KANGAROO_ISA_DISPATCH(cpu_isa, void, silu_mul, (const float* gate, const float* up, int64_t n, float* out),
+                      (gate, up, n, out))
+
+}  // namespace
 
 // The GEMM tiles' build: cpu_isa(), but on an AVX-512 CPU whichever of the AVX-512 build (16-float vectors, 8 rows
 // a pass) and the AVX2 one (8 floats, 2 rows) runs decode-sized GEMMs on weights past L2 faster here, measured once
@@ -176,41 +205,6 @@ Isa gemm_isa() {
     return cpu;
   }();
   return isa;
-}
-
-KANGAROO_BODY void gemv_rows_body(const float* w, int64_t ldw, const float* x, int64_t N, int64_t K,
-                                  const float* b, float* y) {
-  for (int64_t n = 0; n < N; ++n) {
-    const float* r = w + n * ldw;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < K; ++k) s += r[k] * x[k];
-    y[n] = b ? s + b[n] : s;
-  }
-}
-KANGAROO_ISA_DISPATCH(void, gemv_rows,
-                      (const float* w, int64_t ldw, const float* x, int64_t N, int64_t K, const float* b, float* y),
-                      (w, ldw, x, N, K, b, y))
-
-KANGAROO_BODY void silu_mul_body(const float* gate, const float* up, int64_t n, float* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    const float e = exp_nonpositive(-std::fabs(g));  // sigmoid from exp(-|g|): no overflow either side
-    const float sig = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-    out[i] = g * sig * up[i];
-  }
-}
-KANGAROO_ISA_DISPATCH(void, silu_mul, (const float* gate, const float* up, int64_t n, float* out), (gate, up, n, out))
-
-}  // namespace
-
-std::string gemm_isa_name() {
-  switch (gemm_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
 }
 
 bool is_packed(const at::Tensor& wp, int64_t N, int64_t K) {

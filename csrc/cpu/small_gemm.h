@@ -11,7 +11,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
-#include <string>
+
+#include "cpu/simd.h"
 
 namespace kangaroo {
 
@@ -23,8 +24,8 @@ namespace kangaroo {
 //               mask give the two fp32 vectors exactly: half the bytes, the same products, the same bits.
 constexpr int64_t kPackCols = 32;
 
-// The build of the GEMM tiles this machine runs: "avx512", "avx2" or "baseline" (small_gemm.cpp gemm_isa).
-std::string gemm_isa_name();
+// The build of the GEMM tiles this machine runs (small_gemm.cpp: cpu_isa, or on AVX-512 the faster build, measured).
+Isa gemm_isa();
 
 // Whether wp is a packed [N, K] weight in either layout (contiguous, CPU).
 bool is_packed(const at::Tensor& wp, int64_t N, int64_t K);
