@@ -2,7 +2,7 @@
 // and the pack_gemm_weight / unpack_gemm_weight ops that define the packed layout.
 //
 // gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors on AVX-512) and
-// multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512; 2 rows on AVX2, 1 baseline), so
+// multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512; 3 rows on AVX2, 1 baseline), so
 // the weight is read once per row group, front to back. The vectors are GCC vector types of the ISA's width, built
 // for AVX-512, AVX2+FMA and baseline x86-64 (KANGAROO_ISA_DISPATCH) from the same source; each lane accumulates
 // its own column in k order, so the chain behind an output is fixed by K alone, never by M, the row group, the
@@ -48,9 +48,11 @@ struct Epilogue {
 
 // Rows per weight pass for W-float vectors: the MB x 32 / W accumulators, the tile row's 32 / W weight vectors and
 // a broadcast must fit the ISA's vector registers (32 zmm; 16 ymm; 16 xmm), or every one of them goes through the
-// stack (GCC 12 spilled the AVX2 build of 8-row 64-byte vectors: 12x slower than AVX-512).
+// stack (GCC 12 spilled the AVX2 build of 8-row 64-byte vectors: 12x slower than AVX-512). AVX2 went from 2 rows to
+// 3 when a pass stopped holding all four weight vectors at once (tile): a 3- and 5-row GEMM on the demo's layers,
+// 1.22 / 1.64x a 1-row one before, 0.96 / 1.24x after (AMD EPYC Zen 3, weights streaming from DRAM).
 template <Isa I>
-constexpr int kRows = I == Isa::kAvx512 ? 8 : I == Isa::kAvx2 ? 2 : 1;
+constexpr int kRows = I == Isa::kAvx512 ? 8 : I == Isa::kAvx2 ? 3 : 1;
 
 // Rows [m0, m0 + MB) x the tile's columns [n0, n0 + nc), nc <= 32 (the last tile may be partial), in NV = 32 / W
 // vectors of W floats (VecOf, simd.h), vector v holding columns [v W, v W + W). BF16: the tile holds bf16 pairs
@@ -69,23 +71,33 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int
   const float* wf = static_cast<const float*>(wt);
   const uint32_t* wb = static_cast<const uint32_t*>(wt);
   for (int64_t k = 0; k < K; ++k) {
-    V w[NV];
+    // One weight vector (bf16: one pair of them) at a time, into every row's accumulator: MB x NV accumulators,
+    // two weight vectors and a broadcast are live (3 rows on AVX2: 12 + 2 + 1 of 16 ymm). The row's x[k] is
+    // loaded again for each vector (xk is laundered through an empty asm, so GCC cannot keep MB broadcasts live
+    // across vectors and spill accumulators instead): a broadcast load is as cheap as a register.
+    const float* xk = xr + k;
     if constexpr (BF16) {  // word j: column j's bf16 bits low, column j + 16's high
       __builtin_prefetch(wb + (k + 2 * kAhead) * 16);
       for (int v = 0; v < NV / 2; ++v) {
         const U pair = load_vec<U>(wb + k * 16 + v * W);
-        w[v] = bit_cast_vec<V>(U(pair << 16));
-        w[NV / 2 + v] = bit_cast_vec<V>(U(pair & 0xFFFF0000u));
+        const V lo = bit_cast_vec<V>(U(pair << 16)), hi = bit_cast_vec<V>(U(pair & 0xFFFF0000u));
+        asm("" : "+r"(xk));
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const float a = xk[m * ldx];
+          acc[m][v] += a * lo;
+          acc[m][NV / 2 + v] += a * hi;
+        }
       }
     } else {
       __builtin_prefetch(wf + (k + kAhead) * kNB);
       __builtin_prefetch(wf + (k + kAhead) * kNB + 16);
-      for (int v = 0; v < NV; ++v) w[v] = load_vec<V>(wf + k * kNB + v * W);
-    }
+      for (int v = 0; v < NV; ++v) {
+        const V w = load_vec<V>(wf + k * kNB + v * W);
+        asm("" : "+r"(xk));
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      const float a = xr[m * ldx + k];
-      for (int v = 0; v < NV; ++v) acc[m][v] += a * w[v];
+        for (int m = 0; m < MB; ++m) acc[m][v] += xk[m * ldx] * w;
+      }
     }
   }
   for (int m = 0; m < MB; ++m) {
