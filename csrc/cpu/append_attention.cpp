@@ -81,10 +81,10 @@ inline int64_t read_index(const void* p, bool is64, int64_t i) {
 
 // p[j] = exp(s[j] - m) for j < n, m >= every s[j] (so every argument is <= 0): vectorized, the softmax's only
 // transcendental (std::exp, scalar, was a third of a 7-row verify layer's attention at a 200-token prefix).
-template <Isa>
+template <Isa I>
 KANGAROO_BODY void exp_shifted_body(const float* s, int64_t n, float m, float* p) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(s[j] - m);
+  constexpr int W = kVecWidth<I>;
+  map_vec<W>(s, n, p, [m](typename VecOf<W>::f v) __attribute__((always_inline)) { return exp_nonpositive_vec<W>(v - m); });
 }
 KANGAROO_ISA_DISPATCH(cpu_isa, void, exp_shifted, (const float* s, int64_t n, float m, float* p),
                       (s, n, m, p))

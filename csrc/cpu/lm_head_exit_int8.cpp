@@ -189,8 +189,9 @@ struct BlockStat {
 };
 
 // Scales the block's raw dot products y[0, n) by sc into logits (in place) and returns their statistics. The two
-// passes are `omp simd` reductions (compiled with -fopenmp-simd): vectorized without -ffast-math.
-template <Isa>
+// max pass is an `omp simd` reduction (compiled with -fopenmp-simd: vectorized without -ffast-math), the exp sum
+// runs on the ISA's vectors (exp_nonpositive_vec: GCC 12 leaves the scalar exp's loop scalar on AVX2).
+template <Isa I>
 KANGAROO_BODY BlockStat block_stats_body(float* y, const float* sc, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int nans = 0;
@@ -209,9 +210,20 @@ KANGAROO_BODY BlockStat block_stats_body(float* y, const float* sc, int64_t n) {
   }
   while (st.arg + 1 < n && y[st.arg] != m) ++st.arg;  // the first index of the max
   if (!std::isfinite(m)) return st;  // all -inf (sum 0) or a +inf logit (conf NaN, decided by the caller)
+  constexpr int W = kVecWidth<I>;
+  typedef typename VecOf<W>::f V;
+  V acc = V{};  // the tail's padding is -inf: exp 0
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc += exp_nonpositive_vec<W>(load_vec<V>(y + j) - m);
+  if (j < n) {
+    float buf[W];
+    for (int k = 0; k < W; ++k) buf[k] = j + k < n ? y[j + k] : -std::numeric_limits<float>::infinity();
+    acc += exp_nonpositive_vec<W>(load_vec<V>(buf) - m);
+  }
+  float lanes[W];
+  store_vec(lanes, acc);
   float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += exp_nonpositive(y[j] - m);
+  for (int k = 0; k < W; ++k) sum += lanes[k];
   st.sum = sum;
   return st;
 }

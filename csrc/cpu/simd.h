@@ -115,16 +115,19 @@ template <>
 struct VecOf<16> {
   typedef v16f f;
   typedef uint32_t u __attribute__((vector_size(64)));
+  typedef int32_t i __attribute__((vector_size(64)));
 };
 template <>
 struct VecOf<8> {
   typedef v8f f;
   typedef uint32_t u __attribute__((vector_size(32)));
+  typedef int32_t i __attribute__((vector_size(32)));
 };
 template <>
 struct VecOf<4> {
   typedef v4f f;
   typedef uint32_t u __attribute__((vector_size(16)));
+  typedef int32_t i __attribute__((vector_size(16)));
 };
 
 // The lanes' sum in a fixed pairwise order (lane i + lane i + 8, then + 4, + 2, + 1), with register shuffles: a
@@ -154,6 +157,43 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   float s;
   std::memcpy(&s, &bits, sizeof(s));
   return x < -87.f ? 0.f : p * s;
+}
+
+// exp_nonpositive on each lane of a W-float vector, written with vector operations: GCC 12 vectorizes the scalar
+// function's `omp simd` loops for AVX-512 (masked blends) but not for AVX2 or SSE ("control flow in loop"), which
+// left the attention softmax, SiLU and the draft head's exp sum scalar there. Same operations as the scalar one.
+template <int W>
+__attribute__((always_inline)) inline typename VecOf<W>::f exp_nonpositive_vec(typename VecOf<W>::f x) {
+  typedef typename VecOf<W>::f V;
+  typedef typename VecOf<W>::i I;
+  const V lo = V{} - 87.f;
+  const V t = (x > lo ? x : lo) * 1.44269504089f;
+  const V fi = (t + 12582912.f) - 12582912.f;
+  const V f = t - fi;
+  V p = V{} + 1.54035304e-4f;
+  p = p * f + 1.33335581e-3f;
+  p = p * f + 9.61812911e-3f;
+  p = p * f + 5.55041087e-2f;
+  p = p * f + 2.40226507e-1f;
+  p = p * f + 6.93147181e-1f;
+  p = p * f + 1.f;
+  const I bits = (__builtin_convertvector(fi, I) + 127) << 23;
+  return x < lo ? V{} : p * bit_cast_vec<V>(bits);
+}
+
+// y[j] = fn(x[j]) for j < n on W-float vectors, the tail through a zero-padded vector: every element runs the same
+// vector code, so y[j] does not depend on where j falls (a softmax's keys, a verify block against plain steps).
+template <int W, typename Fn>
+__attribute__((always_inline)) inline void map_vec(const float* x, int64_t n, float* y, Fn fn) {
+  typedef typename VecOf<W>::f V;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store_vec(y + j, fn(load_vec<V>(x + j)));
+  if (j < n) {
+    float buf[W] = {};
+    for (int64_t k = j; k < n; ++k) buf[k - j] = x[k];
+    store_vec(buf, fn(load_vec<V>(buf)));
+    for (int64_t k = j; k < n; ++k) y[k] = buf[k - j];
+  }
 }
 
 }  // namespace kangaroo
