@@ -1,7 +1,8 @@
 """Kangaroo + lookup against Kangaroo alone on the shipped demo model, measured in one run (issue 12's goals, CPU).
 
 On held-out code prompts of the demo (the shipped model, its tuned η / γ and lookup settings from the manifest), in
-one process, methods interleaved prompt by prompt and each prompt's time the median of --reps runs:
+one process, methods interleaved prompt by prompt (in an order rotated per prompt and repetition) and each
+prompt's time the median of --reps runs:
   plain      our plain greedy decoding (the baseline of every ratio)
   kangaroo   Kangaroo alone (sequence)
   hybrid     Kangaroo + lookup (the tuned lookup_max / n-gram range, lookup_policy "auto")
@@ -16,6 +17,7 @@ e2e_lookup_cpu.csv + .png (bench/results, or $KANGAROO_BENCH_RESULTS). A CPU tim
 
 import argparse
 import csv
+import gc
 import os
 import statistics
 import sys
@@ -66,10 +68,15 @@ def main():
         t = {k: [[0.0] * len(prompts) for _ in range(args.reps)] for k in methods}
         hits = {k: 0 for k in methods}
         identical = True
+        gc.collect()
+        gc.freeze()  # the imports' ~400k objects out of the collector: a full pass (0.4 s) inside a timing is noise
+        names = list(methods)
         for r in range(args.reps):
             for i, p in enumerate(prompts):
                 ref = None
-                for k, f in methods.items():
+                # rotated per prompt and repetition: no method always runs first or after the same neighbour
+                for k in names[(i + r) % len(names):] + names[:(i + r) % len(names)]:
+                    f = methods[k]
                     s = time.perf_counter()
                     out = f(p)
                     t[k][r][i] = time.perf_counter() - s

@@ -19,6 +19,7 @@ and writes a PNG and a JSON of the run.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -581,6 +582,8 @@ def run_comparison(built: dict, n_prompts: int, new_tokens: int, threshold: floa
     spec = {m.label: {"tokens": 0, "cycles": 0, "acc": [0.0] * 16, "den": [0.0] * 16} for m in methods
             if m.speculative}
     rows = []
+    gc.collect()
+    gc.freeze()  # the imports' ~400k objects out of the collector: a full pass (0.4 s) inside a timing is noise
     bar = _bar(len(prompts), "generating", disable=None if progress is None else not progress)
     for i, (name, ids) in enumerate(prompts):
         order = methods[i % len(methods):] + methods[:i % len(methods)]
