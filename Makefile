@@ -25,8 +25,17 @@ $(VENV)/.test-deps: $(VENV)/.deps
 venv: $(VENV)/.deps $(VENV)/.test-deps
 
 # Native build (C++ CPU ops; CUDA ops when nvcc + CUDA torch are present). Editable install of both packages.
-build: $(VENV)/.deps
+# A stamp per kind (cpu: KANGAROO_FORCE_CPU=1; full: whatever nvcc allows) redoes it only when a native source,
+# setup.py or the environment changed: `pip install -e .` recompiles everything (~3 minutes on 2 cores) each time.
+NATIVE_SRC := setup.py pyproject.toml $(shell find csrc -type f)
+BUILD_KIND = $(if $(filter 1,$(KANGAROO_FORCE_CPU)),cpu,full)
+$(VENV)/.build-cpu $(VENV)/.build-full: $(VENV)/.deps $(NATIVE_SRC)
+	rm -f $(VENV)/.build-cpu $(VENV)/.build-full
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.deps
+	$(MAKE) --no-print-directory $(VENV)/.build-$(BUILD_KIND)
 	$(PY) -c "import kangaroo_kernels as k; print('kangaroo_kernels build:', k.build_info())"
 
 test: build $(VENV)/.test-deps
@@ -60,4 +69,4 @@ native-check:
 	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release && cmake --build build/native -j $(MAX_JOBS)
 
 clean:
-	rm -rf build *.egg-info kangaroo_kernels/_C*.so kangaroo_kernels/_build_info.py
+	rm -rf build *.egg-info kangaroo_kernels/_C*.so kangaroo_kernels/_build_info.py $(VENV)/.build-cpu $(VENV)/.build-full
