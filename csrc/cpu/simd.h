@@ -139,37 +139,20 @@ __attribute__((always_inline)) inline float hsum16(v16f v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// exp(x) for x <= 0 (a logit minus its row's max) in plain float arithmetic that the compiler vectorizes (std::exp
-// does not without -ffast-math): 2^(x log2 e) split into 2^round (exponent bits) and a polynomial of the rest;
-// relative error ~2e-7, far inside the confidence's tolerance. Below -87 the result is 0 (fp32 underflow).
-__attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.f) * 1.44269504089f;
-  const float fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23): vectorizes, std::floor does not
-  const float f = t - fi;  // in [-0.5, 0.5]: the Taylor series of 2^f = e^(f ln 2) to degree 6 is within 2e-7
-  float p = 1.54035304e-4f;
-  p = p * f + 1.33335581e-3f;
-  p = p * f + 9.61812911e-3f;
-  p = p * f + 5.55041087e-2f;
-  p = p * f + 2.40226507e-1f;
-  p = p * f + 6.93147181e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return x < -87.f ? 0.f : p * s;
-}
-
-// exp_nonpositive on each lane of a W-float vector, written with vector operations: GCC 12 vectorizes the scalar
-// function's `omp simd` loops for AVX-512 (masked blends) but not for AVX2 or SSE ("control flow in loop"), which
-// left the attention softmax, SiLU and the draft head's exp sum scalar there. Same operations as the scalar one.
+// exp(x) for x <= 0 (a logit minus its row's max) on each lane of a W-float vector, in plain float arithmetic
+// (std::exp does not vectorize without -ffast-math): 2^(x log2 e) split into 2^round (exponent bits) and a
+// polynomial of the rest; relative error ~2e-7, far inside the confidence's tolerance. Below -87 the result is 0
+// (fp32 underflow). Written on vectors: GCC 12 vectorized the scalar form's `omp simd` loops for AVX-512 (masked
+// blends) but not for AVX2 or SSE ("control flow in loop"), which left the attention softmax, SiLU and the draft
+// head's exp sum scalar there.
 template <int W>
 __attribute__((always_inline)) inline typename VecOf<W>::f exp_nonpositive_vec(typename VecOf<W>::f x) {
   typedef typename VecOf<W>::f V;
   typedef typename VecOf<W>::i I;
   const V lo = V{} - 87.f;
   const V t = (x > lo ? x : lo) * 1.44269504089f;
-  const V fi = (t + 12582912.f) - 12582912.f;
-  const V f = t - fi;
+  const V fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const V f = t - fi;  // in [-0.5, 0.5]: the Taylor series of 2^f = e^(f ln 2) to degree 6 is within 2e-7
   V p = V{} + 1.54035304e-4f;
   p = p * f + 1.33335581e-3f;
   p = p * f + 9.61812911e-3f;
