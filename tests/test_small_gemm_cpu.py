@@ -25,20 +25,27 @@ def test_gemm_packed_matches_linear(M, K, N):
     torch.testing.assert_close(got, F.linear(x, w), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gemm_packed_rows_do_not_depend_on_the_batch(threads):
+def test_gemm_packed_rows_do_not_depend_on_the_batch(threads, bf16):
+    """Every row count takes its own pass structure (AVX-512: 8 rows a pass; AVX2: one full-tile pass up to 3 rows,
+    half tiles of 6 beyond, in k blocks of 8 KB past K = 64 / 128; baseline: 1 row): the same bits for each row."""
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(19, 300, generator=gen)  # 8 + 8 + 3 rows per weight pass
-    wp = ops().pack_gemm_weight(torch.randn(1000, 300, generator=gen))
+    x = torch.randn(19, 300, generator=gen)
+    w = torch.randn(1000, 300, generator=gen)
+    wp = ops().pack_gemm_weight(w.bfloat16().float() if bf16 else w, bf16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         full = ops().gemm_packed(x, wp, 1000)
         alone = torch.cat([ops().gemm_packed(x[i:i + 1], wp, 1000) for i in range(19)])
-        sub = ops().gemm_packed(x[3:10], wp, 1000)
+        subs = {(a, b): ops().gemm_packed(x[a:b], wp, 1000) for a, b in
+                [(3, 10), (0, 2), (0, 3), (1, 5), (2, 7), (0, 6), (5, 17), (4, 16)]}
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(full, alone) and torch.equal(full[3:10], sub)
+    assert torch.equal(full, alone)
+    for (a, b), y in subs.items():
+        assert torch.equal(full[a:b], y), (a, b)
 
 
 def test_gemm_packed_keeps_leading_dims_and_refuses_bad_input():

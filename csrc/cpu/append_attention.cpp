@@ -84,7 +84,8 @@ inline int64_t read_index(const void* p, bool is64, int64_t i) {
 template <Isa I>
 KANGAROO_BODY void exp_shifted_body(const float* s, int64_t n, float m, float* p) {
   constexpr int W = kVecWidth<I>;
-  map_vec<W>(s, n, p, [m](typename VecOf<W>::f v) __attribute__((always_inline)) { return exp_nonpositive_vec<W>(v - m); });
+  map_vec<W>(s, n, p, [m](typename VecOf<W>::f v)
+                          __attribute__((always_inline)) { return exp_nonpositive_vec<W>(v - m); });
 }
 KANGAROO_ISA_DISPATCH(cpu_isa, void, exp_shifted, (const float* s, int64_t n, float m, float* p),
                       (s, n, m, p))
