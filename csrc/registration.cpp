@@ -91,6 +91,12 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "llama_layer(Tensor x, Tensor ln1, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor ln2, Tensor wgu, Tensor wd, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor cache_lens, Tensor positions, Tensor? tree_mask, "
       "Tensor? active, Tensor rope_cos_sin, float eps, int num_heads, int num_kv_heads) -> Tensor");
+  // llama_layer for layers first_layer .. first_layer + n - 1 in one crossing, their weights 7 per layer (ln1, wqkv,
+  // bqkv or None, wo, ln2, wgu, wd): LlamaModel.forward_layers on CPU. CPU only (csrc/cpu/llama_layer.cpp).
+  m.def(
+      "llama_layers(Tensor x, Tensor?[] layers, Tensor(a!) k_cache, Tensor(b!) v_cache, int first_layer, "
+      "Tensor cache_lens, Tensor positions, Tensor? tree_mask, Tensor? active, Tensor rope_cos_sin, float eps, "
+      "int num_heads, int num_kv_heads) -> Tensor");
   // One step of the CPU decoder's chain draft loop (kangaroo/draft.py with K = 1 and an int8 draft head) in one
   // crossing (csrc/cpu/draft_step.cpp): layers 0..l-1 on cur at pos for the rows in proc (their layer-l states into
   // hidden), then, with draft and a drafting row, the adapter step and the int8 head: draft_token, n_chain, cur,

@@ -166,3 +166,43 @@ def test_bf16_pairs_layout_gives_the_same_bits():
     assert outs[1][0].data_ptr() != outs[0][0].data_ptr()
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["rowmajor", "packed"])
+def test_llama_layers_is_the_layers_one_by_one(layout):
+    """llama_layers (LlamaModel.forward_layers on CPU: one crossing for layers first..first+n-1) gives llama_layer's
+    bits layer by layer, output and cache, with a tree mask, inactive rows and a bias; only its layers' cache
+    slices change. Bad weight lists raise ValueError."""
+    B, T, Hq, Hk, Dh, D, inter, S = 2, 4, 4, 2, 32, 96, 80, 24
+    rnd = None
+    lays = []
+    for i in range(3):
+        p, rnd = _random_layer(D, Hq, Hk, Dh, inter, i == 1, seed=100 + i)
+        lays.append(_lay_out(p, layout))
+    kc, vc = rnd(5, B, Hk, S, Dh), rnd(5, B, Hk, S, Dh)
+    kc2, vc2, kc0 = kc.clone(), vc.clone(), kc.clone()
+    cl = torch.tensor([3, 11], dtype=torch.int32)
+    bits = [1] + [1 | (1 << j) for j in range(1, T)]
+    tree_mask = torch.tensor(bits, dtype=torch.int32)[None, :, None].expand(B, T, 1).contiguous()
+    positions = cl.long()[:, None] + torch.tensor([0] + [1] * (T - 1))
+    act = torch.tensor([True, False])
+    rope = make_rope_cos_sin(S + T, Dh)
+    x = rnd(B, T, D)
+    names = ("ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd")
+    flat = [q.get(k) for q in lays for k in names]
+    got = ops().llama_layers(x, flat, kc, vc, 1, cl, positions, tree_mask, act, rope, 1e-6, Hq, Hk)
+    want = x
+    for i, q in enumerate(lays):
+        want = ops().llama_layer(want, *[q.get(k) for k in names], kc2, vc2, 1 + i, cl, positions, tree_mask, act,
+                                 rope, 1e-6, Hq, Hk)
+    assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    for other in (0, 4):
+        assert torch.equal(kc[other], kc0[other])
+    assert not torch.equal(kc[1][0], kc0[1][0])  # the active row's K was appended
+    with pytest.raises(ValueError, match="7 tensors per layer"):
+        ops().llama_layers(x, flat[:-1], kc, vc, 1, cl, positions, tree_mask, act, rope, 1e-6, Hq, Hk)
+    with pytest.raises(ValueError, match="out of range"):
+        ops().llama_layers(x, flat, kc, vc, 3, cl, positions, tree_mask, act, rope, 1e-6, Hq, Hk)
+    with pytest.raises(ValueError, match="weight 1 is missing"):
+        ops().llama_layers(x, flat[:1] + [None] + flat[2:], kc, vc, 1, cl, positions, tree_mask, act, rope, 1e-6,
+                           Hq, Hk)

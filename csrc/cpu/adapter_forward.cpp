@@ -132,4 +132,6 @@ void adapter_forward_cpu(const at::Tensor& h, const at::Tensor& norm_in, const a
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("adapter_forward", &kangaroo::adapter_forward_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("adapter_forward", &kangaroo::below_autograd<&kangaroo::adapter_forward_cpu>::call);
+}

@@ -480,4 +480,6 @@ void append_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("append_attention", &kangaroo::append_attention_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("append_attention", &kangaroo::below_autograd<&kangaroo::append_attention_cpu>::call);
+}

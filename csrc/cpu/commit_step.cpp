@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "cpu/checks.h"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -168,6 +169,8 @@ void commit_step_cpu(const at::Tensor& tokens, const at::Tensor& accept_len, con
   }
 }
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("commit_step", &kangaroo::commit_step_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("commit_step", &kangaroo::below_autograd<&kangaroo::commit_step_cpu>::call);
+}
 
 }  // namespace kangaroo

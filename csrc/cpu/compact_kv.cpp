@@ -9,6 +9,7 @@
 
 #include "cpu/checks.h"
 #include "kangaroo/compact_kv.cuh"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -76,4 +77,6 @@ void compact_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& cache_
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("compact_kv", &kangaroo::compact_kv_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("compact_kv", &kangaroo::below_autograd<&kangaroo::compact_kv_cpu>::call);
+}

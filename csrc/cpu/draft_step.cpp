@@ -101,6 +101,8 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
   return true;
 }
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("draft_step", &kangaroo::draft_step_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("draft_step", &kangaroo::below_autograd<&kangaroo::draft_step_cpu>::call);
+}
 
 }  // namespace kangaroo

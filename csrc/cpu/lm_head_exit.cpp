@@ -122,6 +122,6 @@ void lm_head_topk_cpu(const at::Tensor& hidden, const at::Tensor& lm_head_weight
 }  // namespace kangaroo
 
 TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
-  m.impl("lm_head_exit_greedy_cpu", &kangaroo::lm_head_exit_greedy_cpu);
-  m.impl("lm_head_topk_cpu", &kangaroo::lm_head_topk_cpu);
+  m.impl("lm_head_exit_greedy_cpu", &kangaroo::below_autograd<&kangaroo::lm_head_exit_greedy_cpu>::call);
+  m.impl("lm_head_topk_cpu", &kangaroo::below_autograd<&kangaroo::lm_head_topk_cpu>::call);
 }

@@ -28,6 +28,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include "cpu/ops_cpu.h"
 #endif
 
 namespace kangaroo {
@@ -367,5 +368,5 @@ void lm_head_exit_int8_cpu(const at::Tensor& hidden, const at::Tensor& qweight, 
 }  // namespace kangaroo
 
 TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
-  m.impl("lm_head_exit_int8", &kangaroo::lm_head_exit_int8_cpu);
+  m.impl("lm_head_exit_int8", &kangaroo::below_autograd<&kangaroo::lm_head_exit_int8_cpu>::call);
 }

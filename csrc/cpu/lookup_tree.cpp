@@ -9,6 +9,7 @@
 
 #include "cpu/checks.h"
 #include "kangaroo/lookup_tree.cuh"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -65,4 +66,6 @@ void merge_lookup_tree_cpu(const at::Tensor& draft, const at::Tensor& look, cons
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("merge_lookup_tree", &kangaroo::merge_lookup_tree_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("merge_lookup_tree", &kangaroo::below_autograd<&kangaroo::merge_lookup_tree_cpu>::call);
+}

@@ -8,6 +8,7 @@
 
 #include "cpu/checks.h"
 #include "kangaroo/ngram_lookup.cuh"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -67,4 +68,6 @@ void ngram_lookup_cpu(const at::Tensor& history, const at::Tensor& lens, int64_t
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("ngram_lookup", &kangaroo::ngram_lookup_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("ngram_lookup", &kangaroo::below_autograd<&kangaroo::ngram_lookup_cpu>::call);
+}

@@ -3,10 +3,11 @@
 //
 // gemm_packed works on 32-column tiles: for each k it loads the tile's 32 weights once (two vectors on AVX-512) and
 // multiplies them into up to 8 rows' accumulators (16 vector registers on AVX-512; 3 rows on AVX2, 1 baseline), so
-// the weight is read once per row group, front to back; AVX2 runs more than 3 rows as half tiles of up to 6 rows. The vectors are GCC vector types of the ISA's width, built
-// for AVX-512, AVX2+FMA and baseline x86-64 (KANGAROO_ISA_DISPATCH) from the same source; each lane accumulates
-// its own column in k order, so the chain behind an output is fixed by K alone, never by M, the row group, the
-// vector width (AVX-512 and AVX2 give the same bits) or the thread split (threads split on tile boundaries).
+// the weight is read once per row group, front to back (AVX2 runs more than 3 rows as half tiles of up to 6
+// rows). The vectors are GCC vector types of the ISA's width, built for AVX-512, AVX2+FMA and baseline x86-64
+// (KANGAROO_ISA_DISPATCH) from the same source; each lane accumulates its own column in k order, so the chain
+// behind an output is fixed by K alone, never by M, the row group, the vector width (AVX-512 and AVX2 give the same
+// bits) or the thread split (threads split on tile boundaries).
 // Packed (tile-major) instead of the column-major [K, N] storage: there each k reads 128 bytes N * 4 apart, which
 // the prefetchers follow poorly (measured on the demo's layer: 1.00 / 1.34 / 1.95x for 1 / 4 / 7 rows column-major,
 // 0.94 / 1.07 / 1.26x packed, streaming from L3).
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "cpu/simd.h"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 namespace {
@@ -453,7 +455,9 @@ at::Tensor gemm_packed_cpu(const at::Tensor& x, const at::Tensor& wp, int64_t n)
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("gemm_packed", &kangaroo::gemm_packed_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("gemm_packed", &kangaroo::below_autograd<&kangaroo::gemm_packed_cpu>::call);
+}
 
 TORCH_LIBRARY_IMPL(kangaroo_kernels, CompositeExplicitAutograd, m) {
   m.impl("pack_gemm_weight", &kangaroo::pack_gemm_weight);

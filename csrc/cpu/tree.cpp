@@ -10,6 +10,7 @@
 
 #include "cpu/checks.h"
 #include "kangaroo/tree.cuh"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -61,4 +62,6 @@ void build_tree_cpu(const at::Tensor& parents, const std::optional<at::Tensor>& 
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("build_tree", &kangaroo::build_tree_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("build_tree", &kangaroo::below_autograd<&kangaroo::build_tree_cpu>::call);
+}

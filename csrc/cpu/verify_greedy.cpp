@@ -12,6 +12,7 @@
 
 #include "cpu/checks.h"
 #include "kangaroo/verify_greedy.cuh"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -119,4 +120,6 @@ void verify_greedy_cpu(const at::Tensor& draft_tokens, const at::Tensor& target,
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("verify_greedy", &kangaroo::verify_greedy_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("verify_greedy", &kangaroo::below_autograd<&kangaroo::verify_greedy_cpu>::call);
+}

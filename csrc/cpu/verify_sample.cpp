@@ -26,6 +26,7 @@
 
 #include "cpu/checks.h"
 #include "kangaroo/verify_sample.cuh"
+#include "cpu/ops_cpu.h"
 
 namespace kangaroo {
 
@@ -404,4 +405,6 @@ void verify_sample_cpu(const at::Tensor& draft_tokens, const at::Tensor& target_
 
 }  // namespace kangaroo
 
-TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) { m.impl("verify_sample", &kangaroo::verify_sample_cpu); }
+TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
+  m.impl("verify_sample", &kangaroo::below_autograd<&kangaroo::verify_sample_cpu>::call);
+}

@@ -150,6 +150,9 @@ class LlamaModel:
         self._lm_head_packed: Optional[torch.Tensor] = _pack(self.lm_head) if _packs(self.lm_head) else None
         self._rope: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
+        # the layers' weights as llama_layer takes them, 7 per layer (forward_layers on CPU: one call for them all)
+        self._layer_args: List[Optional[torch.Tensor]] = [
+            lay.get(k) for lay in self.layers for k in ("ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd")]
 
     # ------------------------------------------------------------------ loading
     @property
@@ -269,6 +272,11 @@ class LlamaModel:
         """Layers [start, end) (0-based) on hidden states x[B,T,D]; returns the hidden state after layer end-1.
         forward_layers(embed(t), 0, l, ...) is the layer-l hidden state (the shallow sub-network)."""
         rope = self.rope_cos_sin(cache.max_len)
+        if x.device.type == "cpu" and end > start + 1:  # the layers in one native call (llama_layers)
+            c = self.config
+            return _native().llama_layers(x, self._layer_args[7 * start:7 * end], cache.k, cache.v, start,
+                                          cache_lens, positions, tree_mask, active, rope, c.rms_norm_eps,
+                                          c.num_attention_heads, c.num_key_value_heads)
         for i in range(start, end):
             x = self.layer(i, x, cache, cache_lens, positions, tree_mask=tree_mask, active=active, rope=rope)
         return x
