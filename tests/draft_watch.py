@@ -1,7 +1,9 @@
 """Test helper: observe every draft step the decoder runs, through either of its two paths.
 
 The CPU chain on the int8 head runs each step as one native call (kangaroo_kernels::draft_step, via
-kangaroo.draft.native_ops); every other configuration runs the step's ops (kangaroo.draft._shallow, draft_head).
+kangaroo.draft.native_ops), without lookup the whole loop as one (draft_chain: its steps are reported after it
+returns, from the passes it ran and the drafts it wrote); every other configuration runs the step's ops
+(kangaroo.draft._shallow, draft_head).
 Tests that count or instrument steps watch both, so they hold whichever path the decoder takes.
 """
 
@@ -34,6 +36,16 @@ def watch_draft_steps(monkeypatch, on_shallow=None, on_draft=None):
             on_draft(a[-2])
         return ran
 
+    def chain(*a):  # the steps ran inside the call: report them from its result and the drafts it wrote
+        passes = native.draft_chain(*a)
+        drafts, n_steps = a[-4], a[-2]
+        for i in range(passes):
+            if on_shallow:
+                on_shallow()
+            if on_draft and i < n_steps and bool((drafts[:, i] >= 0).any()):
+                on_draft(drafts[:, i])
+        return passes
+
     monkeypatch.setattr(kdraft, "_shallow", shallow)
     monkeypatch.setattr(kdraft, "draft_head", head)
-    monkeypatch.setattr(kdraft, "native_ops", lambda: types.SimpleNamespace(draft_step=step))
+    monkeypatch.setattr(kdraft, "native_ops", lambda: types.SimpleNamespace(draft_step=step, draft_chain=chain))

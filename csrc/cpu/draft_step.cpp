@@ -5,11 +5,13 @@
 // the bookkeeping wheres) cost ~100 us, about as much as the step's layer, adapter and head kernels together. The
 // step calls the same CPU kernels the unfused loop reaches through the dispatcher (llama_layer, adapter_forward,
 // lm_head_exit_int8) on the same tensors, so it gives the same bits; only the glue moves into C++.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "cpu/checks.h"
@@ -101,8 +103,74 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
   return true;
 }
 
+// kangaroo_kernels::draft_chain: kangaroo.draft.draft for the CPU chain without lookup in one crossing: the
+// one-node adapter catch-up, the cycle's buffer resets and the draft loop of draft_step calls. Why: between the
+// weight streams of a cycle every small tensor call from Python runs cold (a 256-wide RMSNorm's 7 torch calls took
+// 250 us inside a cycle against 45 us alone), and the draft side made ~25 of them a cycle around its steps.
+// Returns the shallow passes run: 0 (no row drafts) .. n_steps + 1 (all; the loop's last pass is shallow-only).
+int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos_sin,
+                        double eps, int64_t num_heads, int64_t num_kv_heads,
+                        const c10::List<std::optional<at::Tensor>>& adapter, const at::Tensor& adapter_k,
+                        const at::Tensor& adapter_v, double rope_theta, double adapter_eps, const at::Tensor& head_q,
+                        const at::Tensor& head_scale, const std::optional<at::Tensor>& head_norm, double threshold,
+                        const at::Tensor& tok, const at::Tensor& L0, const at::Tensor& alive,
+                        const at::Tensor& need_catch, const at::Tensor& catch_n, const at::Tensor& catch_h,
+                        const at::Tensor& cur, const at::Tensor& hidden, const at::Tensor& drafts,
+                        const at::Tensor& n_chain, int64_t n_steps, bool host_exit) {
+  TORCH_CHECK_VALUE(adapter.size() == 9, "draft_chain: adapter must hold 9 tensors, got ", adapter.size());
+  const int64_t B = tok.size(0);
+  const c10::Device cpu(c10::kCPU);
+  check_i32("draft_chain: tok", tok, {B}, "[B]", cpu);
+  check_i32("draft_chain: L0", L0, {B}, "[B]", cpu);
+  check_i32("draft_chain: catch_n", catch_n, {B}, "[B]", cpu);
+  check_typed("draft_chain: alive", alive, {B}, "[B]", at::kBool, "bool", cpu);
+  check_typed("draft_chain: need_catch", need_catch, {B}, "[B]", at::kBool, "bool", cpu);
+  TORCH_CHECK_VALUE(hidden.dim() == 3 && hidden.size(0) == B && drafts.dim() == 2 && drafts.size(0) == B,
+                    "draft_chain: hidden must be [B, N, D] and drafts [B, W], got ", shape_str(hidden), " and ",
+                    shape_str(drafts));
+  TORCH_CHECK_VALUE(n_steps >= 1 && n_steps < hidden.size(1) && n_steps <= drafts.size(1),
+                    "draft_chain: n_steps = ", n_steps, " must be in [1, ", std::min(hidden.size(1) - 1,
+                    drafts.size(1)), "] for hidden ", shape_str(hidden), " and drafts ", shape_str(drafts));
+  TORCH_CHECK_VALUE(catch_h.dim() == 3 && catch_h.size(0) == B && catch_h.size(1) == 1 &&
+                        catch_h.size(2) == hidden.size(2),
+                    "draft_chain: catch_h must be [B, 1, D] (one-node catch-ups: no lookup), got ",
+                    shape_str(catch_h));
+  auto any = [](const at::Tensor& t) {
+    const bool* p = t.data_ptr<bool>();
+    for (int64_t b = 0; b < t.numel(); ++b)
+      if (p[b]) return true;
+    return false;
+  };
+  // the catch-up (kangaroo.draft.catch_up with one node): the adapter K/V of the last accepted node at L0 - catch_n
+  const at::Tensor rows = need_catch.logical_and(alive);
+  if (!host_exit || any(rows)) {
+    auto a = [&](int64_t j) { return adapter.get(j); };
+    const at::Tensor start = (L0 - catch_n).clamp_min(0);
+    const at::Tensor r = at::empty({B, catch_h.size(2)}, catch_h.options());
+    adapter_forward_cpu(catch_h.select(1, 0).contiguous(), req(a(0), "norm_in"), req(a(1), "wq"), req(a(2), "wk"),
+                        req(a(3), "wv"), a(4), a(5), a(6), req(a(7), "wo"), req(a(8), "norm_out"), adapter_k,
+                        adapter_v, start, start, rows, rope_cos_sin, rope_theta, adapter_eps, false, r);
+    need_catch.logical_and_(alive.logical_not());
+  }
+  cur.copy_(tok);
+  n_chain.zero_();
+  drafts.fill_(-1);
+  const at::Tensor proc = alive.clone(), drafting = alive.clone();
+  if (host_exit && !any(proc)) return 0;
+  for (int64_t i = 0; i <= n_steps; ++i) {
+    const bool more = draft_step_cpu(layers, embed, k_cache, v_cache, rope_cos_sin, eps, num_heads, num_kv_heads,
+                                     adapter, adapter_k, adapter_v, rope_theta, adapter_eps, head_q, head_scale,
+                                     head_norm, threshold, cur, L0 + i, proc, drafting, i < n_steps,
+                                     hidden.select(1, i), drafts.select(1, std::min(i, n_steps - 1)), n_chain);
+    if (i == n_steps || (host_exit && !more)) return i + 1;
+  }
+  return n_steps + 1;
+}
+
 TORCH_LIBRARY_IMPL(kangaroo_kernels, CPU, m) {
   m.impl("draft_step", &kangaroo::below_autograd<&kangaroo::draft_step_cpu>::call);
+  m.impl("draft_chain", &kangaroo::below_autograd<&kangaroo::draft_chain_cpu>::call);
 }
 
 }  // namespace kangaroo

@@ -127,6 +127,9 @@ def parse_ids(input_ids, V: int) -> Tuple[List[List[int]], bool]:
     for b, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"input_ids: prompt {b} is empty: every prompt needs at least one token")
+        if all(type(t) is int for t in p) and 0 <= min(p) and max(p) < V:  # the common case (tolist()), fast
+            out.append(list(p))
+            continue
         row = []
         for t in p:
             if not _is_int(t):

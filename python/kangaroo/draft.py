@@ -102,6 +102,9 @@ def draft(st, n_steps: int) -> Optional[int]:
     """Catch-up, then the draft loop (module docstring) of at most n_steps <= γ steps (the adaptive cap). Fills
     buf.drafts (-1 padded), n_chain, hbuf, the parked siblings (with cfg.lookup_first a row whose lookup matched
     takes it as its chain: kangaroo.lookup.chain_block). The steps run if the CPU early exit stopped them, else None."""
+    if st.draft_chain is not None:  # the CPU chain without lookup: all of the below in one native call
+        passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, n_steps, st.cfg.host_exit)
+        return None if passes == n_steps + 1 else max(passes - 1, 0)
     catch_up(st)
     b = st.buf
     b.cur.copy_(b.tok)

@@ -22,7 +22,8 @@ from kangaroo_kernels.ops.ngram_lookup import NgramLookupPlan
 from kangaroo_kernels.types import Accepted, AdapterWeights, Int8Weight, LookupTree, NgramMatch
 
 __all__ = ["DecodeSettings", "DecodeBuffers", "LookupBuffers", "TreeLayout", "DecodeState", "new_state",
-           "cache_slots", "prefill", "draft_head_weight", "draft_step_args", "commit_step_args"]
+           "cache_slots", "prefill", "draft_head_weight", "draft_step_args", "draft_chain_args",
+           "commit_step_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,7 @@ class DecodeState:
     adapter_plan: Optional[AdapterForwardPlan] = None  # adapter_forward on this state's weights, caches and RoPE
     head_plan: Optional[LmHeadExitInt8Plan] = None     # the chain's int8 draft head (CPU; None: the exact head)
     draft_step: Optional[tuple] = None  # CPU chain: draft_step's static arguments (draft_step_args; None: unfused)
+    draft_chain: Optional[tuple] = None  # CPU chain without lookup: draft_chain's buffers (draft_chain_args)
     lookup_plan: Optional[NgramLookupPlan] = None  # ngram_lookup on buf.lookup's history into buf.lookup.look
     commit_step: Optional[tuple] = None  # CPU early exit: commit_step's static arguments (commit_step_args)
 
@@ -214,8 +216,19 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     head_plan = None if head_q is None else LmHeadExitInt8Plan(head_q, cfg.threshold, batch=B, dtype=dt,
                                                                norm_weight=weights.norm_out, eps=eps)
     look_plan = None if lookup is None else NgramLookupPlan(lookup.history, *cfg.lookup_ngram, M, out=tuple(look))
-    return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan,
-                       draft_step_args(model, cfg, buf, rope, plan, head_plan), look_plan, commit_step_args(cfg, buf))
+    step = draft_step_args(model, cfg, buf, rope, plan, head_plan)
+    return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan, step,
+                       draft_chain_args(cfg, buf, step), look_plan, commit_step_args(cfg, buf))
+
+
+def draft_chain_args(cfg: DecodeSettings, buf: DecodeBuffers, step: Optional[tuple]) -> Optional[tuple]:
+    """The buffers kangaroo_kernels::draft_chain takes after draft_step's static arguments (csrc/cpu/draft_step.cpp:
+    kangaroo.draft.draft in one native call, the same bits) where it applies: the fused CPU chain (step) without
+    lookup, whose catch-ups are one node. None elsewhere."""
+    if step is None or cfg.lookup_max or cfg.catch_width != 1:
+        return None
+    return (buf.tok, buf.L0, buf.alive, buf.need_catch, buf.catch_n, buf.catch_h, buf.cur, buf.hbuf, buf.drafts,
+            buf.n_chain)
 
 
 def commit_step_args(cfg: DecodeSettings, buf: DecodeBuffers) -> Optional[tuple]:
