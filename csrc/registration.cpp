@@ -97,6 +97,9 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "llama_layers(Tensor x, Tensor?[] layers, Tensor(a!) k_cache, Tensor(b!) v_cache, int first_layer, "
       "Tensor cache_lens, Tensor positions, Tensor? tree_mask, Tensor? active, Tensor rope_cos_sin, float eps, "
       "int num_heads, int num_kv_heads) -> Tensor");
+  // The final RMSNorm and the packed LM head in one crossing: fp32 logits [..., vocab_size] of h [..., D]
+  // (LlamaModel.logits on CPU; rms_norm_ref's bits, then gemm_packed). CPU only (csrc/cpu/llama_layer.cpp).
+  m.def("lm_logits(Tensor h, Tensor norm_weight, float eps, Tensor head, int vocab_size) -> Tensor");
   // One step of the CPU decoder's chain draft loop (kangaroo/draft.py with K = 1 and an int8 draft head) in one
   // crossing (csrc/cpu/draft_step.cpp): layers 0..l-1 on cur at pos for the rows in proc (their layer-l states into
   // hidden), then, with draft and a drafting row, the adapter step and the int8 head: draft_token, n_chain, cur,

@@ -206,3 +206,22 @@ def test_llama_layers_is_the_layers_one_by_one(layout):
     with pytest.raises(ValueError, match="weight 1 is missing"):
         ops().llama_layers(x, flat[:1] + [None] + flat[2:], kc, vc, 1, cl, positions, tree_mask, act, rope, 1e-6,
                            Hq, Hk)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (5, 96), (2, 3, 96)])
+def test_lm_logits_is_the_norm_then_the_packed_head(shape):
+    """lm_logits (LlamaModel.logits on CPU): rms_norm_ref's bits, then gemm_packed's, in one call; bad input raises."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    h, w = torch.randn(*shape, generator=gen) * 3, 1 + 0.1 * torch.randn(96, generator=gen)
+    head = torch.randn(333, 96, generator=gen) / 10
+    packed = ops().pack_gemm_weight(head)
+    got = ops().lm_logits(h, w, 1e-5, packed, 333)
+    assert got.shape == (*shape[:-1], 333)
+    assert torch.equal(got, ops().gemm_packed(rms_norm_ref(h, w, 1e-5), packed, 333))
+    torch.testing.assert_close(got, F.linear(rms_norm_ref(h, w, 1e-5), head), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="packed"):
+        ops().lm_logits(h, w, 1e-5, packed, 400)
+    with pytest.raises(ValueError, match="fp32"):
+        ops().lm_logits(h.double(), w, 1e-5, packed, 333)
+    with pytest.raises(ValueError, match="norm_weight"):
+        ops().lm_logits(h, w[:50], 1e-5, packed, 333)

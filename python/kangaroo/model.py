@@ -283,10 +283,10 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head; fp32 logits."""
-        x = rms_norm(h, self.norm, self.config.rms_norm_eps)
-        if self._lm_head_packed is not None and x.device.type == "cpu":
-            return _native().gemm_packed(x, self._lm_head_packed, self.config.vocab_size)
-        return F.linear(x, self.lm_head).float()
+        c = self.config
+        if self._lm_head_packed is not None and h.device.type == "cpu" and h.dtype == self.norm.dtype == torch.float32:
+            return _native().lm_logits(h, self.norm, c.rms_norm_eps, self._lm_head_packed, c.vocab_size)
+        return F.linear(rms_norm(h, self.norm, c.rms_norm_eps), self.lm_head).float()
 
 
 def _cpu_colmajor(t: torch.Tensor) -> torch.Tensor:
