@@ -9,11 +9,13 @@ Cache consistency: after generation, every committed position's shallow/deep K/V
 fresh prefill of the committed sequence; a control without the catch-up must fail that check.
 """
 
+import types
 import warnings
 
 import pytest
 import torch
 from kangaroo import draft as kdraft
+from kangaroo import state as kstate
 from kangaroo.generate import KangarooDecoder
 from test_decoder_exact import hf_greedy, make_hf, make_prompts
 
@@ -100,12 +102,27 @@ def test_forced_full_acceptance(kind, exit_layer, tree):
     assert single.tokens.tolist() == ref[1] and single.stats.cycles == 4  # 5 tokens per cycle
 
 
-def test_catch_up_control_fails(monkeypatch):
-    """Without the catch-up the adapter cache has holes after all-accepted cycles: the consistency check sees it."""
+@pytest.mark.parametrize("path", ["python", "native"])
+def test_catch_up_control_fails(monkeypatch, path):
+    """Without the catch-up the adapter cache has holes after all-accepted cycles: the consistency check sees it,
+    on the Python draft side (kangaroo.draft.catch_up) and in the CPU chain's native draft_chain (the requests
+    dropped before the call)."""
     hf, dec = oracle("llama", 2)
     prompts = make_prompts(hf.config.vocab_size, n=2, seed=5)
-    monkeypatch.setattr(kdraft, "catch_up", lambda st: st.buf.need_catch.zero_())
+    if path == "python":
+        monkeypatch.setattr(kstate, "draft_chain_args", lambda *a: None)
+        monkeypatch.setattr(kdraft, "catch_up", lambda st: st.buf.need_catch.zero_())
+    else:
+        dec = keep_states(KangarooDecoder(dec.model, dec.adapter, draft_head="int8"))
+        native, calls = kdraft.native_ops(), []
+
+        def chain(*a):
+            a[20].zero_()  # need_catch (after draft_step's 17 static arguments: tok, L0, alive, need_catch, ...)
+            calls.append(1)
+            return native.draft_chain(*a)
+        monkeypatch.setattr(kdraft, "native_ops", lambda: types.SimpleNamespace(draft_chain=chain))
     out = dec.generate(prompts, NEW, threshold=0.0, max_draft=4)
+    assert path == "python" or (calls and dec.states[-1].draft_chain is not None)
     with pytest.raises(AssertionError, match="adapter cache"):
         check_caches(dec, prompts, out.tokens)
 
