@@ -1,8 +1,10 @@
 """The draft side of a Kangaroo cycle: adapter-cache catch-up and the draft loop.
 
 In place on a DecodeState's static buffers (kangaroo.state), fixed shapes, predicated rows (finished and exited
-rows are no-ops for the kernels): CUDA-graph capturable; on CPU the same code runs eagerly, a chain step on the int8
-head as one native call (kangaroo_kernels::draft_step: the step's kernels and bookkeeping, the same bits).
+rows are no-ops for the kernels): CUDA-graph capturable. On CPU the same code runs eagerly; CPU early exit
+(cfg.host_exit): host reads of flags (free there) skip work no row needs, where CUDA runs every step predicated in
+the graph. A CPU chain on the int8 head runs natively, the same kernels and bits: a step a call (kangaroo_kernels::
+draft_step), without lookup all of draft() in one (draft_chain).
 
 Draft loop (DESIGN.md section 1), γ = cfg.gamma, ℓ = cfg.exit_layer, x0 = buf.tok at position L0 = buf.L0, K =
 cfg.topk candidates a step (K = 1: the chain; K > 1: a tree):
@@ -15,9 +17,6 @@ With K > 1 each step also keeps the top-2..K candidates as leaf siblings of its 
 >= cfg.sibling_threshold: a confidence-guided node budget). They go through the shallow layers with the next chain
 token (a T = K block, each seeing the prefix and itself); their shallow K/V and hidden states are parked in side
 buffers until verification lays the tree out in the cache (kangaroo.state.TreeLayout).
-
-CPU early exit (cfg.host_exit): host_done (or draft_step's result) reads flags on the host (free for CPU tensors)
-to skip work no row needs; on CUDA every step runs predicated inside the graph instead.
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ def draft(st, n_steps: int) -> Optional[int]:
     """Catch-up, then the draft loop (module docstring) of at most n_steps <= γ steps (the adaptive cap). Fills
     buf.drafts (-1 padded), n_chain, hbuf, the parked siblings (with cfg.lookup_first a row whose lookup matched
     takes it as its chain: kangaroo.lookup.chain_block). The steps run if the CPU early exit stopped them, else None."""
-    if st.draft_chain is not None:  # the CPU chain without lookup: all of the below in one native call
+    if st.draft_chain is not None:  # a CPU chain without lookup: all of it in one native call
         passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, n_steps, st.cfg.host_exit)
         return None if passes == n_steps + 1 else max(passes - 1, 0)
     catch_up(st)

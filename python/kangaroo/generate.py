@@ -8,9 +8,8 @@
 
 A cycle: draft (kangaroo.draft), verify + commit (kangaroo.verify) on static buffers (kangaroo.state), then one
 host read of a packed int32 tensor that kangaroo.stats.Tally absorbs. On CUDA each side is a CUDA graph, replayed.
-Adaptive draft cap (the predicated path, i.e. CUDA, cannot stop drafting on device flags without a sync): the
-draft loop is captured for each cap γ' = 1..γ and γ' is picked on the host from the previous cycle's drafts, which
-the per-cycle read carries (next_draft_cap). A cap only shortens drafts: output is unchanged.
+Adaptive draft cap (the predicated path, i.e. CUDA, cannot stop drafting on device flags without a sync): a draft
+graph per cap γ' = 1..γ, γ' picked on the host from the previous cycle's drafts (next_draft_cap; output unchanged).
 """
 
 from __future__ import annotations
@@ -152,8 +151,7 @@ class KangarooDecoder:
         return tally.output(single)
 
     def _steps(self, st: DecodeState, stats: GenerateStats):
-        """{cap: draft loop} (a cap per step count on the predicated path; {} when autoregressive) and
-        verify(n_drafted), as CUDA-graph replays on CUDA."""
+        """{cap: draft loop} (a cap per step count when predicated; {}: autoregressive), verify; graphs on CUDA."""
         cfg = st.cfg
         if cfg.autoregressive:
             drafts, verify = {}, functools.partial(_verify.autoregressive_step, st)
