@@ -110,15 +110,17 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "float rope_theta, float adapter_eps, Tensor head_q, Tensor head_scale, Tensor? head_norm, float threshold, "
       "Tensor(e!) cur, Tensor pos, Tensor(f!) proc, Tensor(g!) drafting, bool draft, Tensor(h!) hidden, "
       "Tensor(i!) draft_token, Tensor(j!) n_chain) -> bool");
-  // kangaroo.draft.draft for the CPU chain without lookup in one crossing (csrc/cpu/draft_step.cpp): the one-node
+  // kangaroo.draft.draft for the CPU chain in one crossing (csrc/cpu/draft_step.cpp): with catch_up the one-node
   // adapter catch-up, cur <- tok, n_chain <- 0, drafts <- -1, then draft_step for steps 0..n_steps at L0 + step
-  // (hidden[:, step], drafts[:, step]) until no row drafts (host_exit) or all ran. Returns the shallow passes run.
+  // (hidden[:, step], drafts[:, step]) over the rows alive and not in hit, until no row drafts (host_exit) or all
+  // ran. Returns the shallow passes run.
   m.def(
       "draft_chain(Tensor?[] layers, Tensor embed, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope_cos_sin, "
       "float eps, int num_heads, int num_kv_heads, Tensor?[] adapter, Tensor(c!) adapter_k, Tensor(d!) adapter_v, "
       "float rope_theta, float adapter_eps, Tensor head_q, Tensor head_scale, Tensor? head_norm, float threshold, "
       "Tensor tok, Tensor L0, Tensor alive, Tensor(e!) need_catch, Tensor catch_n, Tensor catch_h, Tensor(f!) cur, "
-      "Tensor(g!) hidden, Tensor(h!) drafts, Tensor(i!) n_chain, int n_steps, bool host_exit) -> int");
+      "Tensor(g!) hidden, Tensor(h!) drafts, Tensor(i!) n_chain, Tensor? hit, bool catch_up, int n_steps, "
+      "bool host_exit) -> int");
   // The tail of a CPU decoder cycle (kangaroo/verify.py commit; csrc/cpu/commit_step.cpp) in one crossing: with
   // a = accept_len on live rows (0 elsewhere), the catch-up request (catch_n_in / catch_h_in, or without them the
   // leaf one: hbuf's row of the path's last accepted node), the lookup history, x0, L0, n_gen, EOS / length ends,

@@ -1,7 +1,7 @@
 """Test helper: observe every draft step the decoder runs, through either of its two paths.
 
 The CPU chain on the int8 head runs each step as one native call (kangaroo_kernels::draft_step, via
-kangaroo.draft.native_ops), without lookup the whole loop as one (draft_chain: its steps are reported after it
+kangaroo.draft.native_ops), or the whole draft side as one (draft_chain: its steps are reported after it
 returns, from the passes it ran and the drafts it wrote); every other configuration runs the step's ops
 (kangaroo.draft._shallow, draft_head).
 Tests that count or instrument steps watch both, so they hold whichever path the decoder takes.
@@ -38,7 +38,7 @@ def watch_draft_steps(monkeypatch, on_shallow=None, on_draft=None):
 
     def chain(*a):  # the steps ran inside the call: report them from its result and the drafts it wrote
         passes = native.draft_chain(*a)
-        drafts, n_steps = a[-4], a[-2]
+        drafts, n_steps = a[-6], a[-2]  # ..., drafts, n_chain, hit, catch_up, n_steps, host_exit
         for i in range(passes):
             if on_shallow:
                 on_shallow()

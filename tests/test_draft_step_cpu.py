@@ -106,16 +106,16 @@ def test_bad_arguments_raise(monkeypatch):
         ops().draft_step(*args, *dyn)  # the well-formed call runs
 
 
-def test_draft_chain_is_taken_without_lookup_and_checks_its_arguments(monkeypatch):
-    """draft_chain (the whole draft side in one call) runs the CPU chain without lookup, whose catch-ups are one
-    node; with lookup (wider catch-ups), trees or the exact head the decoder keeps the per-step path. Bad
-    arguments raise ValueError (test_fused_step_equals_unfused_bit_for_bit checks its bits)."""
+def test_draft_chain_is_taken_and_checks_its_arguments(monkeypatch):
+    """draft_chain (the draft side in one call) runs every CPU chain on the int8 head, with lookup too (its wider
+    catch-ups run in Python first); trees and the exact head keep the op-by-op path. Bad arguments raise ValueError
+    (test_fused_step_equals_unfused_bit_for_bit checks its bits)."""
     hf = make_hf("llama")
     dec = _decoder(hf, 1)
     prompt = make_prompts(hf.config.vocab_size, n=1, seed=3)[0]
     states = []
     dec.debug_hook = states.append
-    for kw, want in [(dict(threshold=0.0, max_draft=3), True), (dict(lookup=True), False),
+    for kw, want in [(dict(threshold=0.0, max_draft=3), True), (dict(lookup=True), True),
                      (dict(tree=True), False)]:
         dec.generate(prompt, 4, **kw)
         assert (states[-1].draft_chain is not None) == want, kw
@@ -123,14 +123,17 @@ def test_draft_chain_is_taken_without_lookup_and_checks_its_arguments(monkeypatc
     b = st.buf
     args, chain = list(st.draft_step), list(st.draft_chain)
     with pytest.raises(ValueError, match="n_steps"):
-        ops().draft_chain(*args, *chain, b.hbuf.shape[1], True)
+        ops().draft_chain(*args, *chain, None, True, b.hbuf.shape[1], True)
     with pytest.raises(ValueError, match="n_steps"):
-        ops().draft_chain(*args, *chain, 0, True)
+        ops().draft_chain(*args, *chain, None, True, 0, True)
     bad = chain[:5] + [b.catch_h.expand(-1, 2, -1)] + chain[6:]
     with pytest.raises(ValueError, match="catch_h"):
-        ops().draft_chain(*args, *bad, 2, True)
+        ops().draft_chain(*args, *bad, None, True, 2, True)
+    ops().draft_chain(*args, *bad, None, False, 2, True)  # wider catch-up rows are fine without catch_up
     with pytest.raises(ValueError, match="L0"):
-        ops().draft_chain(*args, *chain[:1], b.L0.long(), *chain[2:], 2, True)
+        ops().draft_chain(*args, *chain[:1], b.L0.long(), *chain[2:], None, True, 2, True)
+    with pytest.raises(ValueError, match="hit"):
+        ops().draft_chain(*args, *chain, b.L0, True, 2, True)
     exact = KangarooDecoder(dec.model, dec.adapter, draft_head="exact")
     exact.debug_hook = states.append
     exact.generate(prompt, 4, threshold=0.0, max_draft=3)

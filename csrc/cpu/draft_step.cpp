@@ -103,10 +103,11 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
   return true;
 }
 
-// kangaroo_kernels::draft_chain: kangaroo.draft.draft for the CPU chain without lookup in one crossing: the
-// one-node adapter catch-up, the cycle's buffer resets and the draft loop of draft_step calls. Why: between the
-// weight streams of a cycle every small tensor call from Python runs cold (a 256-wide RMSNorm's 7 torch calls took
-// 250 us inside a cycle against 45 us alone), and the draft side made ~25 of them a cycle around its steps.
+// kangaroo_kernels::draft_chain: kangaroo.draft.draft for the CPU chain in one crossing: with catch_up the one-node
+// adapter catch-up (wider ones, with lookup, run in Python first), the cycle's buffer resets and the draft loop of
+// draft_step calls over the rows alive and not in hit (lookup_first's matched rows). Why: between the weight
+// streams of a cycle every small tensor call from Python runs cold (a 256-wide RMSNorm's 7 torch calls took 250 us
+// inside a cycle against 45 us alone), and the draft side made ~25 of them a cycle around its steps.
 // Returns the shallow passes run: 0 (no row drafts) .. n_steps + 1 (all; the loop's last pass is shallow-only).
 int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos_sin,
@@ -117,7 +118,8 @@ int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, cons
                         const at::Tensor& tok, const at::Tensor& L0, const at::Tensor& alive,
                         const at::Tensor& need_catch, const at::Tensor& catch_n, const at::Tensor& catch_h,
                         const at::Tensor& cur, const at::Tensor& hidden, const at::Tensor& drafts,
-                        const at::Tensor& n_chain, int64_t n_steps, bool host_exit) {
+                        const at::Tensor& n_chain, const std::optional<at::Tensor>& hit, bool catch_up,
+                        int64_t n_steps, bool host_exit) {
   TORCH_CHECK_VALUE(adapter.size() == 9, "draft_chain: adapter must hold 9 tensors, got ", adapter.size());
   const int64_t B = tok.size(0);
   const c10::Device cpu(c10::kCPU);
@@ -132,10 +134,11 @@ int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, cons
   TORCH_CHECK_VALUE(n_steps >= 1 && n_steps < hidden.size(1) && n_steps <= drafts.size(1),
                     "draft_chain: n_steps = ", n_steps, " must be in [1, ", std::min(hidden.size(1) - 1,
                     drafts.size(1)), "] for hidden ", shape_str(hidden), " and drafts ", shape_str(drafts));
-  TORCH_CHECK_VALUE(catch_h.dim() == 3 && catch_h.size(0) == B && catch_h.size(1) == 1 &&
-                        catch_h.size(2) == hidden.size(2),
-                    "draft_chain: catch_h must be [B, 1, D] (one-node catch-ups: no lookup), got ",
+  TORCH_CHECK_VALUE(catch_h.dim() == 3 && catch_h.size(0) == B && catch_h.size(2) == hidden.size(2) &&
+                        (!catch_up || catch_h.size(1) == 1),
+                    "draft_chain: catch_h must be [B, W, D] (W = 1 with catch_up: one-node catch-ups), got ",
                     shape_str(catch_h));
+  if (hit) check_typed("draft_chain: hit", *hit, {B}, "[B]", at::kBool, "bool", cpu);
   auto any = [](const at::Tensor& t) {
     const bool* p = t.data_ptr<bool>();
     for (int64_t b = 0; b < t.numel(); ++b)
@@ -144,7 +147,7 @@ int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, cons
   };
   // the catch-up (kangaroo.draft.catch_up with one node): the adapter K/V of the last accepted node at L0 - catch_n
   const at::Tensor rows = need_catch.logical_and(alive);
-  if (!host_exit || any(rows)) {
+  if (catch_up && (!host_exit || any(rows))) {
     auto a = [&](int64_t j) { return adapter.get(j); };
     const at::Tensor start = (L0 - catch_n).clamp_min(0);
     const at::Tensor r = at::empty({B, catch_h.size(2)}, catch_h.options());
@@ -156,7 +159,7 @@ int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, cons
   cur.copy_(tok);
   n_chain.zero_();
   drafts.fill_(-1);
-  const at::Tensor proc = alive.clone(), drafting = alive.clone();
+  const at::Tensor proc = hit ? alive.logical_and(hit->logical_not()) : alive.clone(), drafting = proc.clone();
   if (host_exit && !any(proc)) return 0;
   for (int64_t i = 0; i <= n_steps; ++i) {
     const bool more = draft_step_cpu(layers, embed, k_cache, v_cache, rope_cos_sin, eps, num_heads, num_kv_heads,

@@ -3,8 +3,8 @@
 In place on a DecodeState's static buffers (kangaroo.state), fixed shapes, predicated rows (finished and exited
 rows are no-ops for the kernels): CUDA-graph capturable. On CPU the same code runs eagerly; CPU early exit
 (cfg.host_exit): host reads of flags (free there) skip work no row needs, where CUDA runs every step predicated in
-the graph. A CPU chain on the int8 head runs natively, the same kernels and bits: a step a call (kangaroo_kernels::
-draft_step), without lookup all of draft() in one (draft_chain).
+the graph. A CPU chain on the int8 head runs all of draft() in one native call, the same kernels and bits
+(kangaroo_kernels::draft_chain: the one-node catch-up, the resets and the loop of draft_step calls).
 
 Draft loop (DESIGN.md section 1), γ = cfg.gamma, ℓ = cfg.exit_layer, x0 = buf.tok at position L0 = buf.L0, K =
 cfg.topk candidates a step (K = 1: the chain; K > 1: a tree):
@@ -101,17 +101,20 @@ def draft(st, n_steps: int) -> Optional[int]:
     """Catch-up, then the draft loop (module docstring) of at most n_steps <= γ steps (the adaptive cap). Fills
     buf.drafts (-1 padded), n_chain, hbuf, the parked siblings (with cfg.lookup_first a row whose lookup matched
     takes it as its chain: kangaroo.lookup.chain_block). The steps run if the CPU early exit stopped them, else None."""
-    if st.draft_chain is not None:  # a CPU chain without lookup: all of it in one native call
-        passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, n_steps, st.cfg.host_exit)
-        return None if passes == n_steps + 1 else max(passes - 1, 0)
-    catch_up(st)
-    b = st.buf
-    b.cur.copy_(b.tok)
-    b.n_chain.zero_()
-    b.drafts.fill_(-1)
-    hit = _lookup.first(st) if st.cfg.lookup_first else None  # rows that verify their lookup alone: no chain
-    proc = b.alive.clone() if hit is None else b.alive & ~hit
-    ran = 0 if host_done(st, proc) else _loop(st, n_steps, proc, proc.clone())
+    cfg, b, native = st.cfg, st.buf, st.draft_chain is not None  # native: a CPU chain, in one call (draft_chain)
+    if not native or cfg.catch_width > 1:  # draft_chain runs one-node catch-ups itself
+        catch_up(st)
+    hit = _lookup.first(st) if cfg.lookup_first else None  # rows that verify their lookup alone: no chain
+    if native:
+        passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, hit, cfg.catch_width == 1, n_steps,
+                                          cfg.host_exit)
+        ran = None if passes == n_steps + 1 else max(passes - 1, 0)
+    else:
+        b.cur.copy_(b.tok)
+        b.n_chain.zero_()
+        b.drafts.fill_(-1)
+        proc = b.alive.clone() if hit is None else b.alive & ~hit
+        ran = 0 if host_done(st, proc) else _loop(st, n_steps, proc, proc.clone())
     _lookup.chain_block(st, hit)
     return ran
 
@@ -122,12 +125,6 @@ def _loop(st, n_steps: int, proc: torch.Tensor, drafting: torch.Tensor) -> Optio
     sib = None
     for i in range(n_steps + 1):
         pos = b.L0 + i
-        if st.draft_step is not None:  # the CPU chain: this step's calls and bookkeeping in one native call
-            more = native_ops().draft_step(*st.draft_step, b.cur, pos, proc, drafting, i < n_steps, b.hbuf[:, i],
-                                           b.drafts[:, min(i, n_steps - 1)], b.n_chain)  # (no draft at i = n_steps)
-            if i == n_steps or (st.cfg.host_exit and not more):
-                return None if i == n_steps else i
-            continue
         if sib is None:
             h = _shallow(st, b.cur[:, None], pos, proc)
         else:

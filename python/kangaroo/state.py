@@ -145,7 +145,7 @@ class DecodeState:
     adapter_plan: Optional[AdapterForwardPlan] = None  # adapter_forward on this state's weights, caches and RoPE
     head_plan: Optional[LmHeadExitInt8Plan] = None     # the chain's int8 draft head (CPU; None: the exact head)
     draft_step: Optional[tuple] = None  # CPU chain: draft_step's static arguments (draft_step_args; None: unfused)
-    draft_chain: Optional[tuple] = None  # CPU chain without lookup: draft_chain's buffers (draft_chain_args)
+    draft_chain: Optional[tuple] = None  # CPU chain: draft_chain's buffers (draft_chain_args)
     lookup_plan: Optional[NgramLookupPlan] = None  # ngram_lookup on buf.lookup's history into buf.lookup.look
     commit_step: Optional[tuple] = None  # CPU early exit: commit_step's static arguments (commit_step_args)
 
@@ -223,9 +223,9 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
 
 def draft_chain_args(cfg: DecodeSettings, buf: DecodeBuffers, step: Optional[tuple]) -> Optional[tuple]:
     """The buffers kangaroo_kernels::draft_chain takes after draft_step's static arguments (csrc/cpu/draft_step.cpp:
-    kangaroo.draft.draft in one native call, the same bits) where it applies: the fused CPU chain (step) without
-    lookup, whose catch-ups are one node. None elsewhere."""
-    if step is None or cfg.lookup_max or cfg.catch_width != 1:
+    kangaroo.draft.draft in one native call, the same bits) where it applies: the fused CPU chain (step). None
+    elsewhere."""
+    if step is None:
         return None
     return (buf.tok, buf.L0, buf.alive, buf.need_catch, buf.catch_n, buf.catch_h, buf.cur, buf.hbuf, buf.drafts,
             buf.n_chain)
