@@ -110,10 +110,10 @@ TORCH_LIBRARY(kangaroo_kernels, m) {
       "float rope_theta, float adapter_eps, Tensor head_q, Tensor head_scale, Tensor? head_norm, float threshold, "
       "Tensor(e!) cur, Tensor pos, Tensor(f!) proc, Tensor(g!) drafting, bool draft, Tensor(h!) hidden, "
       "Tensor(i!) draft_token, Tensor(j!) n_chain) -> bool");
-  // kangaroo.draft.draft for the CPU chain in one crossing (csrc/cpu/draft_step.cpp): with catch_up the one-node
+  // kangaroo.draft.draft for the CPU chain in one crossing (csrc/cpu/draft_step.cpp): with catch_up a one-node
   // adapter catch-up, cur <- tok, n_chain <- 0, drafts <- -1, then draft_step for steps 0..n_steps at L0 + step
   // (hidden[:, step], drafts[:, step]) over the rows alive and not in hit, until no row drafts (host_exit) or all
-  // ran. Returns the shallow passes run.
+  // ran. Returns the shallow passes run, or -1 (nothing done) when the catch-up is wider than one node.
   m.def(
       "draft_chain(Tensor?[] layers, Tensor embed, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope_cos_sin, "
       "float eps, int num_heads, int num_kv_heads, Tensor?[] adapter, Tensor(c!) adapter_k, Tensor(d!) adapter_v, "

@@ -128,7 +128,12 @@ def test_draft_chain_is_taken_and_checks_its_arguments(monkeypatch):
         ops().draft_chain(*args, *chain, None, True, 0, True)
     bad = chain[:5] + [b.catch_h.expand(-1, 2, -1)] + chain[6:]
     with pytest.raises(ValueError, match="catch_h"):
-        ops().draft_chain(*args, *bad, None, True, 2, True)
+        ops().draft_chain(*args, *bad, None, True, 2, False)  # predicated: only one-node catch-ups
+    b.need_catch.fill_(True)
+    b.alive.fill_(True)
+    b.catch_n.fill_(2)
+    assert ops().draft_chain(*args, *bad, None, True, 2, True) == -1  # a wider catch-up: Python's, nothing done
+    assert bool(b.need_catch.all())
     ops().draft_chain(*args, *bad, None, False, 2, True)  # wider catch-up rows are fine without catch_up
     with pytest.raises(ValueError, match="L0"):
         ops().draft_chain(*args, *chain[:1], b.L0.long(), *chain[2:], None, True, 2, True)

@@ -103,12 +103,14 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
   return true;
 }
 
-// kangaroo_kernels::draft_chain: kangaroo.draft.draft for the CPU chain in one crossing: with catch_up the one-node
-// adapter catch-up (wider ones, with lookup, run in Python first), the cycle's buffer resets and the draft loop of
-// draft_step calls over the rows alive and not in hit (lookup_first's matched rows). Why: between the weight
+// kangaroo_kernels::draft_chain: kangaroo.draft.draft for the CPU chain in one crossing: with catch_up a one-node
+// adapter catch-up (a wider one, with lookup, returns -1 at once: Python runs it and calls again without), the
+// cycle's buffer resets and the draft loop of draft_step calls over the rows alive and not in hit (lookup_first's
+// matched rows). Why: between the weight
 // streams of a cycle every small tensor call from Python runs cold (a 256-wide RMSNorm's 7 torch calls took 250 us
 // inside a cycle against 45 us alone), and the draft side made ~25 of them a cycle around its steps.
-// Returns the shallow passes run: 0 (no row drafts) .. n_steps + 1 (all; the loop's last pass is shallow-only).
+// Returns the shallow passes run: 0 (no row drafts) .. n_steps + 1 (all; the loop's last pass is shallow-only),
+// or -1 (nothing done) for a catch-up wider than one node.
 int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos_sin,
                         double eps, int64_t num_heads, int64_t num_kv_heads,
@@ -135,8 +137,8 @@ int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, cons
                     "draft_chain: n_steps = ", n_steps, " must be in [1, ", std::min(hidden.size(1) - 1,
                     drafts.size(1)), "] for hidden ", shape_str(hidden), " and drafts ", shape_str(drafts));
   TORCH_CHECK_VALUE(catch_h.dim() == 3 && catch_h.size(0) == B && catch_h.size(2) == hidden.size(2) &&
-                        (!catch_up || catch_h.size(1) == 1),
-                    "draft_chain: catch_h must be [B, W, D] (W = 1 with catch_up: one-node catch-ups), got ",
+                        (!catch_up || catch_h.size(1) == 1 || host_exit),
+                    "draft_chain: catch_h must be [B, W, D] (W = 1 with catch_up on the predicated path), got ",
                     shape_str(catch_h));
   if (hit) check_typed("draft_chain: hit", *hit, {B}, "[B]", at::kBool, "bool", cpu);
   auto any = [](const at::Tensor& t) {
@@ -147,6 +149,12 @@ int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, cons
   };
   // the catch-up (kangaroo.draft.catch_up with one node): the adapter K/V of the last accepted node at L0 - catch_n
   const at::Tensor rows = need_catch.logical_and(alive);
+  if (catch_up && catch_h.size(1) > 1) {  // host_exit: as wide as this cycle's longest catch-up; one node here
+    const bool* rw = rows.data_ptr<bool>();
+    const int32_t* cn = catch_n.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b)
+      if (rw[b] && cn[b] > 1) return -1;
+  }
   if (catch_up && (!host_exit || any(rows))) {
     auto a = [&](int64_t j) { return adapter.get(j); };
     const at::Tensor start = (L0 - catch_n).clamp_min(0);

@@ -102,12 +102,15 @@ def draft(st, n_steps: int) -> Optional[int]:
     buf.drafts (-1 padded), n_chain, hbuf, the parked siblings (with cfg.lookup_first a row whose lookup matched
     takes it as its chain: kangaroo.lookup.chain_block). The steps run if the CPU early exit stopped them, else None."""
     cfg, b, native = st.cfg, st.buf, st.draft_chain is not None  # native: a CPU chain, in one call (draft_chain)
-    if not native or cfg.catch_width > 1:  # draft_chain runs one-node catch-ups itself
+    one = cfg.catch_width == 1 or cfg.host_exit  # draft_chain runs one-node catch-ups itself (-1: a wider one)
+    if not native or not one:
         catch_up(st)
     hit = _lookup.first(st) if cfg.lookup_first else None  # rows that verify their lookup alone: no chain
     if native:
-        passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, hit, cfg.catch_width == 1, n_steps,
-                                          cfg.host_exit)
+        passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, hit, one, n_steps, cfg.host_exit)
+        if passes < 0:
+            catch_up(st)
+            passes = native_ops().draft_chain(*st.draft_step, *st.draft_chain, hit, False, n_steps, cfg.host_exit)
         ran = None if passes == n_steps + 1 else max(passes - 1, 0)
     else:
         b.cur.copy_(b.tok)
