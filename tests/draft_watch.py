@@ -1,9 +1,8 @@
 """Test helper: observe every draft step the decoder runs, through either of its two paths.
 
-The CPU chain on the int8 head runs each step as one native call (kangaroo_kernels::draft_step, via
-kangaroo.draft.native_ops), or the whole draft side as one (draft_chain: its steps are reported after it
-returns, from the passes it ran and the drafts it wrote); every other configuration runs the step's ops
-(kangaroo.draft._shallow, draft_head).
+The CPU chain on the int8 head runs its whole draft side as one native call (kangaroo_kernels::draft_chain, via
+kangaroo.draft.native_ops: its steps are reported after it returns, from the passes it ran and the drafts it
+wrote); every other configuration runs the step's ops (kangaroo.draft._shallow, draft_head).
 Tests that count or instrument steps watch both, so they hold whichever path the decoder takes.
 """
 
@@ -14,7 +13,7 @@ from kangaroo import draft as kdraft
 
 def watch_draft_steps(monkeypatch, on_shallow=None, on_draft=None):
     """on_shallow() at every shallow pass of the draft loop; on_draft(token) at every adapter + head step that ran
-    (token: the step's draft tokens [B] i32; the fused step reports only steps where some row was drafting)."""
+    (token: the step's draft tokens [B] i32; the fused chain reports only steps where some row was drafting)."""
     real_shallow, real_head, native = kdraft._shallow, kdraft.draft_head, kdraft.native_ops()
 
     def shallow(*a, **k):
@@ -28,14 +27,6 @@ def watch_draft_steps(monkeypatch, on_shallow=None, on_draft=None):
             on_draft(tok)
         return tok, keep, sib
 
-    def step(*a):
-        ran = native.draft_step(*a)  # a[-4]: draft, a[-2]: this step's draft_token column
-        if on_shallow:
-            on_shallow()
-        if on_draft and a[-4] and ran:
-            on_draft(a[-2])
-        return ran
-
     def chain(*a):  # the steps ran inside the call: report them from its result and the drafts it wrote
         passes = native.draft_chain(*a)
         drafts, n_steps = a[-6], a[-2]  # ..., drafts, n_chain, hit, catch_up, n_steps, host_exit
@@ -48,4 +39,4 @@ def watch_draft_steps(monkeypatch, on_shallow=None, on_draft=None):
 
     monkeypatch.setattr(kdraft, "_shallow", shallow)
     monkeypatch.setattr(kdraft, "draft_head", head)
-    monkeypatch.setattr(kdraft, "native_ops", lambda: types.SimpleNamespace(draft_step=step, draft_chain=chain))
+    monkeypatch.setattr(kdraft, "native_ops", lambda: types.SimpleNamespace(draft_chain=chain))

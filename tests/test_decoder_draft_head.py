@@ -35,11 +35,10 @@ def test_output_equals_hf_with_either_head(model_and_ref, mode, lookup, monkeypa
     ad = KangarooAdapter.for_model(hf, 1)
     dec = KangarooDecoder.from_pretrained(hf, adapter=ad, draft_head=mode)
     calls = []
-    real = LmHeadExitInt8Plan.run  # the decoder's int8 head: through its plan, or in the fused CPU step / chain
+    real = LmHeadExitInt8Plan.run  # the decoder's int8 head: through its plan, or in the fused CPU chain
     monkeypatch.setattr(LmHeadExitInt8Plan, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     native = kdraft.native_ops()
-    fused = types.SimpleNamespace(draft_step=lambda *a: calls.append(2) or native.draft_step(*a),
-                                  draft_chain=lambda *a: calls.append(3) or native.draft_chain(*a))
+    fused = types.SimpleNamespace(draft_chain=lambda *a: calls.append(2) or native.draft_chain(*a))
     monkeypatch.setattr(kdraft, "native_ops", lambda: fused)
     for p, want in zip(prompts[:2], ref[:2]):
         out = dec.generate(p, NEW, threshold=0.0, max_draft=4, lookup=lookup)

@@ -106,9 +106,9 @@ bool draft_step_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at
 // kangaroo_kernels::draft_chain: kangaroo.draft.draft for the CPU chain in one crossing: with catch_up a one-node
 // adapter catch-up (a wider one, with lookup, returns -1 at once: Python runs it and calls again without), the
 // cycle's buffer resets and the draft loop of draft_step calls over the rows alive and not in hit (lookup_first's
-// matched rows). Why: between the weight
-// streams of a cycle every small tensor call from Python runs cold (a 256-wide RMSNorm's 7 torch calls took 250 us
-// inside a cycle against 45 us alone), and the draft side made ~25 of them a cycle around its steps.
+// matched rows). Why: between the weight streams of a cycle every small tensor call from Python runs cold (a
+// 256-wide RMSNorm's 7 torch calls took 250 us inside a cycle against 45 us alone), and the draft side made ~25 of
+// them a cycle around its steps.
 // Returns the shallow passes run: 0 (no row drafts) .. n_steps + 1 (all; the loop's last pass is shallow-only),
 // or -1 (nothing done) for a catch-up wider than one node.
 int64_t draft_chain_cpu(const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& embed,

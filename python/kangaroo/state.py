@@ -218,10 +218,10 @@ def new_state(model: LlamaModel, adapter, cfg: DecodeSettings, B: int, S: int, s
     look_plan = None if lookup is None else NgramLookupPlan(lookup.history, *cfg.lookup_ngram, M, out=tuple(look))
     step = draft_step_args(model, cfg, buf, rope, plan, head_plan)
     return DecodeState(model, cfg, buf, rope, weights, eps, tree, plan, head_plan, step,
-                       draft_chain_args(cfg, buf, step), look_plan, commit_step_args(cfg, buf))
+                       draft_chain_args(buf, step), look_plan, commit_step_args(cfg, buf))
 
 
-def draft_chain_args(cfg: DecodeSettings, buf: DecodeBuffers, step: Optional[tuple]) -> Optional[tuple]:
+def draft_chain_args(buf: DecodeBuffers, step: Optional[tuple]) -> Optional[tuple]:
     """The buffers kangaroo_kernels::draft_chain takes after draft_step's static arguments (csrc/cpu/draft_step.cpp:
     kangaroo.draft.draft in one native call, the same bits) where it applies: the fused CPU chain (step). None
     elsewhere."""
